@@ -1,0 +1,499 @@
+"""Graph IR: load/save ModelProtos safely and index onnx-graphsurgeon graphs for O(1) edits.
+
+onnx-graphsurgeon (gs) is the plain IR. Its slow paths on big graphs are worked around here:
+- gs.Node defines ``__eq__`` field-by-field (with a log call), so ``list.remove(node)`` and ``node in list``
+  are O(n) comparisons each; we remove by identity and keep node sets keyed by ``id``.
+- gs's SynchronizedList removes one consumer at a time (O(k) each, O(k^2) to rewire k consumers);
+  ``replace_all_uses`` rewires all consumers of a tensor in one O(k) sweep.
+- gs's toposort is replaced by an iterative Kahn sort that understands subgraph (If/Loop/Scan) captures.
+- gs's logger formats a message per imported node even when silent; we raise its severity.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from .errors import InvalidModelError, UnsupportedModelError
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+TWO_GB = 2**31 - 1
+ModelLike = Union[onnx.ModelProto, str, os.PathLike, bytes]
+
+
+# --------------------------------------------------------------------------- load / check / save
+def load_proto(src: ModelLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Return a private copy of the model; the caller's ModelProto or file is never modified."""
+    if isinstance(src, onnx.ModelProto):
+        out = onnx.ModelProto()
+        out.CopyFrom(src)
+        _require_onnx(out, "<ModelProto>")
+        return out
+    if isinstance(src, (bytes, bytearray)):
+        return _parse_bytes(bytes(src), "<bytes>")
+    path = Path(os.fspath(src))
+    if not path.exists():
+        raise InvalidModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise InvalidModelError(f"expected an .onnx file, got a directory: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidModelError(f"cannot read model file {path}: {e.strerror or e}") from None
+    model = _parse_bytes(data, str(path))
+    if load_external_data:
+        _load_external(model, path.parent, str(path))
+    return model
+
+
+def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{where}: file is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise InvalidModelError(
+            f"{where}: not a readable ONNX model (protobuf decode failed: {e}); "
+            "the file may be truncated or not an .onnx file"
+        ) from None
+    _require_onnx(model, where)
+    return model
+
+
+def _require_onnx(model: onnx.ModelProto, where: str) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise InvalidModelError(
+            f"{where}: not an ONNX model (missing ir_version, graph or opset_import); "
+            "the file may be truncated or of another format"
+        )
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for g in iter_graph_protos(model.graph):
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                yield t
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    yield a.t
+
+
+def _load_external(model: onnx.ModelProto, base: Path, where: str) -> None:
+    tensors = list(_external_tensors(model))
+    if not tensors:
+        return
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        full = (base / loc).resolve()
+        if not loc or not full.is_file():
+            raise InvalidModelError(
+                f"{where}: external data file '{loc}' for tensor '{t.name}' not found next to the model (in {base})"
+            )
+        length = int(info.get("length", -1)) if "length" in info else None
+        offset = int(info.get("offset", 0))
+        if length is not None and offset + length > full.stat().st_size:
+            raise InvalidModelError(
+                f"{where}: external data file '{loc}' is too short for tensor '{t.name}' "
+                f"(needs bytes {offset}..{offset + length}, file has {full.stat().st_size}); truncated?"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise InvalidModelError(f"{where}: cannot load external data: {e}") from None
+
+
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Yield a GraphProto and every subgraph (If/Loop/Scan bodies) under it, iteratively."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (initializers included)."""
+    return model.ByteSize()
+
+
+def check_proto(model: onnx.ModelProto, full: bool = True, what: str = "model") -> None:
+    """Run onnx.checker (full check = strict shape inference too); raise InvalidModelError naming the culprit."""
+    try:
+        if proto_size(model) < TWO_GB:
+            onnx.checker.check_model(model, full_check=full)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                p = os.path.join(d, "m.onnx")
+                onnx.save_model(copy.deepcopy(model), p, save_as_external_data=True, location="m.data")
+                onnx.checker.check_model(p, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        msg = str(e).strip().splitlines()
+        raise InvalidModelError(f"{what} fails onnx.checker: {' '.join(m.strip() for m in msg[:6])}") from None
+
+
+def save_proto(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool | None = None) -> Path:
+    """Write atomically (temp file in the target dir, fsync, rename); external data when > 2 GB."""
+    path = Path(os.fspath(path))
+    target_dir = path.parent if str(path.parent) else Path(".")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = proto_size(model) >= TWO_GB - 64 * 2**20
+    if not external_data:
+        data = model.SerializeToString()
+        _atomic_write(path, data)
+        return path
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".onnxcomp-") as tmp:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        onnx.save_model(m, os.path.join(tmp, path.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        for name in (data_name, path.name):  # data first: the model never points at missing data
+            src = os.path.join(tmp, name)
+            if os.path.exists(src):
+                _fsync_file(src)
+                os.replace(src, target_dir / name)
+    _fsync_dir(target_dir)
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(p: str) -> None:
+    with open(p, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- gs graph <-> proto
+@dataclass
+class Model:
+    """A gs.Graph plus the model-level fields gs does not carry (ir_version, metadata, producer)."""
+
+    graph: gs.Graph
+    meta: onnx.ModelProto  # the source ModelProto with its graph cleared
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, infer_shapes: bool = True) -> "Model":
+        """Import into gs (after best-effort shape inference so rules see dtypes and shapes)."""
+        src = proto
+        if infer_shapes and proto_size(proto) < TWO_GB:
+            try:
+                src = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+            except Exception:  # inference is a help, not a requirement
+                src = proto
+        try:
+            graph = gs.import_onnx(src)
+        except Exception as e:  # gs raises plain exceptions on odd models
+            raise UnsupportedModelError(f"cannot import the graph: {type(e).__name__}: {e}") from None
+        meta = onnx.ModelProto()
+        meta.CopyFrom(proto)
+        meta.ClearField("graph")
+        return cls(graph, meta)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export with topologically sorted nodes and the original model-level fields."""
+        for g in iter_graphs(self.graph):
+            toposort(g)
+        opsets = {o.domain: o.version for o in self.meta.opset_import}
+        self.graph.opset = opsets.get("", opsets.get("ai.onnx", self.graph.opset))
+        try:
+            out = gs.export_onnx(self.graph, do_type_check=False)
+        except Exception as e:
+            raise InvalidModelError(f"cannot export the rewritten graph: {type(e).__name__}: {e}") from None
+        for o in out.opset_import:  # keep domains gs discovered, prefer the model's versions
+            opsets.setdefault(o.domain, o.version)
+        del out.opset_import[:]
+        for dom, ver in sorted(opsets.items()):
+            out.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+        out.ir_version = self.meta.ir_version
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(out, field, getattr(self.meta, field))
+        del out.metadata_props[:]
+        out.metadata_props.extend(self.meta.metadata_props)
+        if not out.functions and self.meta.functions:
+            out.functions.extend(self.meta.functions)
+        return out
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every nested If/Loop/Scan body, iteratively (outer before inner)."""
+    stack = [graph]
+    seen: set[int] = set()
+    while stack:
+        g = stack.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        yield g
+        for n in g.nodes:
+            stack.extend(subgraphs_of(n))
+
+
+def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
+    out = []
+    for v in node.attrs.values():
+        if isinstance(v, gs.Graph):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(x for x in v if isinstance(x, gs.Graph))
+    return out
+
+
+def captured_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Outer-scope tensors a node's subgraphs read (implicit inputs for ordering and liveness)."""
+    subs = subgraphs_of(node)
+    if not subs:
+        return []
+    produced: set[int] = set()
+    used: dict[int, gs.Tensor] = {}
+    for g in (x for s in subs for x in iter_graphs(s)):
+        for t in g.inputs:
+            produced.add(id(t))
+        for n in g.nodes:
+            for t in n.outputs:
+                produced.add(id(t))
+    for g in (x for s in subs for x in iter_graphs(s)):
+        for n in g.nodes:
+            for t in n.inputs:
+                used.setdefault(id(t), t)
+        for t in g.outputs:
+            used.setdefault(id(t), t)
+    return [t for k, t in used.items() if k not in produced and isinstance(t, gs.Variable) and t.name]
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Iterative Kahn sort of graph.nodes, stable w.r.t. the current order; subgraph captures count as inputs."""
+    nodes = list(graph.nodes)
+    pos = {id(n): i for i, n in enumerate(nodes)}
+    producer: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        for t in n.outputs:
+            producer[id(t)] = i
+    indeg = [0] * len(nodes)
+    succ: list[list[int]] = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        deps = set()
+        for t in list(n.inputs) + captured_inputs(n):
+            j = producer.get(id(t))
+            if j is not None and j != i:
+                deps.add(j)
+        indeg[i] = len(deps)
+        for j in deps:
+            succ[j].append(i)
+    import heapq
+
+    ready = [i for i in range(len(nodes)) if indeg[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in succ[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        stuck = [nodes[i] for i in range(len(nodes)) if indeg[i] > 0][:3]
+        raise InvalidModelError(
+            "graph has a cycle (or a node reads a tensor produced later that is never produced before it): "
+            + ", ".join(f"{n.op} '{n.name}'" for n in stuck)
+        )
+    del pos
+    graph.nodes = order
+
+
+# --------------------------------------------------------------------------- O(1) editing
+def is_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """Value of an initializer or of a Constant node's output; None when not a constant."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1:
+        p = t.inputs[0]
+        if p.op == "Constant" and p.domain in (None, "", "ai.onnx") and "value" in p.attrs:
+            v = p.attrs["value"]
+            if isinstance(v, gs.Constant):
+                return np.asarray(v.values)
+    return None
+
+
+def remove_from(lst: list, obj: object) -> None:
+    """Remove one occurrence of obj by identity, bypassing gs's synchronisation and __eq__."""
+    for i in range(len(lst) - 1, -1, -1):
+        if lst[i] is obj:
+            list.__delitem__(lst, i)
+            return
+
+
+class GraphIndex:
+    """Node set of one gs.Graph keyed by identity, with O(degree) node edits and O(k) use rewiring.
+
+    gs keeps producer/consumer lists on tensors (tensor.inputs / tensor.outputs); this class only makes
+    sure edits go through identity-based, non-quadratic paths and that graph.nodes is rebuilt once.
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.nodes: dict[int, gs.Node] = {id(n): n for n in graph.nodes}
+        self._outputs = {id(t) for t in graph.outputs}
+        self._inputs = {id(t) for t in graph.inputs}
+        self._name_counter = 0
+        self._names: set[str] | None = None
+        self._removed: set[int] = set()
+        self._stale: dict[int, tuple[gs.Tensor, int]] = {}  # id(tensor) -> (tensor, tombstones)
+
+    def alive(self, node: gs.Node) -> bool:
+        return id(node) in self.nodes
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        return id(t) in self._outputs
+
+    def is_graph_input(self, t: gs.Tensor) -> bool:
+        return id(t) in self._inputs
+
+    def fresh_name(self, base: str) -> str:
+        if self._names is None:
+            self._names = set()
+            for g in iter_graphs(self.graph):
+                for n in g.nodes:
+                    self._names.add(n.name)
+                    for t in n.outputs:
+                        self._names.add(t.name)
+                for t in list(g.inputs) + list(g.outputs):
+                    self._names.add(t.name)
+        name = base
+        while name in self._names:
+            self._name_counter += 1
+            name = f"{base}__{self._name_counter}"
+        self._names.add(name)
+        return name
+
+    def add_node(self, node: gs.Node) -> None:
+        self.nodes[id(node)] = node
+
+    def consumers(self, t: gs.Tensor) -> list[gs.Node]:
+        """Nodes reading `t` (this graph and subgraphs), skipping removed ones."""
+        if not self._stale:
+            return list(t.outputs)
+        return [c for c in t.outputs if id(c) not in self._removed]
+
+    def has_consumers(self, t: gs.Tensor) -> bool:
+        return any(id(c) not in self._removed for c in t.outputs)
+
+    def remove_node(self, node: gs.Node) -> None:
+        """Detach a node. Consumer lists of its inputs keep a tombstone until compacted (amortised O(1)):
+        removing each of k consumers of one tensor would otherwise cost O(k) each, O(k^2) in all."""
+        if self.nodes.pop(id(node), None) is None:
+            return
+        self._removed.add(id(node))
+        for t in node.inputs:
+            if len(t.outputs) <= 8:
+                remove_from(t.outputs, node)
+                continue
+            key = id(t)
+            self._stale[key] = (t, self._stale.get(key, (t, 0))[1] + 1)
+            if 2 * self._stale[key][1] > len(t.outputs):
+                self._compact(t)
+        for t in node.outputs:
+            remove_from(t.inputs, node)
+        list.clear(node.inputs)
+        list.clear(node.outputs)
+
+    def _compact(self, t: gs.Tensor) -> None:
+        keep = [c for c in t.outputs if id(c) not in self._removed]
+        list.clear(t.outputs)
+        list.extend(t.outputs, keep)
+        self._stale.pop(id(t), None)
+
+    def replace_all_uses(self, old: gs.Tensor, new: gs.Tensor) -> None:
+        """Point every consumer of `old` (and graph outputs) at `new` in one O(k) sweep."""
+        if old is new:
+            return
+        seen: set[int] = set()
+        for n in old.outputs:
+            if id(n) in seen or id(n) in self._removed:
+                continue
+            seen.add(id(n))
+            for i, t in enumerate(n.inputs):
+                if t is old:
+                    list.__setitem__(n.inputs, i, new)
+                    list.append(new.outputs, n)
+        list.clear(old.outputs)
+        self._stale.pop(id(old), None)
+        # consumers inside subgraphs that capture `old` are in old.outputs too (gs shares tensors)
+        if id(old) in self._outputs:
+            for i, t in enumerate(self.graph.outputs):
+                if t is old:
+                    self.graph.outputs[i] = new
+            self._outputs.discard(id(old))
+            self._outputs.add(id(new))
+
+    def remove_dead(self, candidates: Iterable[gs.Node]) -> list[gs.Node]:
+        """Remove candidate nodes (and, transitively, their producers) whose outputs are unused."""
+        removed = []
+        work = deque(candidates)
+        while work:
+            n = work.popleft()
+            if not self.alive(n):
+                continue
+            if any(id(t) in self._outputs or self.has_consumers(t) for t in n.outputs):
+                continue
+            producers = [p for t in n.inputs for p in t.inputs]
+            self.remove_node(n)
+            removed.append(n)
+            work.extend(producers)
+        return removed
+
+    def commit(self) -> None:
+        """Compact consumer lists, write the node set back to graph.nodes and sort it."""
+        for t, _ in list(self._stale.values()):
+            self._compact(t)
+        self.graph.nodes = list(self.nodes.values())
+        toposort(self.graph)

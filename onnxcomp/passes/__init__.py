@@ -1,0 +1,12 @@
+"""Compression passes, one module each, registered explicitly here (no import side effects)."""
+from __future__ import annotations
+
+from .base import Pass, PassContext, PassManager, PassOutcome, PassRecord
+from .cleanup import Cleanup
+
+#: recipe `type` -> pass class. Adding a pass = one module + one line here + its tests.
+REGISTRY: dict[str, type[Pass]] = {
+    Cleanup.name: Cleanup,
+}
+
+__all__ = ["Pass", "PassContext", "PassManager", "PassOutcome", "PassRecord", "Cleanup", "REGISTRY"]

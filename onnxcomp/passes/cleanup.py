@@ -1,0 +1,156 @@
+"""`cleanup`: remove what computes nothing, without changing a single output value.
+
+Rules on the rewrite engine: Identity, inference-mode Dropout, Cast to the dtype the tensor already has,
+Transpose of a constant folded into the constant. Then dead nodes, duplicated initializers (same dtype,
+shape and bytes) and initializers nobody reads are dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..rewrite import RewriteRule, RuleSet, apply_rules, fail
+from ..rewrite.rule import onnx_dtype
+from .base import Pass, PassContext, PassOutcome
+
+
+# -- Identity ---------------------------------------------------------------------------------
+def _identity(op, x):
+    return op.Identity(x)
+
+
+def _passthrough(op, x, **_: Any):
+    return x
+
+
+def remove_identity_rule() -> RewriteRule:
+    return RewriteRule("remove-identity", _identity, _passthrough)
+
+
+# -- Dropout in inference mode ----------------------------------------------------------------
+def _dropout1(op, x):
+    return op.Dropout(x, _outputs=None, _bind="node")
+
+
+def _dropout2(op, x, ratio):
+    return op.Dropout(x, ratio, _outputs=None, _bind="node")
+
+
+def _dropout3(op, x, ratio, training_mode):
+    return op.Dropout(x, ratio, training_mode, _outputs=None, _bind="node")
+
+
+def _dropout_check(ctx, x, node, training_mode=None, **_: Any):
+    if len(node.outputs) > 1 and (ctx.consumers(node.outputs[1]) or ctx.is_graph_output(node.outputs[1])):
+        return fail("Dropout mask output is used")
+    if training_mode is not None:
+        v = ctx.const_value(training_mode)
+        if v is None:
+            return fail("training_mode is not a constant")
+        if bool(np.asarray(v).reshape(-1)[0]):
+            return fail("training_mode is true")
+    return True
+
+
+# -- Cast to the same dtype -------------------------------------------------------------------
+def _cast(op, x):
+    return op.Cast(x, _bind="node")
+
+
+def _cast_check(ctx, x, node, **_: Any):
+    want = node.attrs.get("to")
+    have = onnx_dtype(x)
+    if have is None:
+        return fail(f"dtype of '{x.name}' is unknown")
+    if have != want:
+        return fail("Cast changes the dtype")
+    return True
+
+
+# -- Transpose of a constant ------------------------------------------------------------------
+def _transpose(op, x):
+    return op.Transpose(x, _bind="node")
+
+
+def _transpose_check(ctx, x, node, **_: Any):
+    if ctx.const_value(x) is None:
+        return fail(f"'{x.name}' is not a constant")
+    return True
+
+
+def _transpose_fold(op, x, node, **_: Any):
+    v = ir.const_value(x)
+    perm = node.attrs.get("perm")
+    return op.const(np.ascontiguousarray(np.transpose(v, perm)), name=f"{x.name}_transposed")
+
+
+def cleanup_rules() -> RuleSet:
+    return RuleSet([
+        remove_identity_rule(),
+        RewriteRule("remove-dropout", _dropout1, _passthrough, _dropout_check),
+        RewriteRule("remove-dropout-ratio", _dropout2, _passthrough, _dropout_check),
+        RewriteRule("remove-dropout-training-mode", _dropout3, _passthrough, _dropout_check),
+        RewriteRule("remove-noop-cast", _cast, _passthrough, _cast_check),
+        RewriteRule("fold-constant-transpose", _transpose, _transpose_fold, _transpose_check),
+    ])
+
+
+# -- graph-level sweeps -----------------------------------------------------------------------
+def remove_dead_nodes(graph: gs.Graph) -> int:
+    """Drop nodes (in this graph and its subgraphs) whose outputs nobody reads."""
+    total = 0
+    for g in list(ir.iter_graphs(graph)):
+        index = ir.GraphIndex(g)
+        removed = index.remove_dead(list(g.nodes)[::-1])
+        if removed:
+            index.commit()
+            total += len(removed)
+    return total
+
+
+def dedupe_initializers(graph: gs.Graph) -> tuple[int, int]:
+    """Point every reader of a duplicated initializer at one copy; returns (tensors merged, bytes saved)."""
+    merged = saved = 0
+    for g in list(ir.iter_graphs(graph)):
+        index = ir.GraphIndex(g)
+        first: dict[tuple, gs.Constant] = {}
+        seen: set[int] = set()
+        for n in list(g.nodes):
+            for t in list(n.inputs):
+                if not isinstance(t, gs.Constant) or id(t) in seen or index.is_graph_input(t):
+                    continue
+                seen.add(id(t))
+                v = np.asarray(t.values)
+                key = (v.dtype.str, v.shape, hashlib.blake2b(np.ascontiguousarray(v).view(np.uint8), digest_size=16).digest())
+                keep = first.setdefault(key, t)
+                if keep is not t and np.array_equal(np.asarray(keep.values), v):
+                    index.replace_all_uses(t, keep)
+                    merged += 1
+                    saved += v.nbytes
+    return merged, saved
+
+
+@dataclass(frozen=True)
+class Cleanup(Pass):
+    """Remove Identity/no-op Cast/Dropout, fold constant Transposes, drop dead nodes and duplicate initializers."""
+
+    name: ClassVar[str] = "cleanup"
+    description: ClassVar[str] = "remove no-op nodes, dead code and duplicated initializers (outputs unchanged)"
+    dedupe: bool = True
+    fold_transpose: bool = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        rules = [r for r in cleanup_rules() if self.fold_transpose or r.name != "fold-constant-transpose"]
+        stats = apply_rules(model, rules)
+        dead = remove_dead_nodes(model.graph)
+        merged, saved = dedupe_initializers(model.graph) if self.dedupe else (0, 0)
+        out = PassOutcome(details={"rewrites": stats.to_dict(), "dead_nodes_removed": dead,
+                                   "initializers_deduplicated": merged, "bytes_deduplicated": saved})
+        if not stats.fixpoint:
+            out.notes.append("rule application stopped before a fixpoint (step limit)")
+        return out

@@ -1,0 +1,355 @@
+"""Apply a RuleSet to a fixpoint with a worklist, transactionally, in the main graph and every subgraph.
+
+Each rewrite is checked *before* it is committed: the replacement nodes are type-checked by
+onnx.checker + strict shape inference on a small model made of just those nodes (cached by signature,
+so a rule applied 10k times is checked once per distinct shape), and the output dtypes/shapes must agree
+with the tensors they replace. A rewrite that fails is not applied (nothing to undo) and is recorded with
+its reason. Cost per rewrite is O(size of the match + degree of the touched tensors): the driver never
+rescans the graph.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..ir import GraphIndex, Model, iter_graphs
+from .matcher import MatchFailure, Matcher
+from .rule import GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
+
+_SIBLING_LIMIT = 16  # re-queue siblings of removed nodes only for tensors with few readers
+_SMALL_CONST = 64  # constants up to this many elements are embedded (values matter to shape inference)
+
+
+@dataclass
+class RuleStats:
+    """Per rule: how many candidates were tried, how many were rewritten, and why the rest were not."""
+
+    tried: int = 0
+    applied: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one node name it happened at
+
+    def reject(self, reason: str, where: str) -> None:
+        self.rejected[reason] += 1
+        self.examples.setdefault(reason, where)
+
+
+@dataclass
+class RewriteStats:
+    rules: dict[str, RuleStats]
+    iterations: int = 0
+    fixpoint: bool = True
+
+    @property
+    def applied(self) -> int:
+        return sum(r.applied for r in self.rules.values())
+
+    def explain(self, top: int = 5) -> str:
+        """Per rule: matches applied and the most common reasons candidates were rejected."""
+        lines = []
+        for name, s in self.rules.items():
+            lines.append(f"{name}: {s.applied} applied of {s.tried} candidates")
+            for reason, k in s.rejected.most_common(top):
+                lines.append(f"    {k:6d} x {reason}   (e.g. at '{s.examples[reason]}')")
+        if not self.fixpoint:
+            lines.append(f"warning: stopped after {self.iterations} steps without reaching a fixpoint")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "fixpoint": self.fixpoint,
+            "rules": {n: {"tried": s.tried, "applied": s.applied, "rejected": dict(s.rejected)}
+                      for n, s in self.rules.items()},
+        }
+
+
+class _Reject(Exception):
+    pass
+
+
+def _omitted(t: Any) -> bool:
+    return isinstance(t, gs.Variable) and not t.name
+
+
+class RewriteDriver:
+    """Runs rules to a fixpoint over a Model (main graph first, then If/Loop/Scan bodies)."""
+
+    def __init__(self, rules: RuleSet, opsets: dict[str, int], max_steps_factor: int = 20):
+        self.rules = rules
+        self.opsets = opsets
+        self.max_steps_factor = max_steps_factor
+        self._check_cache: dict[Any, Optional[str]] = {}
+        self.stats = RewriteStats({r.name: RuleStats() for r in rules})
+
+    def run(self, model: Model) -> RewriteStats:
+        for g in list(iter_graphs(model.graph)):
+            self._run_graph(g)
+        return self.stats
+
+    # ------------------------------------------------------------------------------------------
+    def _run_graph(self, graph: gs.Graph) -> None:
+        index = GraphIndex(graph)
+        ctx = RewriteContext(index, self.opsets)
+        work: deque[gs.Node] = deque(graph.nodes)
+        queued = {id(n) for n in graph.nodes}
+        limit = self.max_steps_factor * (len(graph.nodes) + 10)
+        steps = 0
+        changed = False
+        while work:
+            node = work.popleft()
+            queued.discard(id(node))
+            if not index.alive(node):
+                continue
+            steps += 1
+            if steps > limit:
+                self.stats.fixpoint = False
+                break
+            for rule in self.rules.for_op(node.op):
+                touched = self._try(rule, node, index, ctx)
+                if touched is not None:
+                    changed = True
+                    for n in touched:
+                        if id(n) not in queued and index.alive(n):
+                            queued.add(id(n))
+                            work.append(n)
+                    break
+        self.stats.iterations += steps
+        if changed:
+            index.commit()
+
+    def _try(self, rule: RewriteRule, node: gs.Node, index: GraphIndex, ctx: RewriteContext) -> Optional[list]:
+        st = self.stats.rules[rule.name]
+        st.tried += 1
+        try:
+            m = Matcher(rule.pattern, index).match(node)
+        except MatchFailure as e:
+            st.reject(f"no match: {e.reason}", node.name)
+            return None
+        try:
+            self._check_intermediates(m.nodes, m.outputs, index)
+            res = rule.check(ctx, m.bindings)
+            if not res:
+                raise _Reject(f"check failed: {res.reason}")
+            builder = GraphBuilder(rule.name)
+            new = rule.replacement_fn(builder, **m.bindings)
+            new_outs = list(new) if isinstance(new, (tuple, list)) else [new]
+            if len(new_outs) != len(m.outputs):
+                raise _Reject(f"replacement returned {len(new_outs)} values for {len(m.outputs)} pattern outputs")
+            if all(a is b for a, b in zip(new_outs, m.outputs)) and not builder.nodes:
+                raise _Reject("replacement is the matched subgraph itself")
+            self._name_new(builder, index, m.nodes[0].name or rule.name, rule.name)
+            self._check_types(builder, m.outputs, new_outs)
+            self._check_graph_outputs(builder, m, new_outs, index)
+        except _Reject as e:
+            st.reject(str(e), node.name)
+            return None
+        return self._commit(builder, m, new_outs, index, st)
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_intermediates(nodes: list[gs.Node], outputs: list[gs.Tensor], index: GraphIndex) -> None:
+        """Values computed inside the match must not be used outside it (they would disappear)."""
+        inside = {id(n) for n in nodes}
+        outs = {id(t) for t in outputs}
+        for n in nodes:
+            for t in n.outputs:
+                if id(t) in outs:
+                    continue
+                if index.is_graph_output(t):
+                    raise _Reject(f"intermediate '{t.name}' is a graph output")
+                for c in index.consumers(t):
+                    if id(c) not in inside:
+                        raise _Reject(f"intermediate '{t.name}' is also used by {c.op} '{c.name}'")
+
+    @staticmethod
+    def _name_new(builder: GraphBuilder, index: GraphIndex, base: str, rule: str) -> None:
+        for n in builder.nodes:
+            if not n.name:
+                n.name = index.fresh_name(f"{base}/{rule}")
+            for i, t in enumerate(n.outputs):
+                if not t.name:
+                    t.name = index.fresh_name(f"{n.name}:{i}" if len(n.outputs) > 1 else f"{n.name}:out")
+        for c in builder.constants:
+            if not c.name:
+                c.name = index.fresh_name(f"{base}/{rule}/const")
+
+    def _check_types(self, builder: GraphBuilder, olds: list[gs.Tensor], news: list[gs.Tensor]) -> None:
+        if builder.nodes:
+            self._infer_new(builder)
+        for old, new in zip(olds, news):
+            a, b = onnx_dtype(old), onnx_dtype(new)
+            if a is not None and b is not None and a != b:
+                raise _Reject(f"rewrite changes dtype of '{old.name}' from {onnx.helper.tensor_dtype_to_string(a)} "
+                              f"to {onnx.helper.tensor_dtype_to_string(b)} (rolled back)")
+            sa, sb = _shape(old), _shape(new)
+            if sa is not None and sb is not None:
+                if len(sa) != len(sb) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                             for x, y in zip(sa, sb)):
+                    raise _Reject(f"rewrite changes shape of '{old.name}' from {list(sa)} to {list(sb)} (rolled back)")
+
+    def _infer_new(self, builder: GraphBuilder) -> None:
+        """onnx.checker + strict shape inference on a model made of the new nodes only.
+
+        Tensors get canonical names (i0.., n0_0..) so the result is cached by signature: a rule applied
+        10k times to same-shaped tensors runs the checker once.
+        """
+        canon: dict[int, str] = {}
+        ext: list[gs.Tensor] = []
+        for j, n in enumerate(builder.nodes):
+            for k, t in enumerate(n.outputs):
+                canon[id(t)] = f"n{j}_{k}"
+        for n in builder.nodes:
+            for t in n.inputs:
+                if id(t) not in canon and not _omitted(t):
+                    canon[id(t)] = f"i{len(ext)}"
+                    ext.append(t)
+        key_parts: list[Any] = []
+        for t in ext:
+            if isinstance(t, gs.Constant) and t.values.size <= _SMALL_CONST:
+                key_parts.append(("c", t.values.dtype.str, t.values.shape, t.values.tobytes()))
+            else:
+                shp = _shape(t)
+                key_parts.append(("v", onnx_dtype(t), None if shp is None else tuple(shp)))
+        for n in builder.nodes:
+            ins = tuple("" if _omitted(t) else canon[id(t)] for t in n.inputs)
+            key_parts.append((n.op, n.domain, repr(sorted((k, _attr_key(v)) for k, v in n.attrs.items())), ins,
+                              len(n.outputs)))
+        key = tuple(key_parts)
+        cached = self._check_cache.get(key)
+        if cached is None:
+            cached = self._run_local_check(builder, ext, canon)
+            self._check_cache[key] = cached
+        err, types = cached
+        if err:
+            raise _Reject(f"replacement fails onnx checker/shape inference: {err} (rolled back)")
+        for n in builder.nodes:
+            for t in n.outputs:
+                ty = types.get(canon[id(t)])
+                if ty is not None:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(ty[0]) if ty[0] else None
+                    t.shape = ty[1]
+
+    def _run_local_check(self, builder: GraphBuilder, ext: list[gs.Tensor], canon: dict[int, str]):
+        inputs, inits = [], []
+        for t in ext:
+            name = canon[id(t)]
+            if isinstance(t, gs.Constant) and t.values.size <= _SMALL_CONST:
+                inits.append(onnx.numpy_helper.from_array(np.asarray(t.values), name))
+                continue
+            dt = onnx_dtype(t)
+            if dt is None:
+                return (None, {})  # untyped input: nothing can be inferred locally; the pass-level check decides
+            shape = _shape(t)
+            inputs.append(onnx.helper.make_tensor_value_info(name, dt, list(shape) if shape is not None else None))
+        nodes = []
+        for j, n in enumerate(builder.nodes):
+            attrs = {k: _attr_proto_value(v) for k, v in n.attrs.items()}
+            nodes.append(onnx.helper.make_node(n.op, ["" if _omitted(t) else canon[id(t)] for t in n.inputs],
+                                               [canon[id(t)] for t in n.outputs], name=f"node{j}",
+                                               domain=n.domain or "", **attrs))
+        outs = [onnx.ValueInfoProto(name=canon[id(t)]) for n in builder.nodes for t in n.outputs]
+        g = onnx.helper.make_graph(nodes, "local", inputs, outs, inits)
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        m = onnx.helper.make_model(g, opset_imports=opsets)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True, check_type=True)
+            known = {vi.name: vi for vi in inferred.graph.value_info}
+            typed_outs = [known.get(o.name) for o in inferred.graph.output]
+            if any(vi is None for vi in typed_outs):
+                if all(n.domain in ("", "ai.onnx") for n in nodes):
+                    missing = [o.name for o, vi in zip(inferred.graph.output, typed_outs) if vi is None]
+                    return (f"output type of {missing} cannot be inferred", {})
+                return (None, {})  # custom-domain ops: onnx cannot type them; the pass-level check decides
+            del inferred.graph.output[:]
+            inferred.graph.output.extend(typed_outs)
+            onnx.checker.check_model(inferred)
+        except Exception as e:  # checker and inference raise several types; all mean "invalid"
+            msg = str(e).strip().splitlines()
+            return (" ".join(x.strip() for x in msg[:3])[:300] or type(e).__name__, {})
+        types = {}
+        for vi in inferred.graph.output:
+            if not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            shape = None
+            if tt.HasField("shape"):
+                shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            types[vi.name] = (tt.elem_type, shape)
+        return (None, types)
+
+    def _check_graph_outputs(self, builder: GraphBuilder, m, news: list[gs.Tensor], index: GraphIndex) -> None:
+        created = {id(t) for n in builder.nodes for t in n.outputs}
+        for old, new in zip(m.outputs, news):
+            if not index.is_graph_output(old) or old is new or id(new) in created:
+                continue
+            if isinstance(new, gs.Constant) or index.is_graph_input(new) or index.is_graph_output(new):
+                raise _Reject(f"'{old.name}' is a graph output and its replacement '{new.name}' cannot take its name")
+
+    def _commit(self, builder: GraphBuilder, m, news: list[gs.Tensor], index: GraphIndex, st: RuleStats) -> list:
+        for n in builder.nodes:
+            index.add_node(n)
+        renames = []
+        touched = list(builder.nodes)
+        for old, new in zip(m.outputs, news):
+            if old is new:
+                continue
+            if index.is_graph_output(old):
+                renames.append((old, new))
+            touched.extend(index.consumers(old))  # the readers that now see `new` (not all readers of `new`)
+            index.replace_all_uses(old, new)
+        removed = index.remove_dead(m.nodes)
+        for old, new in renames:  # graph outputs keep their names
+            name = old.name
+            old.name = index.fresh_name(name + "__replaced")
+            new.name = name
+        st.applied += 1
+        for t in news:
+            touched.extend(t.inputs)
+        for n in builder.nodes:
+            for t in n.inputs:
+                touched.extend(t.inputs)
+        for n in removed:  # upstream may match now; siblings too, unless the tensor is widely shared
+            for t in n.inputs:
+                touched.extend(t.inputs)
+                if len(t.outputs) <= _SIBLING_LIMIT:
+                    touched.extend(index.consumers(t))
+        return touched
+
+
+def _shape(t: gs.Tensor):
+    if isinstance(t, gs.Constant):
+        return list(t.values.shape)
+    return None if t.shape is None else list(t.shape)
+
+
+def _attr_key(v: Any) -> Any:
+    if isinstance(v, gs.Constant):
+        return ("T", v.values.dtype.str, v.values.shape, v.values.tobytes() if v.values.size <= 4096 else id(v))
+    if isinstance(v, np.ndarray):
+        return ("A", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, gs.Graph):
+        return ("G", id(v))
+    return v
+
+
+def _attr_proto_value(v: Any) -> Any:
+    if isinstance(v, gs.Constant):
+        return onnx.numpy_helper.from_array(np.asarray(v.values))
+    if isinstance(v, gs.Graph):
+        return gs.export_onnx(v, do_type_check=False).graph
+    return v
+
+
+def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optional[dict[str, int]] = None
+                ) -> RewriteStats:
+    """Apply rules to a fixpoint over the model; returns per-rule statistics (see RewriteStats.explain)."""
+    rs = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+    if opsets is None:
+        opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
+    return RewriteDriver(rs, opsets).run(model)
