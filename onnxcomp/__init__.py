@@ -1,0 +1,20 @@
+"""onnxcomp: framework-agnostic ONNX model compression, validated in ONNX Runtime.
+
+    result = onnxcomp.compress("model.onnx", recipe, calibration_data=...)
+    result.save("model.compressed.onnx"); print(result.report)
+"""
+from __future__ import annotations
+
+from .api import CompressionResult, compress, validate
+from .errors import (AccuracyBudgetError, CalibrationDataError, InvalidModelError, OnnxCompError, RecipeError,
+                     RewriteError, UnsupportedModelError)
+from .recipe import AccuracyBudget, Recipe
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress", "validate", "CompressionResult", "Recipe", "AccuracyBudget", "Report",
+    "OnnxCompError", "InvalidModelError", "UnsupportedModelError", "RecipeError", "CalibrationDataError",
+    "RewriteError", "AccuracyBudgetError", "__version__",
+]

@@ -1,0 +1,129 @@
+"""compress(): load safely, run the recipe's passes, validate in ONNX Runtime, report."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from . import ir
+from .errors import AccuracyBudgetError
+from .passes import PassContext, PassManager
+from .recipe import Recipe
+from .report import Report
+from .summary import summarize
+from .targets import TARGETS
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model (a new ModelProto; the input is never mutated) and its report."""
+
+    model: onnx.ModelProto
+    report: Report
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write atomically; models over 2 GB get their weights in `<name>.data` next to the file."""
+        return ir.save_proto(self.model, path)
+
+
+def _default_providers(target: str) -> list[str]:
+    import onnxruntime as ort
+
+    avail = set(ort.get_available_providers())
+    chosen = [p for p in TARGETS[target].providers if p in avail]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def _nonfinite_weights(model: onnx.ModelProto) -> list[str]:
+    bad = []
+    for g in ir.iter_graph_protos(model.graph):
+        for t in g.initializer:
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                               onnx.TensorProto.BFLOAT16):
+                v = onnx.numpy_helper.to_array(t)
+                if v.size and not np.isfinite(v.astype(np.float32, copy=False)).all():
+                    bad.append(t.name)
+    return bad
+
+
+def compress(
+    model: Union[onnx.ModelProto, str, os.PathLike],
+    recipe: Union[Recipe, dict, list, str, os.PathLike, None] = None,
+    calibration_data: Any = None,
+    validation_data: Any = None,
+    providers: Optional[Sequence[str]] = None,
+    progress: bool = True,
+    validate: bool = True,
+) -> CompressionResult:
+    """Compress `model` with `recipe` (default: the output-preserving cleanup) and report what it cost.
+
+    Raises typed onnxcomp errors for bad input (InvalidModelError, RecipeError, CalibrationDataError, ...)
+    and AccuracyBudgetError (with `.result` attached) when the recipe's accuracy_budget is not met.
+    """
+    from .data import input_specs, load_feeds
+    from .validation import validate as _validate
+
+    t0 = time.perf_counter()
+    rec = Recipe.parse(recipe)
+    source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+    proto = ir.load_proto(model)
+    ir.check_proto(proto, full=False, what=f"input model {source}")
+    specs = input_specs(proto)
+    calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
+    valid = (load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib)
+    provs = list(providers) if providers else _default_providers(rec.target)
+    show = progress and sys.stderr.isatty()
+    ctx = PassContext(calibration_data=calib, providers=provs, target=rec.target, progress=show)
+    bad = _nonfinite_weights(proto)
+    if bad:
+        ctx.warnings.append(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
+    before = summarize(proto)
+    passes = list(rec.passes)
+    if show and passes:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(passes), desc="onnxcomp", unit="pass", file=sys.stderr)
+    else:
+        bar = None
+    out, records = proto, []
+    for p in passes:  # one manager per pass so the progress bar can tick
+        out, recs = PassManager([p], ctx).run(out)
+        records.extend(recs)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ir.check_proto(out, full=True, what="compressed model")
+    vreport = None
+    if validate:
+        vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
+    budget = None
+    if rec.accuracy_budget is not None:
+        if vreport is None:
+            ctx.warnings.append("accuracy_budget given but validate=False: the budget was not checked")
+        else:
+            viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
+            budget = {"bounds": rec.accuracy_budget.to_dict(), "met": not viol, "violations": viol}
+    report = Report(source=source, recipe=rec.to_dict(), before=before, after=summarize(out), passes=records,
+                    validation=vreport, budget=budget, warnings=list(ctx.warnings),
+                    seconds=time.perf_counter() - t0)
+    result = CompressionResult(out, report)
+    if budget is not None and not budget["met"]:
+        err = AccuracyBudgetError("accuracy budget not met: " + "; ".join(budget["violations"]))
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],
+             inputs: Any = None, providers: Optional[Sequence[str]] = None, latency: bool = True):
+    """Compare candidate with reference in ONNX Runtime on the same feeds: errors per output, latency, size."""
+    from .validation import validate as _validate
+
+    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency)

@@ -1,0 +1,158 @@
+"""`onnxcomp compress | validate | inspect`: exit 0 ok, 1 accuracy budget not met, 2 bad input."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from .errors import AccuracyBudgetError, OnnxCompError
+
+
+def _run(debug: bool, fn: Callable[[], Any]) -> None:
+    """Turn onnxcomp errors into one clear line and an exit code; tracebacks only with --debug."""
+    try:
+        fn()
+    except OnnxCompError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # an internal bug: say so plainly, keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        sys.exit(3)
+
+
+def _write_report(report: Any, path: Optional[str]) -> None:
+    if not path:
+        return
+    p = Path(path)
+    if p.suffix.lower() in (".html", ".htm"):
+        report.to_html(p)
+    elif p.suffix.lower() == ".json":
+        from .ir import _atomic_write
+
+        _atomic_write(p, report.to_json().encode())
+    elif p.suffix.lower() == ".md":
+        from .ir import _atomic_write
+
+        _atomic_write(p, report.to_markdown().encode())
+    else:
+        raise click.BadParameter("report must end in .html, .json or .md", param_hint="--report")
+    click.echo(f"report written to {p}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxcomp")
+def main() -> None:
+    """Compress ONNX models (quantize, sparsify, factorize) and validate them in ONNX Runtime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="where to write the model")
+@click.option("--recipe", "recipe", default=None, help="recipe .yaml/.yml/.json (default: cleanup)")
+@click.option("--calibration", default=None, help=".npz file or directory of .npz feeds")
+@click.option("--validation", default=None, help="feeds for validation (default: the calibration feeds)")
+@click.option("--report", "report_path", default=None, help="also write the report (.html, .json or .md)")
+@click.option("--provider", "providers", multiple=True, help="ORT execution provider(s) for validation")
+@click.option("--no-validate", is_flag=True, help="skip running both models in ONNX Runtime")
+@click.option("--explain", is_flag=True, help="print per-rule match/rejection statistics")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def compress(model: str, output: str, recipe: Optional[str], calibration: Optional[str], validation: Optional[str],
+             report_path: Optional[str], providers: tuple, no_validate: bool, explain: bool, debug: bool) -> None:
+    """Compress MODEL with a recipe and write the result to -o (the input file is never modified)."""
+
+    def go() -> None:
+        from .api import compress as _compress
+
+        if Path(output).resolve() == Path(model).resolve():
+            raise click.BadParameter("output must differ from the input model (the input is never overwritten)")
+        try:
+            result = _compress(model, recipe, calibration_data=calibration, validation_data=validation,
+                               providers=list(providers) or None, progress=True, validate=not no_validate)
+        except AccuracyBudgetError as e:
+            res = getattr(e, "result", None)
+            if res is not None:
+                click.echo(str(res.report))
+                _write_report(res.report, report_path)
+            raise
+        result.save(output)
+        click.echo(str(result.report))
+        if explain:
+            for p in result.report.passes:
+                rw = p.details.get("rewrites")
+                if rw:
+                    click.echo(f"\n[{p.name}] rule statistics:")
+                    for name, s in rw["rules"].items():
+                        click.echo(f"  {name}: {s['applied']} applied of {s['tried']} candidates")
+                        for reason, k in sorted(s["rejected"].items(), key=lambda kv: -kv[1])[:5]:
+                            click.echo(f"      {k:6d} x {reason}")
+        click.echo(f"wrote {output}")
+        _write_report(result.report, report_path)
+
+    _run(debug, go)
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--inputs", default=None, help=".npz file or directory of .npz feeds (default: generated)")
+@click.option("--provider", "providers", multiple=True, help="ORT execution provider(s)")
+@click.option("--no-latency", is_flag=True, help="skip the latency measurement")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def validate(reference: str, candidate: str, inputs: Optional[str], providers: tuple, no_latency: bool,
+             as_json: bool, debug: bool) -> None:
+    """Compare CANDIDATE with REFERENCE in ONNX Runtime: error per output, latency and size ratios."""
+
+    def go() -> None:
+        from .api import validate as _validate
+
+        rep = _validate(reference, candidate, inputs=inputs, providers=list(providers) or None,
+                        latency=not no_latency)
+        click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else str(rep))
+
+    _run(debug, go)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def inspect(model: str, as_json: bool, debug: bool) -> None:
+    """Print MODEL's ops, parameters and bytes by op type, opsets, inputs/outputs, and what cleanup would do."""
+
+    def go() -> None:
+        from . import ir
+        from .passes import Cleanup, PassContext, PassManager
+        from .summary import format_summary, summarize
+
+        proto = ir.load_proto(model)
+        ir.check_proto(proto, full=False, what=model)
+        s = summarize(proto)
+        _, recs = PassManager([Cleanup()], PassContext()).run(proto)
+        could = {r.name: {"nodes_removed": r.nodes_before - r.nodes_after, "ops_removed": r.ops_removed,
+                          "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
+        if as_json:
+            click.echo(json.dumps({**s, "passes": could}, indent=2))
+            return
+        click.echo(format_summary(s))
+        click.echo("\nwhat passes could do:")
+        for name, c in could.items():
+            click.echo(f"  {name}: remove {c['nodes_removed']} nodes {c['ops_removed'] or ''}, "
+                       f"save {c['bytes_saved']:,} bytes (outputs unchanged)")
+
+    _run(debug, go)
+
+
+if __name__ == "__main__":
+    main()

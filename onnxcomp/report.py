@@ -1,0 +1,236 @@
+"""The compression report: what each pass changed, size, latency and accuracy ratios, warnings.
+
+One object, four renderings: `to_dict()` (JSON-safe), `to_markdown()`, `to_html(path)` (with a chart), and
+`str(report)` (a short readable summary for the terminal).
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .passes import PassRecord
+from .summary import human_bytes
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return _json_safe(x.item())
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+@dataclass
+class Report:
+    """Everything a user needs to decide whether to ship the compressed model."""
+
+    source: str
+    recipe: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    passes: list[PassRecord]
+    validation: Any = None  # onnxcomp.validation.ValidationReport
+    budget: Optional[dict[str, Any]] = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    # -- headline ratios ------------------------------------------------------------------------
+    @property
+    def size_ratio(self) -> float:
+        return self.after["model_bytes"] / max(1, self.before["model_bytes"])
+
+    @property
+    def latency_ratio(self) -> Optional[float]:
+        return None if self.validation is None else self.validation.latency_ratio
+
+    def _outputs(self) -> dict[str, dict[str, Any]]:
+        return {} if self.validation is None else self.validation.to_dict().get("outputs", {})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "source": self.source,
+            "recipe": self.recipe,
+            "size_ratio": self.size_ratio,
+            "latency_ratio": self.latency_ratio,
+            "before": self.before,
+            "after": self.after,
+            "passes": [p.to_dict() for p in self.passes],
+            "validation": None if self.validation is None else self.validation.to_dict(),
+            "accuracy_budget": self.budget,
+            "warnings": list(self.warnings),
+            "seconds": self.seconds,
+        }
+        return _json_safe(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    # -- text -----------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        b, a = self.before, self.after
+        passes = ", ".join(p["type"] for p in self.recipe.get("passes", [])) or "(none)"
+        lines = [f"onnxcomp report: {self.source}  (recipe: {passes}; target {self.recipe.get('target')})",
+                 f"  size      {human_bytes(b['model_bytes'])} -> {human_bytes(a['model_bytes'])}"
+                 f"   ratio {self.size_ratio:.3f}",
+                 f"  nodes     {b['nodes']} -> {a['nodes']}    parameters {b['parameters']:,} -> {a['parameters']:,}"]
+        v = self.validation
+        if v is not None:
+            if v.latency_ratio is not None:
+                lines.append(f"  latency   ratio {v.latency_ratio:.3f} (compressed/original, median ms "
+                             f"{v.latency_ms['candidate']:.3f} vs {v.latency_ms['reference']:.3f}, "
+                             f"{', '.join(v.providers)})")
+            outs = self._outputs()
+            if outs:
+                worst_cos = min(o["cosine"] for o in outs.values())
+                worst_abs = max(o["max_abs_err"] for o in outs.values())
+                worst_rel = max(o["rel_l2_err"] for o in outs.values())
+                lines.append(f"  accuracy  worst cosine {worst_cos:.6f}, worst rel_l2 {worst_rel:.3g}, worst max_abs "
+                             f"{worst_abs:.3g} over {len(outs)} outputs, {v.samples} samples ({v.feeds_source} feeds)")
+        else:
+            lines.append("  validation skipped")
+        if self.budget is not None:
+            state = "met" if self.budget.get("met") else "NOT met: " + "; ".join(self.budget.get("violations", []))
+            lines.append(f"  budget    {self.budget.get('bounds')} {state}")
+        lines.append("  passes:")
+        for p in self.passes:
+            delta = p.nodes_after - p.nodes_before
+            removed = ", ".join(f"{k} -{v}" for k, v in sorted(p.ops_removed.items()))
+            added = ", ".join(f"{k} +{v}" for k, v in sorted(p.ops_added.items()))
+            change = "; ".join(x for x in (removed, added) if x) or "no change"
+            lines.append(f"    {p.name:<10} {p.status[:60]:<10} nodes {delta:+d} ({change}), "
+                         f"{human_bytes(p.bytes_after - p.bytes_before)}, {p.seconds:.2f} s")
+            for n in p.notes:
+                lines.append(f"        note: {n}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        b, a = self.before, self.after
+        md = [f"# onnxcomp report: `{self.source}`", "",
+              "| | original | compressed | ratio |", "|---|---:|---:|---:|",
+              f"| size | {human_bytes(b['model_bytes'])} | {human_bytes(a['model_bytes'])} | {self.size_ratio:.3f} |",
+              f"| nodes | {b['nodes']} | {a['nodes']} | {a['nodes'] / max(1, b['nodes']):.3f} |",
+              f"| parameters | {b['parameters']:,} | {a['parameters']:,} | "
+              f"{a['parameters'] / max(1, b['parameters']):.3f} |"]
+        v = self.validation
+        if v is not None and v.latency_ratio is not None:
+            md.append(f"| latency (median ms) | {v.latency_ms['reference']:.3f} | {v.latency_ms['candidate']:.3f} | "
+                      f"{v.latency_ratio:.3f} |")
+        outs = self._outputs()
+        if outs:
+            md += ["", f"## Accuracy ({v.samples} samples, {v.feeds_source} feeds, {', '.join(v.providers)})", "",
+                   "| output | cosine | rel L2 | max abs | mean abs |", "|---|---:|---:|---:|---:|"]
+            for name, o in outs.items():
+                md.append(f"| `{name}` | {o['cosine']:.6f} | {o['rel_l2_err']:.3g} | {o['max_abs_err']:.3g} | "
+                          f"{o['mean_abs_err']:.3g} |")
+        md += ["", "## Passes", "", "| pass | status | nodes | removed | added | bytes | time |",
+               "|---|---|---:|---|---|---:|---:|"]
+        for p in self.passes:
+            md.append(f"| {p.name} | {p.status} | {p.nodes_before} → {p.nodes_after} | "
+                      f"{', '.join(f'{k} {v}' for k, v in sorted(p.ops_removed.items()))} | "
+                      f"{', '.join(f'{k} {v}' for k, v in sorted(p.ops_added.items()))} | "
+                      f"{p.bytes_after - p.bytes_before:+,} | {p.seconds:.2f} s |")
+        if self.warnings:
+            md += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        md += ["", "## Recipe", "", "```json", json.dumps(self.recipe, indent=2), "```"]
+        return "\n".join(md) + "\n"
+
+    # -- html -----------------------------------------------------------------------------------
+    def _chart_svg(self) -> str:
+        """Bar charts of the headline ratios and per-output cosine (matplotlib, inline SVG)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # the report is still complete without the chart
+            return "<p><em>(matplotlib not installed: no chart)</em></p>"
+        outs = self._outputs()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        names = ["size", "nodes", "params"]
+        vals = [self.size_ratio, self.after["nodes"] / max(1, self.before["nodes"]),
+                self.after["parameters"] / max(1, self.before["parameters"])]
+        if self.latency_ratio is not None:
+            names.append("latency")
+            vals.append(self.latency_ratio)
+        axes[0].bar(names, vals, color="#4c72b0")
+        axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[0].set_title("compressed / original")
+        if outs:
+            axes[1].barh(list(outs), [o["cosine"] for o in outs.values()], color="#55a868")
+            lo = min(o["cosine"] for o in outs.values())
+            axes[1].set_xlim(min(0.9, lo - 0.01), 1.0005)
+            axes[1].set_title("cosine to original, per output")
+        else:
+            axes[1].axis("off")
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        plt.close(fig)
+        svg = buf.getvalue()
+        return svg[svg.find("<svg"):]
+
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """Write a self-contained HTML report (tables + inline SVG chart), atomically."""
+        from .ir import _atomic_write
+
+        body = _markdown_tables_to_html(self.to_markdown())
+        page = ("<!doctype html><html><head><meta charset='utf-8'><title>onnxcomp report</title><style>"
+                "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+                "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+                "th{background:#f3f3f3}td:not(:first-child){text-align:right}pre{background:#f6f6f6;padding:8px}"
+                "</style></head><body>" + self._chart_svg() + body + "</body></html>")
+        p = Path(os.fspath(path))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(p, page.encode())
+        return p
+
+
+def _markdown_tables_to_html(md: str) -> str:
+    """Minimal renderer for the markdown this module writes (headings, tables, lists, code blocks)."""
+    out, in_table, in_code = [], False, False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= set("-:") for c in cells):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip('`'))}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    return "\n".join(out)

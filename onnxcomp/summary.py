@@ -1,0 +1,112 @@
+"""Model summary for `onnxcomp inspect` and reports: ops, parameters and bytes by op type, opsets, I/O."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import ir
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[Any]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.raw_data:
+            return len(t.raw_data)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (_numel(t) + 1) // 2
+    return _numel(t) * itemsize
+
+
+def summarize(model: onnx.ModelProto) -> dict[str, Any]:
+    """JSON-safe summary: op histogram, params/bytes by consuming op type, opsets, inputs/outputs, sizes."""
+    graphs = list(ir.iter_graph_protos(model.graph))
+    ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for g in graphs for n in g.node)
+    consumer: dict[str, str] = {}
+    for g in graphs:
+        for n in g.node:
+            op = f"{n.domain + '.' if n.domain else ''}{n.op_type}"
+            for i in n.input:
+                consumer.setdefault(i, op)
+    params: Counter = Counter()
+    pbytes: Counter = Counter()
+    total_params = total_bytes = 0
+    for g in graphs:
+        for t in g.initializer:
+            op = consumer.get(t.name, "(unused)")
+            k, b = _numel(t), _nbytes(t)
+            params[op] += k
+            pbytes[op] += b
+            total_params += k
+            total_bytes += b
+        for n in g.node:  # Constant nodes hold parameters too
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        op = consumer.get(n.output[0], "(unused)")
+                        k, b = _numel(a.t), _nbytes(a.t)
+                        params[op] += k
+                        pbytes[op] += b
+                        total_params += k
+                        total_bytes += b
+    init_names = {t.name for t in model.graph.initializer}
+    return {
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "nodes": sum(ops.values()),
+        "subgraphs": len(graphs) - 1,
+        "ops": dict(ops.most_common()),
+        "parameters": total_params,
+        "parameter_bytes": total_bytes,
+        "params_by_op": dict(params.most_common()),
+        "bytes_by_op": dict(pbytes.most_common()),
+        "model_bytes": ir.proto_size(model),
+        "inputs": [{"name": i.name, "dtype": onnx.helper.tensor_dtype_to_string(i.type.tensor_type.elem_type)
+                    if i.type.HasField("tensor_type") else "non-tensor", "shape": _dims(i)}
+                   for i in model.graph.input if i.name not in init_names],
+        "outputs": [{"name": o.name, "dtype": onnx.helper.tensor_dtype_to_string(o.type.tensor_type.elem_type)
+                     if o.type.HasField("tensor_type") else "non-tensor", "shape": _dims(o)}
+                    for o in model.graph.output],
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Plain-text rendering of `summarize` for the CLI."""
+    lines = [f"IR version {s['ir_version']}, opsets {s['opsets']}, producer '{s['producer']}'",
+             f"{s['nodes']} nodes ({s['subgraphs']} subgraphs), {s['parameters']:,} parameters, "
+             f"{human_bytes(s['parameter_bytes'])} of weights, {human_bytes(s['model_bytes'])} serialized", "",
+             "inputs:"]
+    lines += [f"  {i['name']}: {i['dtype']} {i['shape']}" for i in s["inputs"]]
+    lines += ["outputs:"] + [f"  {o['name']}: {o['dtype']} {o['shape']}" for o in s["outputs"]]
+    lines += ["", f"{'op':<28}{'count':>7}{'params':>14}{'bytes':>12}"]
+    for op, k in s["ops"].items():
+        lines.append(f"{op:<28}{k:>7}{s['params_by_op'].get(op, 0):>14,}{human_bytes(s['bytes_by_op'].get(op, 0)):>12}")
+    if "(unused)" in s["params_by_op"]:
+        lines.append(f"{'(unused initializers)':<28}{'':>7}{s['params_by_op']['(unused)']:>14,}"
+                     f"{human_bytes(s['bytes_by_op']['(unused)']):>12}")
+    return "\n".join(lines)

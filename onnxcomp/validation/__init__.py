@@ -1,0 +1,8 @@
+"""Validation: compare a candidate model with its reference in ONNX Runtime (numerics, latency, size)."""
+from __future__ import annotations
+
+from .numerics import OutputError
+from .session import make_session
+from .validator import ValidationReport, validate
+
+__all__ = ["validate", "ValidationReport", "OutputError", "make_session"]

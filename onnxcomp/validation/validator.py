@@ -1,0 +1,363 @@
+"""``validate(reference, candidate)``: numerics per output, interleaved latency, and size, in one report."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
+from ..errors import CalibrationDataError, InvalidModelError, OnnxCompError
+from ..ir import load_proto, proto_size
+from .latency import measure_latency
+from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
+from .session import ProviderLike, make_session, run_session
+
+__all__ = ["ValidationReport", "validate", "GENERATED_SAMPLES"]
+
+ModelSource = Union[onnx.ModelProto, str, os.PathLike, bytes]
+GENERATED_SAMPLES = 8  # random feeds made when no inputs are given (capped by max_samples)
+DEFAULT_TIME_BUDGET_S = 10.0
+
+
+def _json_float(v: float | None) -> float | None:
+    """A plain Python float (or None). NaN/inf stay floats so comparisons such as ``cosine >= 0.99`` still
+    fail for them; ``json.dumps`` writes them as NaN/Infinity (``nonfinite`` and ``notes`` say why)."""
+    return None if v is None else float(v)
+
+
+def _fmt(v: float | None, cos: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if cos:
+        return f"{v:.6f}"
+    return "0" if v == 0 else f"{v:.3g}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, k in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class ValidationReport:
+    """Result of :func:`validate`. ``outputs`` holds one :class:`OutputError` per output present in both models."""
+
+    outputs: dict[str, OutputError]
+    latency_ratio: float | None  # candidate / reference median latency; None when latency=False
+    latency_ms: dict[str, float] | None  # {"reference": ms, "candidate": ms}
+    size_ratio: float  # candidate / reference serialized size
+    size_bytes: dict[str, int]  # {"reference": bytes, "candidate": bytes}
+    providers: list[str]  # execution providers the sessions actually used
+    samples: int  # feeds compared
+    feeds_source: str  # "user" | "generated"
+    notes: list[str] = field(default_factory=list)
+    missing_outputs: list[str] = field(default_factory=list)  # reference outputs the candidate lacks
+    latency_pairs: int = 0  # interleaved timed pairs behind the medians
+
+    # ----------------------------------------------------------------------------------- queries
+    def worst(self, metric: str = "cosine") -> tuple[str, float] | None:
+        """(output name, value) of the worst output for ``metric`` (lowest cosine/exact_match, highest error);
+        NaN counts as worst. None when no output was compared."""
+        valid = METRICS + ("exact_match", "nonfinite")
+        if metric not in valid:
+            raise ValueError(f"unknown metric '{metric}'; valid: {', '.join(valid)}")
+        higher_better = HIGHER_IS_BETTER.get(metric, False)
+        best_name, best_key, best_val = None, None, None
+        for name, o in self.outputs.items():
+            v = o.metric(metric)
+            if metric == "exact_match" and o.exact_match is None:
+                continue
+            key = (-math.inf if higher_better else math.inf) if math.isnan(v) else v
+            key = -key if higher_better else key  # larger key = worse
+            if best_key is None or key > best_key:
+                best_name, best_key, best_val = name, key, v
+        return None if best_name is None else (best_name, best_val)
+
+    @property
+    def ok(self) -> bool:
+        """Every output compared cleanly (finite metrics, no shape mismatch) and none is missing."""
+        return not self.missing_outputs and all(o.ok for o in self.outputs.values())
+
+    # ----------------------------------------------------------------------------------- exports
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of plain floats/ints/str/lists (``json.dumps``-able; a candidate with NaN/inf outputs
+        has NaN/inf metrics, which json writes as NaN/Infinity).
+        Per output: max_abs_err, mean_abs_err, rel_l2_err, cosine, shape (None for dims that varied), dtype,
+        nonfinite; the exact-match fraction of integer/bool outputs is under the top-level ``exact_match``."""
+        outs = {}
+        for name, o in self.outputs.items():
+            outs[name] = {
+                "max_abs_err": _json_float(o.max_abs_err),
+                "mean_abs_err": _json_float(o.mean_abs_err),
+                "rel_l2_err": _json_float(o.rel_l2_err),
+                "cosine": _json_float(o.cosine),
+                "shape": [None if d is None else int(d) for d in o.shape],
+                "dtype": str(o.dtype),
+                "nonfinite": int(o.nonfinite),
+            }
+        return {
+            "outputs": outs,
+            "exact_match": {n: float(o.exact_match) for n, o in self.outputs.items() if o.exact_match is not None},
+            "missing_outputs": list(self.missing_outputs),
+            "latency_ratio": _json_float(self.latency_ratio),
+            "latency_ms": None
+            if self.latency_ms is None
+            else {k: _json_float(v) for k, v in self.latency_ms.items()},
+            "latency_pairs": int(self.latency_pairs),
+            "size_ratio": _json_float(self.size_ratio),
+            "size_bytes": {k: int(v) for k, v in self.size_bytes.items()},
+            "providers": [str(p) for p in self.providers],
+            "samples": int(self.samples),
+            "feeds_source": str(self.feeds_source),
+            "notes": [str(n) for n in self.notes],
+        }
+
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
+        head = ["output", "shape", "dtype", "max_abs_err", "mean_abs_err", "rel_l2_err", "cosine", "nonfinite"]
+        rows = []
+        for name, o in self.outputs.items():
+            shape = "[" + ", ".join("?" if d is None else str(d) for d in o.shape) + "]"
+            rows.append([
+                name, shape, o.dtype, _fmt(o.max_abs_err), _fmt(o.mean_abs_err), _fmt(o.rel_l2_err),
+                _fmt(o.cosine, cos=True), str(o.nonfinite),
+            ])
+        return head, rows
+
+    def _summary_lines(self) -> list[str]:
+        lines = []
+        if self.latency_ms is not None and self.latency_ratio is not None:
+            lines.append(
+                f"latency: reference {self.latency_ms['reference']:.3f} ms, candidate "
+                f"{self.latency_ms['candidate']:.3f} ms, ratio {self.latency_ratio:.3f} "
+                f"(median of {self.latency_pairs} interleaved pairs)"
+            )
+        else:
+            lines.append("latency: not measured")
+        lines.append(
+            f"size: reference {_fmt_bytes(self.size_bytes['reference'])}, candidate "
+            f"{_fmt_bytes(self.size_bytes['candidate'])}, ratio {self.size_ratio:.3f}"
+        )
+        if self.missing_outputs:
+            lines.append("missing in candidate: " + ", ".join(self.missing_outputs))
+        return lines
+
+    def _title(self) -> str:
+        return (
+            f"validation: {len(self.outputs)} output(s) on {self.samples} {self.feeds_source} sample(s), "
+            f"providers {', '.join(self.providers)}"
+        )
+
+    def to_markdown(self) -> str:
+        head, rows = self._rows()
+        out = [f"### {self._title()}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+        out.append("")
+        out += [f"- {line}" for line in self._summary_lines()]
+        if self.notes:
+            out += ["", "Notes:"] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def __str__(self) -> str:
+        head, rows = self._rows()
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        out = [self._title(), line(head)] + [line(r) for r in rows] + self._summary_lines()
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------- validate
+def _load(src: ModelSource, role: str) -> tuple[onnx.ModelProto, str, Union[str, None]]:
+    if isinstance(src, (onnx.ModelProto, bytes, bytearray)):
+        try:
+            return load_proto(src), f"{role} model", None
+        except InvalidModelError as e:
+            raise InvalidModelError(f"{role} model: {e}") from None
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            proto = load_proto(src)
+        except InvalidModelError as e:
+            raise InvalidModelError(f"{role} model: {e}") from None
+        return proto, f"{role} model {os.fspath(src)}", os.fspath(src)
+    raise InvalidModelError(
+        f"{role} model: expected an onnx.ModelProto, serialized bytes or a path to an .onnx file, "
+        f"got {type(src).__name__}"
+    )
+
+
+def _dims_note(feeds: list[dict[str, np.ndarray]]) -> str:
+    first = feeds[0]
+    parts = [f"{k} {v.dtype.name} {list(v.shape)}" for k, v in first.items()]
+    return "; ".join(parts) or "no inputs"
+
+
+def _candidate_feeds(
+    feeds: list[dict[str, np.ndarray]], ref_specs: Sequence[InputSpec], cand_specs: Sequence[InputSpec], notes: list[str]
+) -> list[dict[str, np.ndarray]]:
+    """The candidate's version of the feeds: cast where its input dtype differs (e.g. a float16 model)."""
+    by_ref = {s.name: s for s in ref_specs}
+    casts = {}
+    for s in cand_specs:
+        r = by_ref[s.name]
+        if s.dtype is not None and r.dtype is not None and s.dtype != r.dtype:
+            casts[s.name] = s.dtype
+            notes.append(
+                f"candidate input '{s.name}' is {s.dtype.name} where the reference's is {r.dtype.name}: "
+                "feeds are cast for the candidate"
+            )
+    if not casts:
+        out = feeds
+    else:
+        out = [{k: (v.astype(casts[k]) if k in casts else v) for k, v in f.items()} for f in feeds]
+    return check_feeds(out, cand_specs, "validation data (for the candidate)")
+
+
+def validate(
+    reference: ModelSource,
+    candidate: ModelSource,
+    inputs: Any = None,
+    providers: Sequence[ProviderLike] | None = None,
+    latency: bool = True,
+    *,
+    max_samples: int = 64,
+    warmup: int = 3,
+    runs: int | None = None,
+    seed: int = 0,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    dim_values: Mapping[str, int] | None = None,
+) -> ValidationReport:
+    """Compare ``candidate`` with ``reference`` in ONNX Runtime: per-output errors, latency ratio, size ratio.
+
+    reference/candidate: ModelProto or path (never modified). inputs: any :func:`onnxcomp.data.load_feeds`
+    source (at most ``max_samples`` are used), or None for ``min(8, max_samples)`` random-but-valid feeds
+    (:func:`onnxcomp.data.generate_feeds` with ``seed``/``dim_values``). providers: ORT execution providers
+    (default CPU; unavailable ones are skipped with a note). latency: time both models interleaved
+    (``warmup`` runs each, then ``runs`` pairs or as many as fit in ``time_budget_s``).
+    Outputs present in both models are compared; reference outputs the candidate lacks are listed in
+    ``missing_outputs``; candidate-only outputs are ignored. Both models must have the same inputs.
+    """
+    if max_samples < 1:
+        raise CalibrationDataError(f"max_samples must be >= 1, got {max_samples}")
+    ref, ref_label, ref_path = _load(reference, "reference")
+    cand, cand_label, cand_path = _load(candidate, "candidate")
+    notes: list[str] = []
+
+    ref_specs, cand_specs = input_specs(ref), input_specs(cand)
+    rn, cn = [s.name for s in ref_specs], [s.name for s in cand_specs]
+    if set(rn) != set(cn):
+        lacks = [n for n in rn if n not in cn]
+        extra = [n for n in cn if n not in rn]
+        parts = []
+        if lacks:
+            parts.append(f"lacks input(s) {', '.join(repr(n) for n in lacks)}")
+        if extra:
+            parts.append(f"has extra input(s) {', '.join(repr(n) for n in extra)}")
+        raise InvalidModelError(
+            f"{cand_label} {' and '.join(parts)}; the reference's inputs are {', '.join(repr(n) for n in rn)}"
+        )
+
+    ref_outs = [o.name for o in ref.graph.output]
+    cand_out_set = {o.name for o in cand.graph.output}
+    compared = [n for n in ref_outs if n in cand_out_set]
+    missing = [n for n in ref_outs if n not in cand_out_set]
+    extra_outs = sorted(cand_out_set - set(ref_outs))
+    if not compared:
+        raise InvalidModelError(
+            f"{cand_label} has none of the reference's outputs ({', '.join(repr(n) for n in ref_outs)}); "
+            f"its outputs are {', '.join(repr(n) for n in sorted(cand_out_set))}"
+        )
+    if missing:
+        notes.append(f"candidate lacks output(s) {', '.join(missing)}: not compared")
+    if extra_outs:
+        notes.append(f"candidate-only output(s) ignored: {', '.join(extra_outs)}")
+
+    if inputs is None:
+        feeds = generate_feeds(ref, ref_specs, n=min(GENERATED_SAMPLES, max_samples), seed=seed, dim_values=dim_values)
+        feeds_source = "generated"
+        notes.append(f"inputs generated (seed {seed}): {_dims_note(feeds)}")
+    else:
+        feeds = load_feeds(inputs, ref_specs, what="validation data", limit=max_samples)
+        feeds_source = "user"
+    cand_feeds = _candidate_feeds(feeds, ref_specs, cand_specs, notes)
+
+    ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
+    cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
+    for n in ref_s.notes + cand_s.notes:
+        if n not in notes:
+            notes.append(n)
+    if ref_s.providers != cand_s.providers:
+        notes.append(
+            f"the sessions use different providers: reference {ref_s.providers}, candidate {cand_s.providers}"
+        )
+
+    accs = {n: OutputAccumulator(n) for n in compared}
+    for i, (feed, cfeed) in enumerate(zip(feeds, cand_feeds)):
+        try:
+            r_out = run_session(ref_s.session, feed, compared, name=ref_label, sample=i)
+        except OnnxCompError as e:
+            if feeds_source == "generated":
+                raise type(e)(
+                    f"{e} [inputs were generated: {_dims_note(feeds)}; pass inputs= with real data, or "
+                    "dim_values= for the symbolic dims]"
+                ) from None
+            raise
+        c_out = run_session(cand_s.session, cfeed, compared, name=cand_label, sample=i)
+        for name, r, c in zip(compared, r_out, c_out):
+            accs[name].update(r, c)
+
+    outputs = {n: a.result() for n, a in accs.items()}
+    for o in outputs.values():
+        if o.problem:
+            notes.append(f"output '{o.name}': {o.problem}")
+        if o.nonfinite:
+            notes.append(
+                f"output '{o.name}': candidate has {o.nonfinite} NaN/inf value(s)"
+                + ("" if o.ok else "; its error metrics are reported as inf/NaN")
+            )
+        if o.ref_nonfinite:
+            notes.append(
+                f"output '{o.name}': reference has {o.ref_nonfinite} NaN/inf value(s), left out of the metrics"
+            )
+        if o.candidate_dtype:
+            notes.append(f"output '{o.name}': candidate dtype {o.candidate_dtype}, reference {o.dtype}")
+
+    latency_ratio = None
+    latency_ms = None
+    pairs = 0
+    if latency:
+        lat = measure_latency(
+            ref_s.session, cand_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=time_budget_s,
+            candidate_feeds=cand_feeds,
+        )
+        latency_ratio, pairs = lat.ratio, lat.pairs
+        latency_ms = {"reference": lat.reference_ms, "candidate": lat.candidate_ms}
+        notes.extend(lat.notes)
+
+    size_ref, size_cand = proto_size(ref), proto_size(cand)
+    return ValidationReport(
+        outputs=outputs,
+        latency_ratio=latency_ratio,
+        latency_ms=latency_ms,
+        size_ratio=size_cand / size_ref if size_ref else float("nan"),
+        size_bytes={"reference": size_ref, "candidate": size_cand},
+        providers=list(ref_s.providers),
+        samples=len(feeds),
+        feeds_source=feeds_source,
+        notes=notes,
+        missing_outputs=missing,
+        latency_pairs=pairs,
+    )

@@ -1,0 +1,178 @@
+"""compress() end to end on real fixtures, and every kind of bad input giving a typed error."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcomp
+from onnxcomp import testing
+from onnxcomp.errors import CalibrationDataError, InvalidModelError, OnnxCompError, RecipeError
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _run(model, feed):
+    return testing.session(model).run(None, feed)
+
+
+def test_compress_digits_cnn_default(tmp_path):
+    src = testing.digits_cnn_path()
+    before = _sha(src)
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib"][i:i + 1]} for i in range(8)]
+    res = onnxcomp.compress(src, calibration_data=calib, progress=False)
+    assert _sha(src) == before  # input file untouched
+    onnx.checker.check_model(res.model, full_check=True)
+    x = d["x_test"][:50]
+    np.testing.assert_array_equal(_run(src, {"input": x})[0], _run(res.model, {"input": x})[0])
+    assert testing.digits_top1(res.model, d["x_test"], d["y_test"]) == testing.digits_top1(src, d["x_test"], d["y_test"])
+    rep = res.report
+    assert rep.validation is not None and rep.validation.samples == 8
+    for o in rep.to_dict()["validation"]["outputs"].values():
+        assert o["max_abs_err"] == 0.0 and o["cosine"] == pytest.approx(1.0)
+    json.dumps(rep.to_dict())
+    text = str(rep)
+    assert "size" in text and "latency" in text and "cosine" in text
+    out = res.save(tmp_path / "sub" / "cnn.onnx")
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+    assert [p for p in os.listdir(tmp_path / "sub") if p != "cnn.onnx"] == []  # no temp files left
+    html = rep.to_html(tmp_path / "r.html")
+    assert "<svg" in html.read_text() and "cleanup" in html.read_text()
+    assert "| size |" in rep.to_markdown()
+
+
+def test_compress_does_not_mutate_modelproto():
+    m = onnx.load(str(testing.digits_mlp_path()))
+    m.graph.node.insert(0, helper.make_node("Identity", ["input"], ["input_id"], name="extra_identity"))
+    for n in m.graph.node[1:]:
+        for i, name in enumerate(n.input):
+            if name == "input":
+                n.input[i] = "input_id"
+    blob = m.SerializeToString()
+    res = onnxcomp.compress(m, progress=False, validate=False)
+    assert m.SerializeToString() == blob
+    assert len(res.model.graph.node) == len(m.graph.node) - 1
+    rec = res.report.passes[0]
+    assert rec.ops_removed == {"Identity": 1} and rec.status == "ok"
+
+
+def test_compress_minilm_cleanup_exact():
+    try:
+        path = testing.minilm_path()
+    except testing.FixtureUnavailable as e:
+        pytest.skip(str(e))
+    feeds = testing.minilm_feeds(n=8)
+    res = onnxcomp.compress(path, calibration_data=feeds, progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    # MiniLM's only Identity nodes copy graph inputs to graph outputs ('output', '463'): they carry output
+    # names and must stay; the engine says so rather than removing them
+    assert res.report.after["nodes"] == res.report.before["nodes"]
+    rules = res.report.passes[0].details["rewrites"]["rules"]["remove-identity"]
+    assert rules["applied"] == 0 and any("graph output" in r for r in rules["rejected"])
+    ref = testing.minilm_embed(path, feeds)
+    cand = testing.minilm_embed(res.model, feeds)
+    np.testing.assert_allclose(cand, ref, atol=1e-6, rtol=0)
+    assert [o.name for o in res.model.graph.output] == [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _tiny(tmp_path, name="tiny.onnx"):
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = tmp_path / name
+    onnx.save(m, str(p))
+    return p, m
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"hello, this is not a model\n", "not"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not"),
+])
+def test_non_onnx_files(tmp_path, content, needle):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(InvalidModelError) as e:
+        onnxcomp.compress(p, progress=False)
+    assert str(p) in str(e.value) and needle in str(e.value)
+    assert p.read_bytes() == content
+
+
+def test_truncated_file(tmp_path):
+    p, _ = _tiny(tmp_path)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidModelError) as e:
+        onnxcomp.compress(p, progress=False)
+    assert str(p) in str(e.value)
+
+
+def test_missing_external_data(tmp_path):
+    p, m = _tiny(tmp_path)
+    onnx.save(m, str(p), save_as_external_data=True, location="tiny.data", size_threshold=0)
+    os.remove(tmp_path / "tiny.data")
+    with pytest.raises(InvalidModelError) as e:
+        onnxcomp.compress(p, progress=False)
+    assert "tiny.data" in str(e.value) and "'w'" in str(e.value)
+
+
+def test_unknown_op_named(tmp_path):
+    p, m = _tiny(tmp_path)
+    m.graph.node[0].op_type = "MatMulz"
+    onnx.save(m, str(p))
+    with pytest.raises(InvalidModelError) as e:
+        onnxcomp.compress(p, progress=False)
+    assert "MatMulz" in str(e.value)
+
+
+def test_unknown_recipe_key(tmp_path):
+    p, _ = _tiny(tmp_path)
+    with pytest.raises(RecipeError, match="dedup"):
+        onnxcomp.compress(p, [{"type": "cleanup", "dedup": 1}], progress=False)
+
+
+@pytest.mark.parametrize("feeds,needle", [
+    ([{"X": np.zeros((1, 3), np.float32)}], "x"),                      # wrong name
+    ([{"x": np.zeros((1, 5), np.float32)}], "3"),                      # wrong fixed dim
+    ([{"x": np.zeros((1, 3), np.float64)}], "float"),                  # wrong dtype
+    ([{"x": np.zeros((3,), np.float32)}], "rank"),                     # wrong rank
+    ([], "empty"),
+])
+def test_bad_calibration_feeds(tmp_path, feeds, needle):
+    p, _ = _tiny(tmp_path)
+    before = _sha(p)
+    with pytest.raises(CalibrationDataError) as e:
+        onnxcomp.compress(p, calibration_data=feeds, progress=False)
+    assert needle in str(e.value).lower() or needle in str(e.value)
+    assert _sha(p) == before
+
+
+def test_all_errors_share_the_base_class():
+    for cls in (InvalidModelError, RecipeError, CalibrationDataError, onnxcomp.UnsupportedModelError,
+                onnxcomp.AccuracyBudgetError):
+        assert issubclass(cls, OnnxCompError)
+
+
+def test_nan_weights_are_reported(tmp_path):
+    p, m = _tiny(tmp_path)
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    onnx.save(m, str(p))
+    res = onnxcomp.compress(p, progress=False, validate=False)
+    assert any("NaN" in x and "'w'" in x for x in res.report.warnings)
+
+
+def test_accuracy_budget_met_is_reported(tmp_path):
+    p, _ = _tiny(tmp_path)
+    res = onnxcomp.compress(p, {"passes": ["cleanup"], "accuracy_budget": {"cosine": 0.999}}, progress=False)
+    assert res.report.budget["met"] is True

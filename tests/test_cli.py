@@ -1,0 +1,67 @@
+"""The CLI as a user runs it: exit codes 0/1/2, readable errors without tracebacks."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from onnxcomp import testing
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxcomp", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_inspect_digits():
+    r = cli("inspect", testing.digits_cnn_path())
+    assert r.returncode == 0, r.stderr
+    for word in ("Conv", "Gemm", "parameters", "input", "logits", "opsets"):
+        assert word in r.stdout
+    j = cli("inspect", testing.digits_cnn_path(), "--json")
+    s = json.loads(j.stdout)
+    assert s["ops"]["Conv"] == 2 and s["parameters"] > 30000
+    assert s["params_by_op"]["Conv"] + s["params_by_op"]["Gemm"] == s["parameters"]
+
+
+def test_compress_and_validate(tmp_path):
+    out = tmp_path / "cnn.onnx"
+    d = testing.digits_data()
+    np.savez(tmp_path / "calib.npz", input=d["x_calib"][:6])
+    r = cli("compress", testing.digits_cnn_path(), "-o", out, "--calibration", tmp_path / "calib.npz",
+            "--report", tmp_path / "r.json", "--explain")
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "latency" in r.stdout and "remove-identity" in r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["validation"]["samples"] == 6
+    v = cli("validate", testing.digits_cnn_path(), out, "--json")
+    assert v.returncode == 0, v.stderr
+    vj = json.loads(v.stdout)
+    assert all(o["max_abs_err"] == 0.0 for o in vj["outputs"].values())
+    assert vj["latency_ratio"] > 0
+
+
+def test_bad_input_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"definitely not onnx")
+    r = cli("compress", bad, "-o", tmp_path / "o.onnx")
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Traceback" not in r.stderr and str(bad) in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    r = cli("inspect", tmp_path / "missing.onnx")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_bad_recipe_exit_2(tmp_path):
+    rec = tmp_path / "r.yaml"
+    rec.write_text("passes:\n  - type: cleanup\n    dedup: true\n")
+    r = cli("compress", testing.digits_mlp_path(), "-o", tmp_path / "o.onnx", "--recipe", rec)
+    assert r.returncode == 2 and "dedup" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(testing.digits_mlp_path().read_bytes())
+    before = src.read_bytes()
+    r = cli("compress", src, "-o", src)
+    assert r.returncode != 0 and src.read_bytes() == before
