@@ -10,13 +10,15 @@ onnx-graphsurgeon (gs) is the plain IR. Its slow paths on big graphs are worked 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import os
 import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -98,6 +100,10 @@ def _load_external(model: onnx.ModelProto, base: Path, where: str) -> None:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
         full = (base / loc).resolve()
+        if loc and base.resolve() not in full.parents:
+            raise InvalidModelError(
+                f"{where}: external data location '{loc}' of tensor '{t.name}' points outside the model's folder"
+            )
         if not loc or not full.is_file():
             raise InvalidModelError(
                 f"{where}: external data file '{loc}' for tensor '{t.name}' not found next to the model (in {base})"
@@ -166,11 +172,26 @@ def save_proto(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
         m.CopyFrom(model)
         onnx.save_model(m, os.path.join(tmp, path.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        for name in (data_name, path.name):  # data first: the model never points at missing data
-            src = os.path.join(tmp, name)
-            if os.path.exists(src):
-                _fsync_file(src)
-                os.replace(src, target_dir / name)
+        done: list[tuple[Path, str | None]] = []  # (replaced file, link to its previous content)
+        try:
+            for name in (data_name, path.name):  # data first: the model never points at missing data
+                src = os.path.join(tmp, name)
+                if os.path.exists(src):
+                    _fsync_file(src)
+                    os.chmod(src, 0o666 & ~_umask())  # onnx writes the data file 0600; use open()'s mode
+                    dst, prev = target_dir / name, None
+                    if dst.exists():
+                        prev = os.path.join(tmp, name + ".previous")
+                        os.link(dst, prev)
+                    os.replace(src, dst)
+                    done.append((dst, prev))
+        except BaseException:  # the old model must not be left reading the new model's data file
+            for dst, prev in reversed(done):
+                if prev is not None:
+                    os.replace(prev, dst)
+                else:
+                    os.unlink(dst)
+            raise
     _fsync_dir(target_dir)
     return path
 
@@ -182,12 +203,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(p: str) -> None:
@@ -209,12 +237,143 @@ def _fsync_dir(d: Path) -> None:
 
 
 # --------------------------------------------------------------------------- gs graph <-> proto
+from onnx_graphsurgeon.importers import onnx_importer as _gsi  # noqa: E402
+from onnx_graphsurgeon.util.misc import SynchronizedList as _SyncList  # noqa: E402
+
+
+def _sync_list(parent: object, field_name: str, items: list) -> _SyncList:
+    lst = _SyncList.__new__(_SyncList)
+    lst.parent_obj = parent
+    lst.field_name = field_name
+    list.extend(lst, items)
+    return lst
+
+
+def _new_variable(name: str, dtype: Any = None, shape: Any = None) -> gs.Variable:
+    """A gs.Variable built without gs's per-attribute __setattr__ hooks (identical fields)."""
+    v = object.__new__(gs.Variable)
+    d = v.__dict__
+    d["name"] = name
+    d["inputs"] = _sync_list(v, "outputs", [])
+    d["outputs"] = _sync_list(v, "inputs", [])
+    d["dtype"] = dtype
+    d["shape"] = shape
+    d["type"] = "tensor_type"
+    return v
+
+
+def _new_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, domain: Optional[str]) -> gs.Node:
+    """A gs.Node wired to its tensors with plain list appends (what gs.Node.__init__ does, ~5x faster)."""
+    n = object.__new__(gs.Node)
+    d = n.__dict__
+    d["op"] = op
+    d["name"] = name
+    d["attrs"] = attrs
+    d["inputs"] = _sync_list(n, "outputs", inputs)
+    d["outputs"] = _sync_list(n, "inputs", outputs)
+    d["domain"] = domain
+    for t in inputs:
+        list.append(t.outputs, n)
+    for t in outputs:
+        list.append(t.inputs, n)
+    return n
+
+
+def _import_fast(model: onnx.ModelProto) -> gs.Graph:
+    """gs.import_onnx for the main graph with O(1)-cost tensor/node construction.
+
+    Same objects and fields as gs's importer (which it calls for initializers, attributes and subgraphs);
+    used when the model has no local functions, otherwise gs.import_onnx is used as is. The cyclic GC is
+    paused while building (every node/tensor pair is a reference cycle: full collections made import
+    quadratic-looking on 100k-node graphs).
+    """
+    with gc_paused():
+        return _import_fast_impl(model)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic GC around bulk graph work (gs nodes and tensors reference each other, so every
+    generation-2 collection rescans the whole graph; on 100k-node graphs that dominated run time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _import_fast_impl(model: onnx.ModelProto) -> gs.Graph:
+    g = model.graph
+    opset = _gsi.OnnxImporter.get_opset(model)
+    domains = _gsi.OnnxImporter.get_import_domains(model)
+    tensors: dict[str, gs.Tensor] = {}
+    for t in g.initializer:
+        tensors[t.name] = _gsi.OnnxImporter.import_tensor(t)
+    for t in g.sparse_initializer:
+        tensors[t.values.name] = _gsi.OnnxImporter.import_tensor(t)
+
+    def from_value_info(vi: onnx.ValueInfoProto) -> gs.Tensor:
+        cur = tensors.get(vi.name)
+        if vi.type.HasField("tensor_type"):
+            dtype = _gsi.get_onnx_tensor_dtype(vi)
+            shape = _gsi.get_onnx_tensor_shape(vi)
+        else:
+            dtype, shape = None, None
+        if cur is None:
+            if not vi.type.HasField("tensor_type"):
+                cur = _gsi.OnnxImporter.import_tensor(vi)  # sequences/optionals: gs knows how
+            else:
+                cur = _new_variable(vi.name, dtype, shape)
+            tensors[vi.name] = cur
+        elif isinstance(cur, gs.Variable):
+            cur.dtype = cur.dtype or dtype
+            cur.shape = cur.shape or shape
+        return cur
+
+    for vi in g.value_info:
+        from_value_info(vi)
+    init_names = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    inputs = [from_value_info(vi) for vi in g.input if vi.name not in init_names]
+    outputs = [from_value_info(vi) for vi in g.output]
+    nodes = []
+    empty_attrs: dict = {}
+    for nd in g.node:
+        ins = []
+        for name in nd.input:
+            t = tensors.get(name)
+            if t is None:
+                if not name:
+                    t = _new_variable("")
+                else:
+                    t = tensors[name] = _new_variable(name)
+            ins.append(t)
+        outs = []
+        for name in nd.output:
+            t = tensors.get(name) if name else None
+            if t is None:
+                t = _new_variable(name)
+                if name:
+                    tensors[name] = t
+            outs.append(t)
+        attrs = (_gsi.OnnxImporter.import_attributes(nd.attribute, tensors, {}, opset, domains)
+                 if len(nd.attribute) else dict(empty_attrs))
+        nodes.append(_new_node(nd.op_type, nd.name, attrs, ins, outs, nd.domain if nd.HasField("domain") else None))
+    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=g.name, doc_string=g.doc_string,
+                    producer_name=model.producer_name, producer_version=model.producer_version, opset=opset,
+                    import_domains=domains, functions=[], ir_version=model.ir_version)
+
+
 @dataclass
 class Model:
     """A gs.Graph plus the model-level fields gs does not carry (ir_version, metadata, producer)."""
 
     graph: gs.Graph
     meta: onnx.ModelProto  # the source ModelProto with its graph cleared
+    # value_info names the source carried: inferred shapes help rules but are not written back (they change
+    # what ORT's optimizer does, and go stale when a pass changes shapes)
+    value_info_names: Optional[set[str]] = None
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, infer_shapes: bool = True) -> "Model":
@@ -226,16 +385,21 @@ class Model:
             except Exception:  # inference is a help, not a requirement
                 src = proto
         try:
-            graph = gs.import_onnx(src)
+            graph = _import_fast(src) if not src.functions else gs.import_onnx(src)
         except Exception as e:  # gs raises plain exceptions on odd models
             raise UnsupportedModelError(f"cannot import the graph: {type(e).__name__}: {e}") from None
         meta = onnx.ModelProto()
         meta.CopyFrom(proto)
         meta.ClearField("graph")
-        return cls(graph, meta)
+        kept = {vi.name for g in iter_graph_protos(proto.graph) for vi in g.value_info}
+        return cls(graph, meta, kept)
 
     def to_proto(self) -> onnx.ModelProto:
         """Export with topologically sorted nodes and the original model-level fields."""
+        with gc_paused():
+            return self._to_proto()
+
+    def _to_proto(self) -> onnx.ModelProto:
         for g in iter_graphs(self.graph):
             toposort(g)
         opsets = {o.domain: o.version for o in self.meta.opset_import}
@@ -256,7 +420,38 @@ class Model:
         out.metadata_props.extend(self.meta.metadata_props)
         if not out.functions and self.meta.functions:
             out.functions.extend(self.meta.functions)
+        _drop_outer_initializer_copies(out.graph)
+        if out.ir_version < 4:  # IR < 4 requires every initializer to be a graph input too; gs drops them
+            listed = {i.name for i in out.graph.input}
+            out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                   for t in out.graph.initializer if t.name not in listed)
+        if self.value_info_names is not None:
+            for g in iter_graph_protos(out.graph):
+                keep = [vi for vi in g.value_info if vi.name in self.value_info_names]
+                if len(keep) != len(g.value_info):
+                    del g.value_info[:]
+                    g.value_info.extend(keep)
         return out
+
+
+def _drop_outer_initializer_copies(graph: onnx.GraphProto) -> None:
+    """gs exports an outer-scope initializer read in a subgraph into that subgraph too (one more copy of the
+    weight per If/Loop body); drop such copies when identical to the outer one, which the body can read."""
+    stack: list[tuple[onnx.GraphProto, dict[str, onnx.TensorProto]]] = [(graph, {})]
+    while stack:
+        g, outer = stack.pop()
+        keep = [t for t in g.initializer
+                if t.name not in outer or t.SerializeToString() != outer[t.name].SerializeToString()]
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+        scope = {**outer, **{t.name: t for t in g.initializer}}
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append((a.g, scope))
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend((sg, scope) for sg in a.graphs)
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
@@ -361,6 +556,11 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
             v = p.attrs["value"]
             if isinstance(v, gs.Constant):
                 return np.asarray(v.values)
+        if p.op == "Constant" and p.domain in (None, "", "ai.onnx"):  # the scalar/list forms of Constant
+            for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                               ("value_int", np.int64), ("value_ints", np.int64)):
+                if key in p.attrs:
+                    return np.asarray(p.attrs[key], dtype=dtype)
     return None
 
 
@@ -404,7 +604,7 @@ class GraphIndex:
             for g in iter_graphs(self.graph):
                 for n in g.nodes:
                     self._names.add(n.name)
-                    for t in n.outputs:
+                    for t in list(n.outputs) + list(n.inputs):  # inputs: initializers and outer-scope names
                         self._names.add(t.name)
                 for t in list(g.inputs) + list(g.outputs):
                     self._names.add(t.name)
@@ -417,6 +617,7 @@ class GraphIndex:
 
     def add_node(self, node: gs.Node) -> None:
         self.nodes[id(node)] = node
+        self._removed.discard(id(node))  # a re-added node (or a new one reusing a freed id) is a live consumer
 
     def consumers(self, t: gs.Tensor) -> list[gs.Node]:
         """Nodes reading `t` (this graph and subgraphs), skipping removed ones."""

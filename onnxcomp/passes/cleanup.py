@@ -128,7 +128,8 @@ def dedupe_initializers(graph: gs.Graph) -> tuple[int, int]:
                 v = np.asarray(t.values)
                 key = (v.dtype.str, v.shape, hashlib.blake2b(np.ascontiguousarray(v).view(np.uint8), digest_size=16).digest())
                 keep = first.setdefault(key, t)
-                if keep is not t and np.array_equal(np.asarray(keep.values), v):
+                # a graph output keeps its name: it may be the copy kept, never one replaced
+                if keep is not t and not index.is_graph_output(t) and np.array_equal(np.asarray(keep.values), v):
                     index.replace_all_uses(t, keep)
                     merged += 1
                     saved += v.nbytes

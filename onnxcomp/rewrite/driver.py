@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import GraphIndex, Model, iter_graphs
+from ..ir import GraphIndex, Model, gc_paused, iter_graphs, remove_from
 from .matcher import MatchFailure, Matcher
 from .rule import GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
 
@@ -88,8 +88,9 @@ class RewriteDriver:
         self.stats = RewriteStats({r.name: RuleStats() for r in rules})
 
     def run(self, model: Model) -> RewriteStats:
-        for g in list(iter_graphs(model.graph)):
-            self._run_graph(g)
+        with gc_paused():
+            for g in list(iter_graphs(model.graph)):
+                self._run_graph(g)
         return self.stats
 
     # ------------------------------------------------------------------------------------------
@@ -131,12 +132,12 @@ class RewriteDriver:
         except MatchFailure as e:
             st.reject(f"no match: {e.reason}", node.name)
             return None
+        builder = GraphBuilder(rule.name)
         try:
             self._check_intermediates(m.nodes, m.outputs, index)
             res = rule.check(ctx, m.bindings)
             if not res:
                 raise _Reject(f"check failed: {res.reason}")
-            builder = GraphBuilder(rule.name)
             new = rule.replacement_fn(builder, **m.bindings)
             new_outs = list(new) if isinstance(new, (tuple, list)) else [new]
             if len(new_outs) != len(m.outputs):
@@ -147,6 +148,9 @@ class RewriteDriver:
             self._check_types(builder, m.outputs, new_outs)
             self._check_graph_outputs(builder, m, new_outs, index)
         except _Reject as e:
+            for n in builder.nodes:  # gs registered the unused new nodes as readers of their inputs: undo that
+                for t in n.inputs:
+                    remove_from(t.outputs, n)
             st.reject(str(e), node.name)
             return None
         return self._commit(builder, m, new_outs, index, st)
@@ -175,9 +179,8 @@ class RewriteDriver:
             for i, t in enumerate(n.outputs):
                 if not t.name:
                     t.name = index.fresh_name(f"{n.name}:{i}" if len(n.outputs) > 1 else f"{n.name}:out")
-        for c in builder.constants:
-            if not c.name:
-                c.name = index.fresh_name(f"{base}/{rule}/const")
+        for c in builder.constants:  # explicit names too: two folds must not create two initializers of one name
+            c.name = index.fresh_name(c.name or f"{base}/{rule}/const")
 
     def _check_types(self, builder: GraphBuilder, olds: list[gs.Tensor], news: list[gs.Tensor]) -> None:
         if builder.nodes:
@@ -288,7 +291,9 @@ class RewriteDriver:
         for old, new in zip(m.outputs, news):
             if not index.is_graph_output(old) or old is new or id(new) in created:
                 continue
-            if isinstance(new, gs.Constant) or index.is_graph_input(new) or index.is_graph_output(new):
+            # only a tensor produced by a node of this graph may be renamed (not one of an outer scope)
+            if (isinstance(new, gs.Constant) or index.is_graph_input(new) or index.is_graph_output(new)
+                    or not any(index.alive(p) for p in new.inputs)):
                 raise _Reject(f"'{old.name}' is a graph output and its replacement '{new.name}' cannot take its name")
 
     def _commit(self, builder: GraphBuilder, m, news: list[gs.Tensor], index: GraphIndex, st: RuleStats) -> list:

@@ -134,8 +134,7 @@ class Matcher:
             wanted.pop()
         if len(actual) != len(wanted):
             raise MatchFailure(f"{n.op} '{n.name}' has {len(actual)} inputs, pattern wants {len(wanted)}")
-        st = st.copy()
-        for key, want in pn.attrs.items():
+        for key, want in pn.attrs.items():  # callers copy the state at branch points; failures discard it
             have = n.attrs.get(key)
             if isinstance(want, AttrVar):
                 st.bindings[want.name] = have.values if isinstance(have, gs.Constant) else have
@@ -152,8 +151,8 @@ class Matcher:
         if pn.commutative and len(wanted) == 2:
             orders.append([1, 0])
         last: Optional[MatchFailure] = None
-        for order in orders:
-            trial = st.copy()
+        for k, order in enumerate(orders):
+            trial = st.copy() if k + 1 < len(orders) else st  # copy only where an alternative remains
             try:
                 for pi, gi in enumerate(order):
                     trial = self._value(wanted[pi], actual[gi], trial)
@@ -174,7 +173,7 @@ class Matcher:
                 if c.op != pn.op or id(c) in st.used or not self.index.alive(c):
                     continue
                 try:
-                    return self._node(pn, c, st)
+                    return self._node(pn, c, st.copy())
                 except MatchFailure as e:
                     last = e
         raise last
