@@ -331,3 +331,6 @@ def test_cleanup_on_real_fixtures(name, capsys):
         reasons = rejected(rec, "remove-identity")
         assert reasons == {"'output' is a graph output and its replacement 'input_ids' cannot take its name": 1,
                            "'463' is a graph output and its replacement 'attention_mask' cannot take its name": 1}
+        # 112 Constant nodes hold only 19 distinct values: the duplicates are merged
+        assert ops(out.graph).count("Constant") < 30 < ops(proto.graph).count("Constant")
+        assert rec.nodes_after < rec.nodes_before

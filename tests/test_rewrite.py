@@ -206,8 +206,6 @@ def test_sub_is_not_commutative():
     assert_same_outputs(swapped, out, random_feeds(swapped))
 
 
-@pytest.mark.xfail(strict=True, reason="matcher keeps the first order that matches a commutative node and does "
-                                       "not backtrack into it when a later input of an ancestor fails")
 def test_commutative_choice_is_revisited_when_a_later_input_fails():
     proto = make_model([helper.make_node("Mul", ["a", "b"], ["m"]), helper.make_node("Sub", ["m", "b"], ["y"])],
                        [vi("a", [2]), vi("b", [2])], [vi("y", [2])])
@@ -220,6 +218,32 @@ def test_commutative_choice_is_revisited_when_a_later_input_fails():
 
     _, stats = rewrite(proto, [RewriteRule("factor", pattern, replacement)])
     assert stats.rules["factor"].applied == 1, stats.explain()
+
+
+def test_check_chooses_among_alternative_matches():
+    """Mul(x, s) with s required constant: the constant is the FIRST input, so only the swapped order passes."""
+    proto = make_model([helper.make_node("Mul", ["two", "a"], ["y"], name="mul")], [vi("a", [2])], [vi("y", [2])],
+                       [const("two", np.full(2, 2.0, np.float32))])
+
+    def pattern(op, x, s):
+        return op.Mul(x, s)
+
+    def check(ctx, x, s):
+        return True if ctx.const_value(s) is not None else fail("scale is not constant")
+
+    def replacement(op, x, s):
+        return op.Add(x, x)
+
+    seen = []
+
+    def recording_check(ctx, x, s):
+        seen.append((x.name, s.name))
+        return check(ctx, x, s)
+
+    out, stats = rewrite(proto, [RewriteRule("mul2-to-add", pattern, replacement, recording_check)])
+    assert stats.rules["mul2-to-add"].applied == 1, stats.explain()
+    assert seen == [("two", "a"), ("a", "two")]
+    assert [n.op_type for n in out.graph.node] == ["Add"]
 
 
 # --------------------------------------------------------------------------------------- multi-output patterns

@@ -114,25 +114,37 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
 
 
 def dedupe_initializers(graph: gs.Graph) -> tuple[int, int]:
-    """Point every reader of a duplicated initializer at one copy; returns (tensors merged, bytes saved)."""
+    """Point every reader of a duplicated constant (initializer or Constant node, same dtype, shape and bytes)
+    at one copy, then drop the Constant nodes left unread; returns (tensors merged, bytes saved)."""
     merged = saved = 0
     for g in list(ir.iter_graphs(graph)):
         index = ir.GraphIndex(g)
-        first: dict[tuple, gs.Constant] = {}
+        first: dict[tuple, gs.Tensor] = {}
         seen: set[int] = set()
+        dropped: list[gs.Node] = []
         for n in list(g.nodes):
-            for t in list(n.inputs):
-                if not isinstance(t, gs.Constant) or id(t) in seen or index.is_graph_input(t):
+            cands = list(n.inputs)
+            if n.op == "Constant" and len(n.outputs) == 1:
+                cands.append(n.outputs[0])
+            for t in cands:
+                if id(t) in seen or index.is_graph_input(t):
+                    continue
+                v = ir.const_value(t)
+                if v is None:
                     continue
                 seen.add(id(t))
-                v = np.asarray(t.values)
-                key = (v.dtype.str, v.shape, hashlib.blake2b(np.ascontiguousarray(v).view(np.uint8), digest_size=16).digest())
+                v = np.asarray(v)
+                key = (v.dtype.str, v.shape,
+                       hashlib.blake2b(np.ascontiguousarray(v).view(np.uint8), digest_size=16).digest())
                 keep = first.setdefault(key, t)
                 # a graph output keeps its name: it may be the copy kept, never one replaced
-                if keep is not t and not index.is_graph_output(t) and np.array_equal(np.asarray(keep.values), v):
+                if keep is not t and not index.is_graph_output(t) and np.array_equal(ir.const_value(keep), v):
                     index.replace_all_uses(t, keep)
+                    dropped.extend(p for p in t.inputs)
                     merged += 1
                     saved += v.nbytes
+        if index.remove_dead(dropped):
+            index.commit()
     return merged, saved
 
 

@@ -18,9 +18,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..ir import GraphIndex, Model, gc_paused, iter_graphs, remove_from
-from .matcher import MatchFailure, Matcher
+from .matcher import Matcher
 from .rule import GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
 
+_MAX_ALTERNATIVES = 8  # matches tried per root when checks reject the first ones
 _SIBLING_LIMIT = 16  # re-queue siblings of removed nodes only for tensors with few readers
 _SMALL_CONST = 64  # constants up to this many elements are embedded (values matter to shape inference)
 
@@ -125,35 +126,39 @@ class RewriteDriver:
             index.commit()
 
     def _try(self, rule: RewriteRule, node: gs.Node, index: GraphIndex, ctx: RewriteContext) -> Optional[list]:
+        """Try the rule at `node`: the first of its matches (at most _MAX_ALTERNATIVES) that passes the
+        rule's check and the type checks is committed; otherwise the last reason is recorded."""
         st = self.stats.rules[rule.name]
         st.tried += 1
-        try:
-            m = Matcher(rule.pattern, index).match(node)
-        except MatchFailure as e:
-            st.reject(f"no match: {e.reason}", node.name)
-            return None
-        builder = GraphBuilder(rule.name)
-        try:
-            self._check_intermediates(m.nodes, m.outputs, index)
-            res = rule.check(ctx, m.bindings)
-            if not res:
-                raise _Reject(f"check failed: {res.reason}")
-            new = rule.replacement_fn(builder, **m.bindings)
-            new_outs = list(new) if isinstance(new, (tuple, list)) else [new]
-            if len(new_outs) != len(m.outputs):
-                raise _Reject(f"replacement returned {len(new_outs)} values for {len(m.outputs)} pattern outputs")
-            if all(a is b for a, b in zip(new_outs, m.outputs)) and not builder.nodes:
-                raise _Reject("replacement is the matched subgraph itself")
-            self._name_new(builder, index, m.nodes[0].name or rule.name, rule.name)
-            self._check_types(builder, m.outputs, new_outs)
-            self._check_graph_outputs(builder, m, new_outs, index)
-        except _Reject as e:
-            for n in builder.nodes:  # gs registered the unused new nodes as readers of their inputs: undo that
-                for t in n.inputs:
-                    remove_from(t.outputs, n)
-            st.reject(str(e), node.name)
-            return None
-        return self._commit(builder, m, new_outs, index, st)
+        matcher = Matcher(rule.pattern, index)
+        reason = None
+        for k, m in enumerate(matcher.matches(node)):
+            if k >= _MAX_ALTERNATIVES:
+                break
+            builder = GraphBuilder(rule.name)
+            try:
+                self._check_intermediates(m.nodes, m.outputs, index)
+                res = rule.check(ctx, m.bindings)
+                if not res:
+                    raise _Reject(f"check failed: {res.reason}")
+                new = rule.replacement_fn(builder, **m.bindings)
+                new_outs = list(new) if isinstance(new, (tuple, list)) else [new]
+                if len(new_outs) != len(m.outputs):
+                    raise _Reject(f"replacement returned {len(new_outs)} values for {len(m.outputs)} pattern outputs")
+                if all(a is b for a, b in zip(new_outs, m.outputs)) and not builder.nodes:
+                    raise _Reject("replacement is the matched subgraph itself")
+                self._name_new(builder, index, m.nodes[0].name or rule.name, rule.name)
+                self._check_types(builder, m.outputs, new_outs)
+                self._check_graph_outputs(builder, m, new_outs, index)
+            except _Reject as e:
+                for n in builder.nodes:  # gs registered the unused new nodes as readers of their inputs: undo
+                    for t in n.inputs:
+                        remove_from(t.outputs, n)
+                reason = str(e)
+                continue
+            return self._commit(builder, m, new_outs, index, st)
+        st.reject(reason if reason is not None else f"no match: {matcher.reason}", node.name)
+        return None
 
     # ------------------------------------------------------------------------------------------
     @staticmethod

@@ -6,8 +6,8 @@ carries a reason, so `explain` can say why a candidate was rejected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,15 +31,36 @@ class MatchFailure(Exception):
         self.reason = reason
 
 
-@dataclass
-class _State:
-    nodes: dict[int, gs.Node] = field(default_factory=dict)  # id(NodePattern) -> gs.Node
-    used: dict[int, int] = field(default_factory=dict)  # id(gs.Node) -> id(NodePattern)
-    values: dict[int, gs.Tensor] = field(default_factory=dict)  # id(ValuePattern) -> tensor
-    bindings: dict[str, Any] = field(default_factory=dict)
+_MISSING = object()
 
-    def copy(self) -> "_State":
-        return _State(dict(self.nodes), dict(self.used), dict(self.values), dict(self.bindings))
+
+class _State:
+    """Bindings of one match attempt, edited in place with an undo trail (backtracking without copies)."""
+
+    __slots__ = ("nodes", "used", "values", "bindings", "trail")
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, gs.Node] = {}  # id(NodePattern) -> gs.Node
+        self.used: dict[int, int] = {}  # id(gs.Node) -> id(NodePattern)
+        self.values: dict[int, gs.Tensor] = {}  # id(ValuePattern) -> tensor
+        self.bindings: dict[str, Any] = {}
+        self.trail: list[tuple[dict, Any, Any]] = []
+
+    def set(self, d: dict, key: Any, value: Any) -> None:
+        self.trail.append((d, key, d.get(key, _MISSING)))
+        d[key] = value
+
+    def mark(self) -> int:
+        return len(self.trail)
+
+    def undo(self, mark: int) -> None:
+        trail = self.trail
+        while len(trail) > mark:
+            d, key, prev = trail.pop()
+            if prev is _MISSING:
+                del d[key]
+            else:
+                d[key] = prev
 
 
 def _omitted(t: Optional[gs.Tensor]) -> bool:
@@ -57,75 +78,119 @@ def _attr_equal(actual: Any, expected: Any) -> bool:
 
 
 class Matcher:
+    """Full backtracking over the pattern: every way a pattern fits at a root is enumerated lazily.
+
+    Commutative nodes try both input orders and a later failure anywhere re-opens the earlier choice;
+    multi-output patterns search consumers of bound tensors. When nothing fits, `reason` is the failure
+    of the attempt that got furthest.
+    """
+
     def __init__(self, pattern: Pattern, index: GraphIndex):
         self.p = pattern
         self.index = index
+        self._best: tuple[int, str] = (-1, "no match")
+
+    @property
+    def reason(self) -> str:
+        return self._best[1]
+
+    def _fail(self, st: _State, reason: str) -> None:
+        if len(st.trail) >= self._best[0]:
+            self._best = (len(st.trail), reason)
+
+    def matches(self, root: gs.Node) -> Iterator[Match]:
+        """Every complete match rooted at `root` (lazily; snapshot per yield)."""
+        st = _State()
+        for _ in self._node(self.p.root, root, st):
+            for _ in self._rest(st):
+                nodes = [st.nodes[id(n)] for n in self.p.nodes]
+                outputs = [st.nodes[id(o.node)].outputs[o.index] for o in self.p.outputs]
+                yield Match(dict(st.bindings), nodes, outputs)
 
     def match(self, root: gs.Node) -> Match:
-        st = _State()
-        st = self._node(self.p.root, root, st)
-        for out in self.p.outputs[1:]:
-            if id(out.node) not in st.nodes:
-                st = self._anchor(out.node, st)
-        nodes = [st.nodes[id(n)] for n in self.p.nodes]
-        outputs = [st.nodes[id(o.node)].outputs[o.index] for o in self.p.outputs]
-        return Match(st.bindings, nodes, outputs)
+        """The first match at `root`, or MatchFailure with the reason of the furthest attempt."""
+        for m in self.matches(root):
+            return m
+        raise MatchFailure(self.reason)
 
     # -- matching a value position -------------------------------------------------------------
-    def _value(self, pv: Optional[ValuePattern], t: Optional[gs.Tensor], st: _State) -> _State:
+    def _value(self, pv: Optional[ValuePattern], t: Optional[gs.Tensor], st: _State) -> Iterator[None]:
         if pv is None:  # omitted optional input
             if _omitted(t):
-                return st
-            raise MatchFailure(f"expected an omitted input, found '{t.name}'")
+                yield
+            else:
+                self._fail(st, f"expected an omitted input, found '{t.name}'")
+            return
         if _omitted(t):
-            raise MatchFailure("input is omitted")
+            self._fail(st, "input is omitted")
+            return
         bound = st.values.get(id(pv))
         if bound is not None:
-            if bound is not t:
-                raise MatchFailure(f"'{getattr(pv, 'name', '?')}' would bind both '{bound.name}' and '{t.name}'")
-            return st
+            if bound is t:
+                yield
+            else:
+                self._fail(st, f"'{getattr(pv, 'name', '?')}' would bind both '{bound.name}' and '{t.name}'")
+            return
+        mark = st.mark()
         if isinstance(pv, Var):
             prev = st.bindings.get(pv.name)
             if prev is not None and prev is not t:
-                raise MatchFailure(f"'{pv.name}' would bind both '{prev.name}' and '{t.name}'")
-            st.values[id(pv)] = t
-            st.bindings[pv.name] = t
-            return st
+                self._fail(st, f"'{pv.name}' would bind both '{prev.name}' and '{t.name}'")
+                return
+            st.set(st.values, id(pv), t)
+            st.set(st.bindings, pv.name, t)
+            yield
+            st.undo(mark)
+            return
         if isinstance(pv, ConstPattern):
             v = const_value(t)
             if v is None:
-                raise MatchFailure(f"'{t.name}' is not a constant (pattern wants {pv.value.tolist()!r})")
+                self._fail(st, f"'{t.name}' is not a constant (pattern wants {pv.value.tolist()!r})")
+                return
             if not pv.matches(v):
-                raise MatchFailure(f"constant '{t.name}' has a different value than {pv.value.tolist()!r}")
-            st.values[id(pv)] = t
+                self._fail(st, f"constant '{t.name}' has a different value than {pv.value.tolist()!r}")
+                return
+            st.set(st.values, id(pv), t)
             if pv.name:
-                st.bindings[pv.name] = t
-            return st
+                st.set(st.bindings, pv.name, t)
+            yield
+            st.undo(mark)
+            return
         assert isinstance(pv, NodeOutput)
         if len(t.inputs) != 1:
-            raise MatchFailure(f"'{t.name}' is not produced by a node (wanted {pv.node.op})")
+            self._fail(st, f"'{t.name}' is not produced by a node (wanted {pv.node.op})")
+            return
         producer = t.inputs[0]
         if not self.index.alive(producer):
-            raise MatchFailure(f"producer of '{t.name}' is outside this graph")
+            self._fail(st, f"producer of '{t.name}' is outside this graph")
+            return
         if pv.index >= len(producer.outputs) or producer.outputs[pv.index] is not t:
-            raise MatchFailure(f"'{t.name}' is not output #{pv.index} of {producer.op} '{producer.name}'")
-        st = self._node(pv.node, producer, st)
-        st.values[id(pv)] = t
-        return st
+            self._fail(st, f"'{t.name}' is not output #{pv.index} of {producer.op} '{producer.name}'")
+            return
+        for _ in self._node(pv.node, producer, st):
+            inner = st.mark()
+            st.set(st.values, id(pv), t)
+            yield
+            st.undo(inner)
 
     # -- matching a node -----------------------------------------------------------------------
-    def _node(self, pn: NodePattern, n: gs.Node, st: _State) -> _State:
+    def _node(self, pn: NodePattern, n: gs.Node, st: _State) -> Iterator[None]:
         bound = st.nodes.get(id(pn))
         if bound is not None:
-            if bound is not n:
-                raise MatchFailure(f"{pn.op} pattern node would bind two nodes")
-            return st
+            if bound is n:
+                yield
+            else:
+                self._fail(st, f"{pn.op} pattern node would bind two nodes")
+            return
         if n.op != pn.op or norm_domain(n.domain) != pn.domain:
-            raise MatchFailure(f"{n.op} '{n.name}' is not {pn.op}")
+            self._fail(st, f"{n.op} '{n.name}' is not {pn.op}")
+            return
         if id(n) in st.used:
-            raise MatchFailure(f"{n.op} '{n.name}' already matched by another pattern node")
+            self._fail(st, f"{n.op} '{n.name}' already matched by another pattern node")
+            return
         if pn.num_outputs is not None and len(n.outputs) != pn.num_outputs:
-            raise MatchFailure(f"{n.op} '{n.name}' has {len(n.outputs)} outputs, pattern wants {pn.num_outputs}")
+            self._fail(st, f"{n.op} '{n.name}' has {len(n.outputs)} outputs, pattern wants {pn.num_outputs}")
+            return
         actual = list(n.inputs)
         while actual and _omitted(actual[-1]):
             actual.pop()
@@ -133,47 +198,58 @@ class Matcher:
         while wanted and wanted[-1] is None:
             wanted.pop()
         if len(actual) != len(wanted):
-            raise MatchFailure(f"{n.op} '{n.name}' has {len(actual)} inputs, pattern wants {len(wanted)}")
-        for key, want in pn.attrs.items():  # callers copy the state at branch points; failures discard it
+            self._fail(st, f"{n.op} '{n.name}' has {len(actual)} inputs, pattern wants {len(wanted)}")
+            return
+        mark = st.mark()
+        for key, want in pn.attrs.items():
             have = n.attrs.get(key)
             if isinstance(want, AttrVar):
-                st.bindings[want.name] = have.values if isinstance(have, gs.Constant) else have
+                st.set(st.bindings, want.name, have.values if isinstance(have, gs.Constant) else have)
             elif callable(want) and not isinstance(want, (np.ndarray, type)):
                 if not want(have):
-                    raise MatchFailure(f"{n.op} '{n.name}': attribute {key}={have!r} rejected")
+                    self._fail(st, f"{n.op} '{n.name}': attribute {key}={have!r} rejected")
+                    st.undo(mark)
+                    return
             elif not _attr_equal(have, want):
-                raise MatchFailure(f"{n.op} '{n.name}': attribute {key}={have!r}, pattern wants {want!r}")
-        st.nodes[id(pn)] = n
-        st.used[id(n)] = id(pn)
+                self._fail(st, f"{n.op} '{n.name}': attribute {key}={have!r}, pattern wants {want!r}")
+                st.undo(mark)
+                return
+        st.set(st.nodes, id(pn), n)
+        st.set(st.used, id(n), id(pn))
         if pn.bind:
-            st.bindings[pn.bind] = n
+            st.set(st.bindings, pn.bind, n)
         orders = [list(range(len(wanted)))]
         if pn.commutative and len(wanted) == 2:
             orders.append([1, 0])
-        last: Optional[MatchFailure] = None
-        for k, order in enumerate(orders):
-            trial = st.copy() if k + 1 < len(orders) else st  # copy only where an alternative remains
-            try:
-                for pi, gi in enumerate(order):
-                    trial = self._value(wanted[pi], actual[gi], trial)
-                return trial
-            except MatchFailure as e:
-                last = e
-        assert last is not None
-        raise last
+        for order in orders:
+            yield from self._inputs(wanted, actual, order, 0, st)
+        st.undo(mark)
 
-    def _anchor(self, pn: NodePattern, st: _State) -> _State:
-        """Find the node for an extra pattern output among consumers of an already-bound input."""
-        anchors = [(i, st.values[id(v)]) for i, v in enumerate(pn.inputs) if v is not None and id(v) in st.values]
+    def _inputs(self, wanted: list, actual: list, order: list[int], i: int, st: _State) -> Iterator[None]:
+        if i == len(wanted):
+            yield
+            return
+        for _ in self._value(wanted[i], actual[order[i]], st):
+            yield from self._inputs(wanted, actual, order, i + 1, st)
+
+    def _rest(self, st: _State) -> Iterator[None]:
+        """Bind the pattern outputs not reached from the root, via consumers of already-bound inputs."""
+        pending = [o.node for o in self.p.outputs if id(o.node) not in st.nodes]
+        if not pending:
+            yield
+            return
+        pn = pending[0]
+        anchors = [st.values[id(v)] for v in pn.inputs if v is not None and id(v) in st.values]
         if not anchors:
-            raise MatchFailure(f"no bound input to find the {pn.op} output of the pattern from")
-        last = MatchFailure(f"no {pn.op} consumer of the bound inputs matches")
-        for _, t in anchors:
+            self._fail(st, f"no bound input to find the {pn.op} output of the pattern from")
+            return
+        tried: set[int] = set()
+        for t in anchors:
             for c in self.index.consumers(t):
-                if c.op != pn.op or id(c) in st.used or not self.index.alive(c):
+                if id(c) in tried or c.op != pn.op or id(c) in st.used or not self.index.alive(c):
                     continue
-                try:
-                    return self._node(pn, c, st.copy())
-                except MatchFailure as e:
-                    last = e
-        raise last
+                tried.add(id(c))
+                for _ in self._node(pn, c, st):
+                    yield from self._rest(st)
+        if not tried:
+            self._fail(st, f"no {pn.op} consumer of the bound inputs")
