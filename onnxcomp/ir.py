@@ -40,6 +40,12 @@ def load_proto(src: ModelLike, load_external_data: bool = True) -> onnx.ModelPro
         out = onnx.ModelProto()
         out.CopyFrom(src)
         _require_onnx(out, "<ModelProto>")
+        unresolved = [t.name for t in _external_tensors(out)]
+        if unresolved:
+            raise InvalidModelError(
+                f"<ModelProto>: tensor '{unresolved[0]}' (and {len(unresolved) - 1} more) points at external data "
+                "that was not loaded; pass the model's path instead, or onnx.load it with load_external_data=True"
+            )
         return out
     if isinstance(src, (bytes, bytearray)):
         return _parse_bytes(bytes(src), "<bytes>")

@@ -177,3 +177,14 @@ def test_accuracy_budget_met_is_reported(tmp_path):
     p, _ = _tiny(tmp_path)
     res = onnxcomp.compress(p, {"passes": ["cleanup"], "accuracy_budget": {"cosine": 0.999}}, progress=False)
     assert res.report.budget["met"] is True
+
+
+def test_modelproto_with_unloaded_external_data(tmp_path):
+    p, m = _tiny(tmp_path)
+    onnx.save(m, str(p), save_as_external_data=True, location="tiny.data", size_threshold=0)
+    shallow = onnx.load(str(p), load_external_data=False)
+    with pytest.raises(InvalidModelError) as e:
+        onnxcomp.compress(shallow, progress=False)
+    assert "'w'" in str(e.value) and "path" in str(e.value)
+    res = onnxcomp.compress(p, progress=False)  # by path, the data is followed
+    onnx.checker.check_model(res.model, full_check=True)

@@ -729,3 +729,18 @@ def test_graph_index_readded_node_is_a_live_consumer():
     assert index.remove_dead([p]) == []  # p's output is read by the re-added c
     index.commit()
     assert [n.name for n in graph.nodes] == ["p", "c"]
+
+
+def test_attribute_default_is_matched_when_the_node_omits_it():
+    """Softmax's axis defaults to -1 at opset 13+: a pattern asking for axis=-1 matches a node without it."""
+    proto = make_model([helper.make_node("Softmax", ["a"], ["y"], name="sm")], [vi("a", [2, 3])], [vi("y", [2, 3])])
+
+    def pattern(op, x):
+        return op.Softmax(x, axis=-1)
+
+    def replacement(op, x):
+        return op.Softmax(x, axis=1)
+
+    out, stats = rewrite(proto, [RewriteRule("explicit-axis", pattern, replacement)])
+    assert stats.rules["explicit-axis"].applied == 1, stats.explain()
+    assert out.graph.node[0].attribute[0].i == 1

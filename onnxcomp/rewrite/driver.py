@@ -130,7 +130,7 @@ class RewriteDriver:
         rule's check and the type checks is committed; otherwise the last reason is recorded."""
         st = self.stats.rules[rule.name]
         st.tried += 1
-        matcher = Matcher(rule.pattern, index)
+        matcher = Matcher(rule.pattern, index, self.opsets.get("", 21))
         reason = None
         for k, m in enumerate(matcher.matches(node)):
             if k >= _MAX_ALTERNATIVES:
@@ -178,6 +178,7 @@ class RewriteDriver:
 
     @staticmethod
     def _name_new(builder: GraphBuilder, index: GraphIndex, base: str, rule: str) -> None:
+        base = base.split(f"/{rule}")[0]  # a rule rewriting its own output does not grow the name each time
         for n in builder.nodes:
             if not n.name:
                 n.name = index.fresh_name(f"{base}/{rule}")

@@ -6,10 +6,12 @@ carries a reason, so `explain` can say why a candidate was rejected.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..ir import GraphIndex, const_value
@@ -63,6 +65,20 @@ class _State:
                 d[key] = prev
 
 
+@functools.lru_cache(maxsize=4096)
+def attribute_default(op: str, domain: Optional[str], key: str, opset: int) -> Any:
+    """The schema default of an attribute a node leaves out (None when there is none or the op is unknown),
+    so a pattern asking for `axis=-1` also matches a node relying on the default."""
+    try:
+        schema = onnx.defs.get_schema(op, opset, domain or "")
+    except Exception:  # unknown op or domain: no default to offer
+        return None
+    attr = schema.attributes.get(key)
+    if attr is None or not attr.default_value.name:
+        return None
+    return onnx.helper.get_attribute_value(attr.default_value)
+
+
 def _omitted(t: Optional[gs.Tensor]) -> bool:
     return t is None or (isinstance(t, gs.Variable) and not t.name)
 
@@ -85,9 +101,10 @@ class Matcher:
     of the attempt that got furthest.
     """
 
-    def __init__(self, pattern: Pattern, index: GraphIndex):
+    def __init__(self, pattern: Pattern, index: GraphIndex, opset: int = 21):
         self.p = pattern
         self.index = index
+        self.opset = opset
         self._best: tuple[int, str] = (-1, "no match")
 
     @property
@@ -202,7 +219,7 @@ class Matcher:
             return
         mark = st.mark()
         for key, want in pn.attrs.items():
-            have = n.attrs.get(key)
+            have = n.attrs[key] if key in n.attrs else attribute_default(n.op, n.domain, key, self.opset)
             if isinstance(want, AttrVar):
                 st.set(st.bindings, want.name, have.values if isinstance(have, gs.Constant) else have)
             elif callable(want) and not isinstance(want, (np.ndarray, type)):
