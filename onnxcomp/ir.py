@@ -40,7 +40,7 @@ def load_proto(src: ModelLike, load_external_data: bool = True) -> onnx.ModelPro
         out = onnx.ModelProto()
         out.CopyFrom(src)
         _require_onnx(out, "<ModelProto>")
-        unresolved = [t.name for t in _external_tensors(out)]
+        unresolved = [t.name for t in external_tensors(out)]
         if unresolved:
             raise InvalidModelError(
                 f"<ModelProto>: tensor '{unresolved[0]}' (and {len(unresolved) - 1} more) points at external data "
@@ -87,7 +87,8 @@ def _require_onnx(model: onnx.ModelProto, where: str) -> None:
         )
 
 
-def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant-node tensors stored as external data (in the model and its subgraphs)."""
     for g in iter_graph_protos(model.graph):
         for t in g.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -99,7 +100,7 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _load_external(model: onnx.ModelProto, base: Path, where: str) -> None:
-    tensors = list(_external_tensors(model))
+    tensors = list(external_tensors(model))
     if not tensors:
         return
     for t in tensors:

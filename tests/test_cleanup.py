@@ -14,25 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import testing as fx
 from onnxcomp.passes import Cleanup, PassManager
+from tests.graphs import const, make_model, random_feeds, vi
 
 F = TensorProto.FLOAT
 
 
 # --------------------------------------------------------------------------------------- helpers
-def vi(name: str, shape, dtype: int = F) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def const(name: str, value) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value), name)
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset: int = 17) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
 
 
 def cleanup(proto: onnx.ModelProto, **opts):
@@ -47,17 +34,6 @@ def cleanup(proto: onnx.ModelProto, **opts):
     return out, rec
 
 
-def random_feeds(proto: onnx.ModelProto, seed: int = 0, **fixed) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in proto.graph.input:
-        if i.name in fixed:
-            feeds[i.name] = fixed[i.name]
-            continue
-        tt = i.type.tensor_type
-        feeds[i.name] = rng.standard_normal([d.dim_value for d in tt.shape.dim]).astype(
-            helper.tensor_dtype_to_np_dtype(tt.elem_type))
-    return feeds
 
 
 def outputs(proto, feeds) -> dict[str, np.ndarray]:

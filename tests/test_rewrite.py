@@ -17,27 +17,15 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcomp import ir
 from onnxcomp.passes.cleanup import cleanup_rules, remove_identity_rule
 from onnxcomp.rewrite import AttrVar, RewriteRule, RuleSet, apply_rules, fail
+from onnxcomp.rewrite.rules import matmul_add_to_gemm_rule
 from onnxcomp.testing import session
+from tests.graphs import const, make_model, random_feeds, vi
 
 F = TensorProto.FLOAT
 RNG_SEED = 0
 
 
 # --------------------------------------------------------------------------------------- helpers
-def vi(name: str, shape, dtype: int = F) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def const(name: str, value) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(value), name)
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset: int = 17) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
 
 
 def rewrite(proto: onnx.ModelProto, rules) -> tuple[onnx.ModelProto, object]:
@@ -48,18 +36,6 @@ def rewrite(proto: onnx.ModelProto, rules) -> tuple[onnx.ModelProto, object]:
     return out, stats
 
 
-def random_feeds(proto: onnx.ModelProto, seed: int = RNG_SEED, **fixed) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in proto.graph.input:
-        if i.name in fixed:
-            feeds[i.name] = fixed[i.name]
-            continue
-        tt = i.type.tensor_type
-        shape = [d.dim_value for d in tt.shape.dim]
-        dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[i.name] = rng.standard_normal(shape).astype(dt)
-    return feeds
 
 
 def run(proto: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
@@ -110,26 +86,8 @@ def deadline():
 
 
 # --------------------------------------------------------------------------------------- rules used below
-def _gemm_pattern(op, x, w, b):
-    return op.Add(op.MatMul(x, w), b)
-
-
-def _gemm_replacement(op, x, w, b):
-    return op.Gemm(x, w, b)
-
-
-def _gemm_check(ctx, x, w, b):
-    if x.shape is None or len(x.shape) != 2:
-        return fail("MatMul input is not 2-D")
-    if ctx.const_value(w) is None or ctx.const_value(b) is None:
-        return fail("weight or bias is not constant")
-    if np.asarray(ctx.const_value(b)).ndim != 1:
-        return fail("bias is not 1-D")
-    return True
-
-
 def gemm_rule() -> RewriteRule:
-    return RewriteRule("matmul-add-to-gemm", _gemm_pattern, _gemm_replacement, _gemm_check)
+    return matmul_add_to_gemm_rule()
 
 
 def _mul_one(op, x):
@@ -467,7 +425,7 @@ def test_failing_check_reason_is_reported():
     assert "check failed: weight or bias is not constant" in text and "'add'" in text
     assert stats.to_dict()["rules"]["matmul-add-to-gemm"]["rejected"] == dict(st.rejected)
 
-    boolean = RewriteRule("plain-false", _gemm_pattern, _gemm_replacement, lambda ctx, **_: False)
+    boolean = RewriteRule("plain-false", gemm_rule().pattern_fn, gemm_rule().replacement_fn, lambda ctx, **_: False)
     _, stats = rewrite(_mm_add_model(("mm", "B")), [boolean])
     assert "check failed: check returned False" in stats.explain()
 

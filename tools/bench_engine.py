@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from onnxcomp import ir  # noqa: E402
 from onnxcomp.passes.cleanup import remove_identity_rule  # noqa: E402
-from onnxcomp.rewrite import RewriteRule, apply_rules, fail  # noqa: E402
+from onnxcomp.rewrite import apply_rules  # noqa: E402
+from onnxcomp.rewrite.rules import matmul_add_to_gemm_rule  # noqa: E402
 
 
 def make_graph(n_nodes: int, fanout: int) -> onnx.ModelProto:
@@ -62,23 +63,7 @@ def make_graph(n_nodes: int, fanout: int) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _gemm_pattern(op, x, w, b):
-    return op.Add(op.MatMul(x, w), b)
-
-
-def _gemm_replacement(op, x, w, b):
-    return op.Gemm(x, w, b)
-
-
-def _gemm_check(ctx, x, w, b):
-    if x.shape is None or len(x.shape) != 2:
-        return fail("MatMul input is not 2-D")
-    if ctx.const_value(w) is None or ctx.const_value(b) is None:
-        return fail("weight or bias is not constant")
-    return True
-
-
-RULES = [remove_identity_rule(), RewriteRule("matmul-add-to-gemm", _gemm_pattern, _gemm_replacement, _gemm_check)]
+RULES = [remove_identity_rule(), matmul_add_to_gemm_rule()]
 
 
 def run_once(n: int, fanout: int, tmp: str) -> dict:

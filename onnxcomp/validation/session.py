@@ -47,17 +47,9 @@ def ort_message(e: BaseException) -> str:
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
-    from ..ir import iter_graph_protos
+    from ..ir import external_tensors
 
-    for g in iter_graph_protos(model.graph):
-        for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                return True
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                    return True
-    return False
+    return any(True for _ in external_tensors(model))
 
 
 def _provider_name(p: ProviderLike) -> str:
