@@ -20,6 +20,10 @@ from .summary import summarize
 from .targets import TARGETS
 
 
+#: latency ratio above which the report warns that the result is slower than the input (timing noise ~3-5%)
+SLOWER_THAN_INPUT = 1.05
+
+
 @dataclass
 class CompressionResult:
     """The compressed model (a new ModelProto; the input is never mutated) and its report."""
@@ -103,6 +107,11 @@ def compress(
     vreport = None
     if validate:
         vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
+    if vreport is not None and vreport.latency_ratio is not None and vreport.latency_ratio > SLOWER_THAN_INPUT:
+        ctx.warnings.append(
+            f"the compressed model ran SLOWER than the input: latency ratio {vreport.latency_ratio:.2f} on "
+            f"{', '.join(vreport.providers)} (median of interleaved runs); the integer kernels do not pay off for "
+            "this model/target: try another quantize mode, or raise quantize.min_weight_elements")
     budget = None
     if rec.accuracy_budget is not None:
         if vreport is None:

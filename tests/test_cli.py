@@ -28,8 +28,9 @@ def test_compress_and_validate(tmp_path):
     out = tmp_path / "cnn.onnx"
     d = testing.digits_data()
     np.savez(tmp_path / "calib.npz", input=d["x_calib"][:6])
+    (tmp_path / "cleanup.yaml").write_text("passes: [cleanup]\n")
     r = cli("compress", testing.digits_cnn_path(), "-o", out, "--calibration", tmp_path / "calib.npz",
-            "--report", tmp_path / "r.json", "--explain")
+            "--report", tmp_path / "r.json", "--explain", "--recipe", tmp_path / "cleanup.yaml")
     assert r.returncode == 0, r.stderr
     assert out.exists() and "latency" in r.stdout and "remove-identity" in r.stdout
     rep = json.loads((tmp_path / "r.json").read_text())

@@ -17,7 +17,7 @@ def tiny_threshold(monkeypatch):
 
 def test_compress_save_and_validate_through_external_data(tmp_path, tiny_threshold):
     src = testing.digits_cnn_path()
-    res = onnxcomp.compress(src, progress=False)
+    res = onnxcomp.compress(src, ["cleanup"], progress=False)
     out = tmp_path / "big.onnx"
     res.save(out)
     assert (tmp_path / "big.onnx.data").is_file()  # weights moved to external data automatically
@@ -37,7 +37,7 @@ def test_external_data_model_as_input(tmp_path):
     m = onnx.load(str(testing.digits_mlp_path()))
     p = tmp_path / "ext.onnx"
     onnx.save(m, str(p), save_as_external_data=True, location="ext.weights", size_threshold=0)
-    res = onnxcomp.compress(p, progress=False)
+    res = onnxcomp.compress(p, ["cleanup"], progress=False)
     d = testing.digits_data()
     assert testing.digits_top1(res.model, d["x_test"], d["y_test"]) == testing.digits_top1(
         testing.digits_mlp_path(), d["x_test"], d["y_test"])

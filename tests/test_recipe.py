@@ -7,9 +7,10 @@ from onnxcomp import Recipe, RecipeError
 from onnxcomp.passes import Cleanup
 
 
-def test_default_recipe_is_cleanup():
+def test_default_recipe_is_cleanup_then_dynamic_quantization():
     r = Recipe.parse(None)
-    assert [p.name for p in r.passes] == ["cleanup"]
+    assert [p.name for p in r.passes] == ["cleanup", "quantize"]
+    assert r.passes[1].mode == "dynamic"
     assert r.target == "ort-cpu"
 
 
@@ -59,7 +60,7 @@ def test_unknown_pass_type_lists_valid_types():
 
 def test_planned_pass_type_says_not_available():
     with pytest.raises(RecipeError) as e:
-        Recipe.parse([{"type": "quantize", "mode": "static"}])
+        Recipe.parse([{"type": "sparsify", "sparsity": 0.5}])
     assert "not available" in str(e.value)
 
 

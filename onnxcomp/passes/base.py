@@ -28,6 +28,7 @@ class PassContext:
     target: str = "ort-cpu"
     progress: bool = False
     warnings: list[str] = field(default_factory=list)
+    proto: Optional[onnx.ModelProto] = None  # the model the running pass was imported from (read-only)
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Pass:
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def min_opset(self) -> Optional[int]:
+        """The default-domain opset the pass needs; the manager upgrades older models first (or says why not)."""
+        return None
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -140,6 +145,27 @@ class PassRecord:
         return dataclasses.asdict(self)
 
 
+def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]) -> onnx.ModelProto:
+    """Convert to the opset a pass needs with onnx.version_converter (outputs unchanged), or raise why not."""
+    have = {o.domain: o.version for o in proto.opset_import}.get("", None)
+    if need is None or have is None or have >= need:
+        return proto
+    from onnx import version_converter
+
+    from ..errors import UnsupportedModelError
+
+    try:
+        out = version_converter.convert_version(proto, need)
+        ir.check_proto(out, full=True, what=f"model converted to opset {need}")
+    except Exception as e:  # the converter raises several types; all mean "cannot convert"
+        raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "
+                                    f"onnx.version_converter could not convert it: {str(e).splitlines()[0][:200]}"
+                                    ) from None
+    notes.append(f"model converted from opset {have} to {need} with onnx.version_converter "
+                 "(needed for per-channel quantization axes)")
+    return out
+
+
 def _histogram(m: onnx.ModelProto) -> Counter:
     return Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for g in ir.iter_graph_protos(m.graph)
                    for n in g.node)
@@ -162,8 +188,15 @@ class PassManager:
         for p in self.passes:
             t0 = time.perf_counter()
             before_hist, before_inits = _histogram(current), _init_names(current)
-            model = ir.Model.from_proto(current)
-            outcome = p.run(model, self.ctx)
+            notes: list[str] = []
+            source = _upgrade_opset(current, p.min_opset(), notes)
+            model = ir.Model.from_proto(source)
+            self.ctx.proto = source
+            try:
+                outcome = p.run(model, self.ctx)
+            finally:
+                self.ctx.proto = None
+            outcome.notes[:0] = notes
             candidate = model.to_proto()
             status = "ok"
             try:

@@ -135,7 +135,7 @@ class RewriteDriver:
         for k, m in enumerate(matcher.matches(node)):
             if k >= _MAX_ALTERNATIVES:
                 break
-            builder = GraphBuilder(rule.name)
+            builder = GraphBuilder(rule.name, ctx)
             try:
                 self._check_intermediates(m.nodes, m.outputs, index)
                 res = rule.check(ctx, m.bindings)
@@ -264,7 +264,10 @@ class RewriteDriver:
                                                domain=n.domain or "", **attrs))
         outs = [onnx.ValueInfoProto(name=canon[id(t)]) for n in builder.nodes for t in n.outputs]
         g = onnx.helper.make_graph(nodes, "local", inputs, outs, inits)
-        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        versions = dict(self.opsets)
+        for n in builder.nodes:  # a rule may introduce a domain the model does not import yet
+            versions.setdefault(n.domain or "", 1)
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in versions.items()]
         m = onnx.helper.make_model(g, opset_imports=opsets)
         try:
             inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True, check_type=True)
@@ -310,11 +313,20 @@ class RewriteDriver:
         for old, new in zip(m.outputs, news):
             if old is new:
                 continue
+            if isinstance(new, gs.Variable) and new.dtype is None and isinstance(old, gs.Variable):
+                new.dtype, new.shape = old.dtype, old.shape  # ops onnx cannot type (custom domains)
             if index.is_graph_output(old):
                 renames.append((old, new))
             touched.extend(index.consumers(old))  # the readers that now see `new` (not all readers of `new`)
             index.replace_all_uses(old, new)
         removed = index.remove_dead(m.nodes)
+        created = {id(t) for n in builder.nodes for t in n.outputs}
+        for old, new in zip(m.outputs, news):  # the replacement keeps the replaced tensor's name
+            if old is not new and id(new) in created and not old.inputs and not index.is_graph_output(old) \
+                    and (old, new) not in renames:
+                name = old.name
+                old.name = index.fresh_name(name + "__replaced")
+                new.name = name
         for old, new in renames:  # graph outputs keep their names
             name = old.name
             old.name = index.fresh_name(name + "__replaced")
@@ -364,3 +376,54 @@ def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Option
     if opsets is None:
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
     return RewriteDriver(rs, opsets).run(model)
+
+
+@dataclass
+class Found:
+    """A match that passed its rule's check, found without rewriting (see find_matches)."""
+
+    rule: RewriteRule
+    match: Any  # matcher.Match
+    graph: gs.Graph
+
+
+def find_matches(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optional[dict[str, int]] = None,
+                 rejections: Optional[dict[str, str]] = None) -> list[Found]:
+    """Every place a rule would apply (its check passing), in the main graph and subgraphs, without changing
+    anything: passes use it to plan (which tensors to calibrate, which weights to touch). `rejections`, when
+    given, receives node name -> why no rule applied, for nodes some rule was rooted at."""
+    rs = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+    if opsets is None:
+        opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
+    found: list[Found] = []
+    for g in list(iter_graphs(model.graph)):
+        index = GraphIndex(g)
+        ctx = RewriteContext(index, opsets)
+        for node in list(g.nodes):
+            reason = None
+            for rule in rs.for_op(node.op):
+                matcher = Matcher(rule.pattern, index, opsets.get("", 21))
+                hit = False
+                for k, m in enumerate(matcher.matches(node)):
+                    if k >= _MAX_ALTERNATIVES:
+                        break
+                    try:
+                        RewriteDriver._check_intermediates(m.nodes, m.outputs, index)
+                    except _Reject as e:
+                        reason = str(e)
+                        continue
+                    res = rule.check(ctx, m.bindings)
+                    if res:
+                        found.append(Found(rule, m, g))
+                        hit = True
+                        break
+                    reason = res.reason
+                else:
+                    if reason is None:
+                        reason = f"no match: {matcher.reason}"
+                if hit:
+                    reason = None
+                    break
+            if reason is not None and rejections is not None:
+                rejections[node.name] = reason
+    return found

@@ -1,0 +1,244 @@
+"""Streaming statistics of chosen tensors over calibration feeds, in one ONNX Runtime session.
+
+The model is copied and the requested intermediate tensors are added to the copy's graph outputs (the caller's
+ModelProto is never touched); ORT infers their types at load. Graph inputs are read from the feeds and
+constant initializers from the model, without asking ORT for them.
+
+* Pass 1 runs every feed and keeps, per tensor, the running min/max of the finite values, the element and
+  NaN/inf counts and, for tensors in ``channel_axes``, the running per-channel max ``|x|``.
+* Pass 2 (``histogram=True``) runs every feed again and adds fixed-bin ``np.histogram`` counts over the
+  now-fixed ``[min, max]``.
+
+Every statistic is reduced per run, so samples may differ in batch size or sequence length, and no value is
+kept from one sample to the next: memory is flat in the number of samples.
+
+Only float tensors (float32, float16, bfloat16, double) get statistics: a requested tensor of another type
+(int64 ids, bool masks ...) has no key in the returned dict, and the caller sees it missing. A name that no
+node of the main graph produces, and that is neither a graph input nor an initializer, raises
+:class:`~onnxcomp.errors.CalibrationDataError` (tensors inside If/Loop/Scan bodies cannot be observed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import CalibrationDataError, RecipeError
+from ..ir import load_proto
+from ..validation.session import make_session, run_session
+from .observers import TensorObserver, TensorStats, is_float_dtype
+
+__all__ = ["collect_statistics"]
+
+log = logging.getLogger(__name__)
+
+_ORT_FLOAT_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+}
+_ORT_BF16 = "tensor(bfloat16)"
+_CAST_SUFFIX = "::onnxcomp_calib_f32"
+
+
+def _bf16_dtype() -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+
+
+def collect_statistics(
+    model: onnx.ModelProto | str | os.PathLike,
+    tensor_names: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    providers: Sequence[Any] | None = None,
+    histogram: bool = True,
+    bins: int = 2048,
+    channel_axes: Mapping[str, int] | None = None,
+    progress: bool = False,
+) -> dict[str, TensorStats]:
+    """Statistics of ``tensor_names`` (plus the keys of ``channel_axes``) over ``feeds``; see the module doc.
+
+    ``model`` is a ModelProto (a path is read with ``onnxcomp.ir.load_proto``); it is not modified.
+    ``feeds`` are already checked against the model (``onnxcomp.data``); ``providers`` default to CPU.
+    ``histogram`` also builds ``bins``-bin histograms (needed by the percentile/entropy/mse range methods).
+    ``channel_axes[name] = axis`` (negative allowed) keeps the per-channel max ``|x|`` along that axis.
+    ``progress`` shows a tqdm bar over the samples of each pass. Returns ``{name: TensorStats}`` for the
+    float tensors among the requested ones.
+    """
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise RecipeError(f"calibration histogram bins must be a positive integer, got {bins!r}")
+    if isinstance(tensor_names, str):
+        tensor_names = [tensor_names]
+    axes = dict(channel_axes or {})
+    for name, ax in axes.items():
+        if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+            raise RecipeError(f"channel axis of tensor '{name}' must be an integer, got {ax!r}")
+    names = list(dict.fromkeys([*tensor_names, *axes]))
+    feeds = list(feeds)
+    if not feeds:
+        raise CalibrationDataError("calibration needs at least one sample; the feeds are empty")
+    if not names:
+        return {}
+
+    if not isinstance(model, onnx.ModelProto):  # a path or bytes: read it (the file is never written)
+        model = load_proto(model)
+    plan = _Plan(model, names)
+    observers: dict[str, TensorObserver] = {}
+    for name in names:
+        if name in plan.const_values:
+            dtype = plan.const_values[name].dtype
+            if is_float_dtype(dtype):
+                observers[name] = TensorObserver(name, dtype, axes.get(name))
+    sess = None
+    fetch: list[tuple[str, str]] = []  # (tensor name, ORT output name)
+    if plan.outputs:
+        sess, fetch, dtypes = _open_session(model, plan.outputs, providers)
+        for name, _ in fetch:
+            observers[name] = TensorObserver(name, dtypes[name], axes.get(name))
+    fetch_names = [out for _, out in fetch]
+    input_names = [n for n in names if n in plan.inputs]
+
+    def values(i: int, feed: Mapping[str, np.ndarray]):
+        """(name, value) of every observed tensor in sample i; nothing is kept once the caller moves on."""
+        if sess is not None and fetch_names:
+            outs = run_session(sess, feed, fetch_names, name="calibration model", sample=i)
+            for (name, _), val in zip(fetch, outs):
+                yield name, val
+            del outs
+        for name in input_names:
+            if name in feed:
+                val = np.asarray(feed[name])
+            elif name in plan.const_values:
+                val = plan.const_values[name]
+            else:
+                raise CalibrationDataError(f"sample {i} has no value for graph input '{name}'")
+            if name not in observers:
+                if not is_float_dtype(val.dtype):
+                    continue
+                observers[name] = TensorObserver(name, val.dtype, axes.get(name))
+            yield name, val
+        for name in plan.const_names:
+            if name in observers:
+                yield name, plan.const_values[name]
+
+    t0 = time.perf_counter()
+    for i, feed in enumerate(_progress(feeds, progress, "calibration: ranges")):
+        for name, val in values(i, feed):
+            observers[name].observe(val)
+    t1 = time.perf_counter()
+    log.debug("calibration pass 1 (ranges): %d samples, %d tensors, %.3f s", len(feeds), len(observers), t1 - t0)
+    if histogram:
+        for obs in observers.values():
+            obs.start_histogram(int(bins))
+        for i, feed in enumerate(_progress(feeds, progress, "calibration: histograms")):
+            for name, val in values(i, feed):
+                observers[name].observe_histogram(val)
+        log.debug("calibration pass 2 (histograms): %.3f s", time.perf_counter() - t1)
+    return {name: observers[name].result() for name in names if name in observers}
+
+
+class _Plan:
+    """Where each requested tensor's value comes from: a feed (graph input), the model (initializer), or ORT."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str]):
+        graph = model.graph
+        produced = {o for node in graph.node for o in node.output if o}
+        inits: dict[str, Any] = {t.name: t for t in graph.initializer}
+        inits.update({t.values.name: t for t in graph.sparse_initializer})
+        graph_inputs = {i.name for i in graph.input}
+        self.inputs: set[str] = set()
+        self.outputs: list[str] = []
+        self.const_names: list[str] = []
+        self.const_values: dict[str, np.ndarray] = {}
+        missing = []
+        for name in names:
+            if name in graph_inputs:
+                self.inputs.add(name)
+                if name in inits:  # an input with a default value: the feed wins when it has one
+                    self.const_values[name] = _initializer_value(inits[name])
+            elif name in produced:
+                self.outputs.append(name)
+            elif name in inits:
+                self.const_names.append(name)
+                self.const_values[name] = _initializer_value(inits[name])
+            else:
+                missing.append(name)
+        if missing:
+            one = len(missing) == 1
+            shown = ", ".join(f"'{m}'" for m in missing[:5])
+            if len(missing) > 5:
+                shown += f" and {len(missing) - 5} more"
+            raise CalibrationDataError(
+                f"cannot calibrate tensor{'' if one else 's'} {shown}: no node of the main graph produces "
+                f"{'it' if one else 'them'}, and {'it is' if one else 'they are'} neither a graph input nor an "
+                "initializer (tensors inside If/Loop/Scan bodies cannot be observed)"
+            )
+
+
+def _initializer_value(t: Any) -> np.ndarray:
+    """The value of a TensorProto or SparseTensorProto initializer (dense)."""
+    if isinstance(t, onnx.SparseTensorProto):
+        vals = numpy_helper.to_array(t.values)
+        idx = numpy_helper.to_array(t.indices).astype(np.int64)
+        dense = np.zeros(int(np.prod(t.dims)), dtype=vals.dtype)
+        flat = idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(t.dims))
+        dense[flat] = vals
+        return dense.reshape(tuple(t.dims))
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        raise CalibrationDataError(
+            f"initializer '{t.name}' points at external data that is not loaded; load the model with its data"
+        )
+    return numpy_helper.to_array(t)
+
+
+def with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: Sequence[str] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``outputs`` (untyped: ORT infers the types at load), plus
+    a float32 Cast of each name in ``casts`` (bfloat16 tensors, which ORT cannot hand to numpy)."""
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    existing = {o.name for o in aug.graph.output}
+    for name in outputs:
+        if name not in existing and name not in casts:
+            aug.graph.output.add().name = name
+    for name in casts:
+        out = name + _CAST_SUFFIX
+        aug.graph.node.append(
+            onnx.helper.make_node("Cast", [name], [out], name=out, to=onnx.TensorProto.FLOAT)
+        )
+        aug.graph.output.add().name = out
+    return aug
+
+
+def _open_session(model: onnx.ModelProto, outputs: Sequence[str], providers):
+    """The session, [(name, ORT output name)] of the float tensors to fetch, and their dtypes."""
+    made = make_session(with_outputs(model, outputs), providers, name="calibration model")
+    for note in made.notes:
+        log.warning("calibration: %s", note)
+    sess = made.session
+    types = {o.name: o.type for o in sess.get_outputs()}
+    bf16 = [n for n in outputs if types.get(n) == _ORT_BF16]
+    if bf16:  # rare: rebuild once with float32 Casts of the bfloat16 tensors
+        sess = make_session(with_outputs(model, outputs, bf16), providers, name="calibration model").session
+    fetch, dtypes = [], {}
+    for name in outputs:
+        if name in bf16:
+            fetch.append((name, name + _CAST_SUFFIX))
+            dtypes[name] = _bf16_dtype()
+        elif types.get(name) in _ORT_FLOAT_TYPES:
+            fetch.append((name, name))
+            dtypes[name] = _ORT_FLOAT_TYPES[types[name]]
+    return sess, fetch, dtypes
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="sample", leave=False)

@@ -1,0 +1,234 @@
+"""Streaming observers: per-tensor running statistics whose memory does not grow with the number of samples.
+
+A :class:`TensorObserver` sees one tensor's value once per sample, in two passes:
+
+1. :meth:`~TensorObserver.observe` keeps the element count, the NaN/inf and exact-zero counts, the running
+   min/max over the finite values and, when a channel axis is given, the running per-channel max ``|x|``
+   (finite values only);
+2. after :meth:`~TensorObserver.start_histogram` has fixed the bin edges on the pass-1 ``[min, max]``,
+   :meth:`~TensorObserver.observe_histogram` adds ``np.histogram`` counts of each value to a fixed-size
+   histogram (NaN/inf excluded).
+
+Nothing a sample holds is kept after the call returns. :meth:`~TensorObserver.result` gives the
+:class:`TensorStats` that ``compute_range`` reads. :func:`stats_from_arrays` runs both passes over arrays
+already in memory (weights, tests).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CalibrationDataError
+
+__all__ = ["TensorStats", "TensorObserver", "stats_from_arrays", "is_float_dtype"]
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """float16/float32/float64 and bfloat16 (ml_dtypes, as ``onnx.helper`` maps it)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def _as_float(arr: np.ndarray) -> np.ndarray:
+    """A float view numpy reduces and bins exactly: float32/float64 as they are, float16/bfloat16 as float32."""
+    a = np.asarray(arr)
+    if a.dtype == np.float32 or a.dtype == np.float64:
+        return a
+    return a.astype(np.float32)
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one tensor over every calibration sample.
+
+    ``count`` counts every element seen, NaN/inf included; ``nonfinite`` counts the NaN/inf ones, which are
+    left out of ``min``/``max``/``hist``/``channel_absmax`` (so ``hist.sum() == count - nonfinite``).
+    ``min``/``max`` are NaN when no finite value was seen. ``hist`` holds ``len(hist_edges) - 1`` counts
+    over ``[min, max]`` (signed values; numpy's rule widens a constant tensor's range to ``[v-0.5, v+0.5]``);
+    both are None when no histogram was collected. ``channel_absmax`` is the max ``|x|`` per index of the
+    requested channel axis, reduced over every other axis (float64), when one was requested. ``zeros`` counts
+    the elements exactly 0 (ReLU outputs, padding): every quantization represents them exactly, so the
+    entropy and mse range methods leave them out of the error they weigh.
+    """
+
+    name: str
+    dtype: np.dtype
+    count: int
+    samples: int
+    min: float
+    max: float
+    nonfinite: int
+    hist: np.ndarray | None = None
+    hist_edges: np.ndarray | None = None
+    channel_absmax: np.ndarray | None = None
+    zeros: int = 0
+
+    @property
+    def finite_count(self) -> int:
+        return self.count - self.nonfinite
+
+    @property
+    def absmax(self) -> float:
+        """max(|min|, |max|) (NaN when no finite value was seen)."""
+        return max(abs(self.min), abs(self.max)) if self.finite_count else math.nan
+
+    @property
+    def degenerate(self) -> str | None:
+        """Why no real range can be calibrated, or None.
+
+        ``"empty"`` (no element in any sample), ``"no finite values"``, ``"all zero"``, ``"constant value 3.0"``.
+        """
+        if self.count == 0:
+            return "empty"
+        if self.finite_count == 0:
+            return "no finite values"
+        if self.min == self.max:
+            return "all zero" if self.min == 0 else f"constant value {float(self.min)!r}"
+        return None
+
+
+class TensorObserver:
+    """Running statistics of one tensor (see the module docstring); ``channel_axis`` may be negative."""
+
+    def __init__(self, name: str, dtype: np.dtype, channel_axis: int | None = None):
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.channel_axis = channel_axis
+        self.count = 0
+        self.samples = 0
+        self.nonfinite = 0
+        self.zeros = 0
+        self._min = math.inf
+        self._max = -math.inf
+        self._chan: np.ndarray | None = None
+        self._hist: np.ndarray | None = None
+        self._edges: np.ndarray | None = None
+        self._range: tuple[float, float] | None = None
+        self._hist_samples = 0
+
+    # ---------------------------------------------------------------------------------------- pass 1
+    def observe(self, arr: np.ndarray) -> None:
+        """Pass 1: count, NaN/inf count, finite min/max and per-channel max |x| of one sample's value."""
+        a = _as_float(arr)
+        sample = self.samples
+        self.samples += 1
+        self.count += a.size
+        if self.channel_axis is not None:
+            axis = self._axis(a, sample)
+        if a.size == 0:
+            return
+        mn, mx = a.min(), a.max()
+        finite = None
+        if not (math.isfinite(mn) and math.isfinite(mx)):  # NaN propagates through min/max; inf shows as is
+            finite = np.isfinite(a)
+            n_finite = int(np.count_nonzero(finite))
+            self.nonfinite += a.size - n_finite
+            if n_finite:
+                vals = a[finite]
+                mn, mx = vals.min(), vals.max()
+                del vals
+            else:
+                mn = mx = None
+        if mn is not None:
+            mn, mx = float(mn), float(mx)
+            self._min = min(self._min, mn)
+            self._max = max(self._max, mx)
+            if mn <= 0.0 <= mx:
+                self.zeros += int(np.count_nonzero(a == 0))
+        if self.channel_axis is not None:
+            self._observe_channels(a, axis, finite, sample)
+
+    def _axis(self, a: np.ndarray, sample: int) -> int:
+        ax = self.channel_axis
+        assert ax is not None
+        norm = ax + a.ndim if ax < 0 else ax
+        if not 0 <= norm < a.ndim:
+            raise CalibrationDataError(
+                f"tensor '{self.name}': channel axis {ax} is out of range for its rank {a.ndim} "
+                f"(shape {list(a.shape)}) in sample {sample}"
+            )
+        return norm
+
+    def _observe_channels(self, a: np.ndarray, axis: int, finite: np.ndarray | None, sample: int) -> None:
+        n = a.shape[axis]
+        if self._chan is not None and len(self._chan) != n:
+            raise CalibrationDataError(
+                f"tensor '{self.name}': channel axis {self.channel_axis} has {n} channels in sample {sample} "
+                f"but {len(self._chan)} in earlier samples (shape {list(a.shape)})"
+            )
+        mag = np.abs(a)
+        if finite is not None:
+            mag[~finite] = 0
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        cm = np.max(mag, axis=others, initial=0).astype(np.float64) if others else mag.astype(np.float64)
+        self._chan = cm if self._chan is None else np.maximum(self._chan, cm)
+
+    # ---------------------------------------------------------------------------------------- pass 2
+    def start_histogram(self, bins: int) -> None:
+        """Fix ``bins`` equal bins over the pass-1 [min, max] (numpy's widening for a constant)."""
+        if self.count - self.nonfinite == 0:
+            self._hist = self._edges = self._range = None
+            return
+        lo, hi = self._min, self._max
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        self._range = (lo, hi)
+        self._hist = np.zeros(bins, dtype=np.int64)
+        self._edges = np.linspace(lo, hi, bins + 1)
+        self._hist_samples = 0
+
+    def observe_histogram(self, arr: np.ndarray) -> None:
+        """Pass 2: add the histogram counts of one sample's finite values over the fixed range."""
+        self._hist_samples += 1
+        if self._hist is None or np.size(arr) == 0:
+            return
+        a = _as_float(arr)
+        lo, hi = self._range  # type: ignore[misc]
+        mn, mx = a.min(), a.max()
+        if not (math.isfinite(mn) and math.isfinite(mx) and lo <= mn and mx <= hi):
+            # NaN/inf are left out; a finite value outside [lo, hi] (an EP whose results differ between the
+            # two passes in the last bit) goes to the edge bin rather than being lost
+            a = np.clip(a[np.isfinite(a)], lo, hi)
+        counts, _ = np.histogram(a, bins=len(self._hist), range=self._range)
+        self._hist += counts
+
+    # ---------------------------------------------------------------------------------------- result
+    def result(self) -> TensorStats:
+        has_finite = self.count - self.nonfinite > 0
+        return TensorStats(
+            name=self.name,
+            dtype=self.dtype,
+            count=self.count,
+            samples=self.samples,
+            min=self._min if has_finite else math.nan,
+            max=self._max if has_finite else math.nan,
+            nonfinite=self.nonfinite,
+            hist=None if self._hist is None else self._hist.copy(),
+            hist_edges=None if self._edges is None else self._edges.copy(),
+            channel_absmax=None if self._chan is None else self._chan.copy(),
+            zeros=self.zeros,
+        )
+
+
+def stats_from_arrays(
+    name: str,
+    arrays: Iterable[np.ndarray] | np.ndarray,
+    *,
+    histogram: bool = True,
+    bins: int = 2048,
+    channel_axis: int | None = None,
+) -> TensorStats:
+    """TensorStats of arrays already in memory, one "sample" each (a single ndarray is one sample)."""
+    arrs = [arrays] if isinstance(arrays, np.ndarray) else [np.asarray(a) for a in arrays]
+    dtype = arrs[0].dtype if arrs else np.dtype(np.float32)
+    obs = TensorObserver(name, dtype, channel_axis)
+    for a in arrs:
+        obs.observe(a)
+    if histogram:
+        obs.start_histogram(bins)
+        for a in arrs:
+            obs.observe_histogram(a)
+    return obs.result()

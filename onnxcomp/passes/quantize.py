@@ -1,0 +1,528 @@
+"""`quantize`: integer quantization placed where the target runtime actually runs faster.
+
+Modes (all as rewrite rules on the engine; placement from the target's table in targets.py):
+- weight_only: weights stored int8 per channel and dequantized by a DequantizeLinear that ORT fuses into
+  the consumer (MatMul/Gemm/Conv); embedding tables (Gather) stored int8 row-wise and dequantized after
+  the lookup. Needs no calibration data.
+- dynamic: MatMul (+ its bias Add) -> ORT's DynamicQuantizeMatMul (activations quantized at run time).
+- static: Q/DQ on activations from calibrated ranges + per-channel weights. MatMul/Gemm get their
+  *inputs* quantized (fused into MatMulIntegerToFloat, output stays float, see FINDINGS.md); Conv gets
+  inputs, an int32 bias and its output (after a following Relu) quantized so ORT fuses QLinearConv.
+One Q/DQ pair per activation tensor is shared by all its quantized consumers.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir, qmath
+from ..errors import CalibrationDataError, RecipeError
+from ..rewrite import RewriteRule, apply_rules, fail, find_matches
+from ..rewrite.rule import onnx_dtype
+from ..targets import TARGETS, OpPlacement, Target
+from .base import Pass, PassContext, PassOutcome
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
+
+
+@dataclass
+class _Plan:
+    """What the pass decided before rewriting: tensors to calibrate and their quantization parameters."""
+
+    activations: set
+    params: dict  # tensor name -> (scale float32, zero point array)
+    ranges: dict  # tensor name -> (lo, hi)
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Insert integer quantization (static QDQ, dynamic, or weight-only) where the target has fast kernels."""
+
+    name: ClassVar[str] = "quantize"
+    description: ClassVar[str] = "int8 quantization: static QDQ, dynamic, or weight-only"
+    mode: Literal["static", "dynamic", "weight_only"] = "static"
+    weight_dtype: Literal["int8", "uint8", "int4", "uint4"] = "int8"
+    activation_dtype: Optional[Literal["uint8", "int8", "int16"]] = None  # default: the target's
+    symmetric_activations: Optional[bool] = None  # default: the target's
+    symmetric_weights: bool = True
+    per_channel: bool = True
+    block_size: Optional[int] = None
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.999
+    calibration_samples: int = 256
+    ops: Optional[tuple[str, ...]] = None  # op types to quantize (default: every op the target table lists)
+    exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left in float
+    embeddings: bool = True  # also store embedding (Gather) tables int8 row-wise
+    sensitivity: bool = True  # report the per-layer error of quantized vs float activations
+    # dynamic/weight_only MatMul/Gemm: smaller weights are left in float (measured on ORT CPU: a 64x128
+    # Gemm at batch 1 runs slower as DynamicQuantizeMatMul than in float; 384x384 runs ~2x faster)
+    min_weight_elements: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype in ("int4", "uint4"):
+            raise RecipeError(f"quantize: weight_dtype {self.weight_dtype!r} (4-bit blocked weights) is not "
+                              "available in this version; valid now: 'int8', 'uint8'")
+        if self.block_size is not None:
+            raise RecipeError("quantize: block_size applies to 4-bit weights, not available in this version")
+        if not 0 < self.percentile <= 100:
+            raise RecipeError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
+        if self.min_weight_elements < 0:
+            raise RecipeError("quantize.min_weight_elements must be >= 0")
+        if self.calibration_samples < 1:
+            raise RecipeError("quantize.calibration_samples must be >= 1")
+        for pat in self.exclude:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise RecipeError(f"quantize.exclude: {pat!r} is not a valid regex: {e}") from None
+
+    def min_opset(self) -> Optional[int]:
+        return 13  # per-channel DequantizeLinear (axis) needs opset 13
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        target = TARGETS[ctx.target]
+        act_dtype = self.activation_dtype or target.activation_dtype
+        act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
+        plan = _Plan(set(), {}, {})
+        run = _Run(self, plan)
+        rules = self._rules(run, target)
+        rejections: dict[str, str] = {}
+        found = find_matches(model, rules, rejections=rejections)
+        layer_outputs = sorted({f.match.outputs[0].name for f in found})  # names survive the rewrite
+        notes: list[str] = []
+        details: dict[str, Any] = {"mode": self.mode, "target": target.name, "weight_dtype": self.weight_dtype}
+        if self.mode == "static":
+            for f in found:
+                plan.activations.update(t.name for t in _activation_tensors(f))
+            if plan.activations:
+                self._calibrate(plan, ctx, act_dtype, act_sym, notes)
+            details["activation_dtype"] = act_dtype
+            details["calibration"] = self.calibration
+            details["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(plan.ranges.items())}
+        ops = self._ops(target)
+        left = []  # what stays float and why, from the graph before rewriting
+        op_of = {}
+        for g in ir.iter_graphs(model.graph):
+            for n in g.nodes:
+                op_of[n.name] = n.op
+                if n.op in target.keep_float and n.op not in ops:
+                    left.append({"node": n.name, "op": n.op, "reason": target.keep_float[n.op]})
+        for name, reason in rejections.items():
+            if op_of.get(name) in ops:
+                left.append({"node": name, "op": op_of[name], "reason": reason})
+        stats = apply_rules(model, rules)
+        quantized: dict[str, int] = {}
+        for r in rules:
+            if stats.rules[r.name].applied:
+                quantized[r.name] = stats.rules[r.name].applied
+        details.update({"rewrites": stats.to_dict(), "quantized": quantized,
+                        "left_float": left[:500], "left_float_total": len(left)})
+        if self.sensitivity and quantized:
+            details["sensitivity"] = self._sensitivity(model, layer_outputs, ctx, notes)
+        return PassOutcome(details=details, notes=notes)
+
+    def _sensitivity(self, model: ir.Model, names: list[str], ctx: PassContext, notes: list[str]
+                     ) -> list[dict[str, Any]]:
+        """Per quantized layer: error of its output vs the float model on calibration data, worst first."""
+        from ..validation.layers import compare_tensors
+
+        if ctx.calibration_data is None:
+            notes.append("no calibration data: per-layer sensitivity not measured")
+            return []
+        errs = compare_tensors(ctx.proto, model.to_proto(), names, list(ctx.calibration_data)[:16],
+                               providers=ctx.providers)
+        rows = [{"tensor": n, "rel_l2_err": e.rel_l2_err, "cosine": e.cosine, "max_abs_err": e.max_abs_err}
+                for n, e in errs.items()]
+        return sorted(rows, key=lambda r: -r["rel_l2_err"])
+
+    # ------------------------------------------------------------------------------------------
+    def _ops(self, target: Target) -> set[str]:
+        ops = {op for op, p in target.ops.items() if self.mode in p.modes}
+        if self.ops is not None:
+            unknown = sorted(set(self.ops) - set(target.ops))
+            if unknown:
+                raise RecipeError(f"quantize.ops: {unknown} cannot be quantized on {target.name}; "
+                                  f"valid: {sorted(target.ops)}")
+            # named explicitly: also the ops that only get smaller in this mode (no fused kernel)
+            ops |= {op for op in self.ops if self.mode in target.ops[op].size_only_modes}
+            ops &= set(self.ops)
+        if not self.embeddings:
+            ops.discard("Gather")
+        return ops
+
+    def _excluded(self, node: gs.Node) -> bool:
+        names = [node.name] + [t.name for t in node.outputs]
+        return any(re.fullmatch(p, n) or p == n for p in self.exclude for n in names)
+
+    def _calibrate(self, plan: _Plan, ctx: PassContext, act_dtype: str, act_sym: bool, notes: list[str]) -> None:
+        from ..calibration import collect_statistics, compute_range
+
+        if ctx.calibration_data is None:
+            raise CalibrationDataError("quantize mode 'static' needs calibration_data (activation ranges); "
+                                       "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
+        feeds = list(ctx.calibration_data)[: self.calibration_samples]
+        stats = collect_statistics(ctx.proto, sorted(plan.activations), feeds, providers=ctx.providers,
+                                   histogram=self.calibration != "minmax", progress=ctx.progress)
+        for name in sorted(plan.activations):
+            st = stats.get(name)
+            if st is None:
+                continue
+            if st.degenerate:
+                notes.append(f"activation '{name}': {st.degenerate}; quantized with an exact scale")
+            if st.nonfinite:
+                notes.append(f"activation '{name}': {st.nonfinite} NaN/inf values seen in calibration; "
+                             "left in float")
+                continue
+            lo, hi = compute_range(st, self.calibration, qdtype=act_dtype, symmetric=act_sym,
+                                   percentile=self.percentile)
+            plan.ranges[name] = (lo, hi)
+            plan.params[name] = qmath.activation_params(lo, hi, act_dtype, act_sym)
+
+    # ------------------------------------------------------------------------------------------ rules
+    def _rules(self, run: "_Run", target: Target) -> list[RewriteRule]:
+        ops = self._ops(target)
+        rules: list[RewriteRule] = []
+        if "Gather" in ops:  # embedding tables: int8 row-wise in every mode (no activation involved)
+            rules.append(RewriteRule("embedding-int8", _gather_pattern, run._gather_replacement, run._gather_check))
+        if self.mode == "weight_only":
+            for op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+                if op in ops:
+                    rules += _weight_only_rules(run, target.ops[op])
+        elif self.mode == "dynamic":
+            if "MatMul" in ops:
+                rules.append(RewriteRule("dyn-matmul-bias", _matmul_bias_pattern, run._dyn_replacement,
+                                         run._dyn_check))
+                rules.append(RewriteRule("dyn-matmul", _matmul_pattern, run._dyn_replacement, run._dyn_check))
+            if "Gemm" in ops:  # Gemm(x, W[, b]) is a MatMul with a bias: same fused kernel
+                rules.append(RewriteRule("dyn-gemm-2", _gemm2_pattern, run._dyn_replacement, run._dyn_check))
+                rules.append(RewriteRule("dyn-gemm-3", _gemm3_bias_pattern, run._dyn_replacement, run._dyn_check))
+        else:
+            for op in ("MatMul", "Gemm"):
+                if op in ops:
+                    rules += _static_input_rules(run, target.ops[op])
+            if "Conv" in ops:
+                rules += _static_conv_rules(run, target.ops["Conv"])
+        return rules
+
+class _Run:
+    """One application of a Quantize pass: its options plus the plan (calibrated parameters) the rules read."""
+
+    def __init__(self, q: "Quantize", plan: _Plan):
+        self.q = q
+        self.plan = plan
+        self.mode = q.mode
+
+    def _excluded(self, node: gs.Node) -> bool:
+        return self.q._excluded(node)
+
+    # -- shared checks --------------------------------------------------------------------------
+    def _weight_ok(self, ctx, node: gs.Node, w: gs.Tensor, min_ndim: int = 2):
+        if self._excluded(node):
+            return fail(f"excluded by the recipe ({node.name})")
+        v = ctx.const_value(w)
+        if v is None:
+            return fail(f"'{w.name}' is not a constant weight")
+        if v.dtype != np.float32:
+            return fail(f"weight '{w.name}' is {v.dtype}, not float32")
+        if v.ndim < min_ndim:
+            return fail(f"weight '{w.name}' has rank {v.ndim}")
+        if not np.isfinite(v).all():
+            return fail(f"weight '{w.name}' contains NaN/inf")
+        return True
+
+    def _act_ok(self, x: gs.Tensor):
+        if onnx_dtype(x) not in _FLOATS:
+            return fail(f"activation '{x.name}' is not float")
+        if self.mode == "static" and not _is_dq(x):
+            plan = self.plan
+            if plan is not None and plan.params and x.name not in plan.params:
+                return fail(f"no calibrated range for '{x.name}'")
+        return True
+
+    def _quant_weight(self, op, w: gs.Tensor, axis: int):
+        v = np.asarray(ir.const_value(w), dtype=np.float32)
+        qd = self.q.weight_dtype
+        ax = axis if self.q.per_channel else None
+        scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights)
+        q = qmath.quantize(v, scale, zp, ax, qd)
+        attrs = {"axis": axis} if self.q.per_channel else {}
+        dq = op.DequantizeLinear(op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
+                                 op.const(zp, name=f"{w.name}_zero_point"), **attrs)
+        return dq, scale
+
+    def _dq_input(self, op, x: gs.Tensor) -> gs.Tensor:
+        """The dequantized view of activation x: an existing one when x already has a Q->DQ pair."""
+        if _is_dq(x):
+            return x
+        for c in op.ctx.consumers(x):
+            if c.op == "QuantizeLinear" and c.outputs:
+                for d in op.ctx.consumers(c.outputs[0]):
+                    if d.op == "DequantizeLinear" and d.outputs:
+                        return d.outputs[0]
+        scale, zp = self.plan.params[x.name]
+        s = op.const(np.asarray(scale, np.float32), name=f"{x.name}_scale")
+        z = op.const(zp, name=f"{x.name}_zero_point")
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+
+    def _qdq_output(self, op, y: gs.Tensor, name: str) -> gs.Tensor:
+        scale, zp = self.plan.params[name]
+        s = op.const(np.asarray(scale, np.float32), name=f"{name}_scale")
+        z = op.const(zp, name=f"{name}_zero_point")
+        return op.DequantizeLinear(op.QuantizeLinear(y, s, z), s, z)
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def _gather_check(self, ctx, w, idx, node):
+        ok = self._weight_ok(ctx, node, w)
+        if not ok:
+            return ok
+        if node.attrs.get("axis", 0) != 0:
+            return fail("Gather is not along axis 0 (not an embedding lookup)")
+        if ctx.const_value(w).size < _MIN_EMBEDDING_ELEMS:
+            return fail(f"table '{w.name}' is small ({ctx.const_value(w).size} elements)")
+        if ctx.const_value(w).ndim != 2:
+            return fail("embedding table is not 2-D")
+        return True
+
+    def _gather_replacement(self, op, w, idx, node):
+        v = np.asarray(ir.const_value(w), dtype=np.float32)
+        scale, zp = qmath.weight_params(v, 0, "int8", True)
+        q = qmath.quantize(v, scale, zp, 0, "int8")
+        rows = op.Gather(op.const(q, name=f"{w.name}_quantized"), idx, axis=0)
+        row_scale = op.Gather(op.const(scale, name=f"{w.name}_row_scale"), idx, axis=0)
+        scale_b = op.Unsqueeze(row_scale, op.const(np.array([-1], np.int64), name=f"{w.name}_unsqueeze_axes"))
+        return op.Mul(op.Cast(rows, to=onnx.TensorProto.FLOAT), scale_b)
+
+    # -- dynamic --------------------------------------------------------------------------------
+    def _dyn_check(self, ctx, x, w, node, b=None, **_):
+        ok = self._weight_ok(ctx, node, w)
+        if not ok:
+            return ok
+        ok = self._act_ok(x)
+        if not ok:
+            return ok
+        if ctx.const_value(w).ndim != 2:
+            return fail("DynamicQuantizeMatMul needs a 2-D weight")
+        if ctx.const_value(w).size < self.q.min_weight_elements:
+            return fail(f"weight '{w.name}' has {ctx.const_value(w).size} elements (< min_weight_elements "
+                        f"{self.q.min_weight_elements}): too small for the integer kernel to pay off")
+        if node.op == "Gemm":
+            a = node.attrs
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or (b is not None and a.get("beta", 1.0) != 1.0):
+                return fail("Gemm with transA or alpha/beta != 1")
+        wt = _gemm_weight(node, ctx.const_value(w))
+        n_out = wt.shape[1]
+        if b is not None:
+            bv = ctx.const_value(b)
+            if bv is None or bv.ndim != 1 or bv.shape[0] != n_out or bv.dtype != np.float32:
+                return fail("bias is not a constant float vector over the output columns")
+        elif node.op == "MatMul":
+            readers = ctx.consumers(node.outputs[0])
+            if len(readers) == 1 and readers[0].op == "Add" and not ctx.is_graph_output(node.outputs[0]):
+                other = [t for t in readers[0].inputs if t is not node.outputs[0]]
+                bv = ctx.const_value(other[0]) if len(other) == 1 else None
+                if bv is not None and bv.ndim == 1 and bv.shape[0] == n_out and bv.dtype == np.float32:
+                    return fail("MatMul followed by a bias Add: fused with its bias")
+        return True
+
+    def _dyn_replacement(self, op, x, w, node, b=None, **_):
+        v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
+        scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True)
+        q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
+        ins = [x, op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
+               op.const(zp, name=f"{w.name}_zero_point")]
+        if b is not None:
+            ins.append(b)
+        return op.DynamicQuantizeMatMul(*ins, _domain="com.microsoft")
+
+
+
+def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """The [k, n] matrix a MatMul-style kernel needs (Gemm with transB=1 stores W as [n, k])."""
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return np.ascontiguousarray(w.T)
+    return w
+
+
+def _is_dq(t: gs.Tensor) -> bool:
+    return len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear"
+
+
+def _activation_tensors(found) -> list[gs.Tensor]:
+    b = found.match.bindings
+    out = []
+    x = b.get("x")
+    if isinstance(x, gs.Tensor) and not _is_dq(x):
+        out.append(x)
+    y = b.get("_output_range")
+    if y is None and found.rule.name.startswith("static-conv"):
+        y = found.match.outputs[0]
+    if isinstance(y, gs.Tensor):
+        out.append(y)
+    return out
+
+
+# -- patterns -----------------------------------------------------------------------------------
+def _matmul_pattern(op, x, w):
+    return op.MatMul(x, w, _bind="node")
+
+
+def _matmul_bias_pattern(op, x, w, b):
+    return op.Add(op.MatMul(x, w, _bind="node"), b)
+
+
+def _gemm2_pattern(op, x, w):
+    return op.Gemm(x, w, _bind="node")
+
+
+def _gemm3_pattern(op, x, w, c):
+    return op.Gemm(x, w, c, _bind="node")
+
+
+def _gemm3_bias_pattern(op, x, w, b):
+    return op.Gemm(x, w, b, _bind="node")
+
+
+def _gather_pattern(op, w, idx):
+    return op.Gather(w, idx, _bind="node")
+
+
+def _conv2_pattern(op, x, w):
+    return op.Conv(x, w, _bind="node")
+
+
+def _conv3_pattern(op, x, w, b):
+    return op.Conv(x, w, b, _bind="node")
+
+
+def _conv2_relu_pattern(op, x, w):
+    return op.Relu(op.Conv(x, w, _bind="node"))
+
+
+def _conv3_relu_pattern(op, x, w, b):
+    return op.Relu(op.Conv(x, w, b, _bind="node"))
+
+
+def _pattern_for(op_type: str, arity: int):
+    def p2(op, x, w):
+        return getattr(op, op_type)(x, w, _bind="node")
+
+    def p3(op, x, w, c):
+        return getattr(op, op_type)(x, w, c, _bind="node")
+
+    return p2 if arity == 2 else p3
+
+
+def _weight_only_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
+    """DequantizeLinear(int8 W) -> op, for each arity of the op (with/without bias)."""
+
+    def check(ctx, x, w, node, c=None):
+        ok = q._weight_ok(ctx, node, w)
+        if not ok:
+            return ok
+        if onnx_dtype(x) not in _FLOATS:
+            return fail(f"input '{x.name}' is not float")
+        if place.op in ("MatMul", "Gemm") and ctx.const_value(w).size < q.q.min_weight_elements:
+            return fail(f"weight '{w.name}' has {ctx.const_value(w).size} elements (< min_weight_elements "
+                        f"{q.q.min_weight_elements}): too small to pay off")
+        return True
+
+    def replacement(op, x, w, node, c=None):
+        axis = place.weight_axis(node.attrs, np.asarray(ir.const_value(w)).ndim)
+        dqw, _ = q._quant_weight(op, w, axis)
+        ins = [x, dqw] + ([c] if c is not None else [])
+        return getattr(op, place.op)(*ins, **dict(node.attrs))
+
+    arities = (2,) if place.op == "MatMul" else (2, 3)
+    return [RewriteRule(f"wo-{place.op.lower()}-{a}", _pattern_for(place.op, a), replacement, check) for a in arities]
+
+
+def _static_input_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
+    """Q/DQ on the activation input and a per-channel DQ weight; output left in float."""
+
+    def check(ctx, x, w, node, c=None):
+        ok = q._weight_ok(ctx, node, w)
+        if not ok:
+            return ok
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return fail("Gemm with transA=1")
+        return q._act_ok(x)
+
+    def replacement(op, x, w, node, c=None):
+        axis = place.weight_axis(node.attrs, np.asarray(ir.const_value(w)).ndim)
+        dqw, _ = q._quant_weight(op, w, axis)
+        ins = [q._dq_input(op, x), dqw] + ([c] if c is not None else [])
+        return getattr(op, place.op)(*ins, **dict(node.attrs))
+
+    arities = (2,) if place.op == "MatMul" else (2, 3)
+    return [RewriteRule(f"static-{place.op.lower()}-{a}", _pattern_for(place.op, a), replacement, check)
+            for a in arities]
+
+
+def _static_conv_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
+    """Conv [+ Relu]: Q/DQ input, per-channel weight, int32 bias, Q/DQ output (after the Relu) -> QLinearConv."""
+
+    def check(ctx, x, w, node, b=None, with_relu=False):
+        ok = q._weight_ok(ctx, node, w, min_ndim=3)
+        if not ok:
+            return ok
+        ok = q._act_ok(x)
+        if not ok:
+            return ok
+        if not with_relu:
+            y = node.outputs[0]
+            readers = ctx.consumers(y)
+            if len(readers) == 1 and readers[0].op == "Relu":
+                return fail("Conv followed by Relu: quantized with its Relu")
+        if b is not None:
+            bv = ctx.const_value(b)
+            if bv is None or bv.dtype != np.float32:
+                return fail("bias is not a constant float vector")
+        return True
+
+    def make(with_relu: bool, arity: int):
+        def replacement(op, x, w, node, b=None):
+            sx = np.float32(q.plan.params[x.name][0]) if not _is_dq(x) else _dq_scale(x)
+            dqw, sw = q._quant_weight(op, w, 0)
+            ins = [q._dq_input(op, x), dqw]
+            if b is not None:
+                bv = np.asarray(ir.const_value(b), dtype=np.float32)
+                bscale = (sx * sw).astype(np.float32)
+                bq = np.rint(bv / bscale)
+                if np.all(np.abs(bq) < 2**31 - 1):
+                    ins.append(op.DequantizeLinear(op.const(bq.astype(np.int32), name=f"{b.name}_quantized"),
+                                                   op.const(bscale, name=f"{b.name}_scale"),
+                                                   op.const(np.zeros_like(bq, dtype=np.int32),
+                                                            name=f"{b.name}_zero_point"), axis=0))
+                else:
+                    ins.append(b)
+            y = op.Conv(*ins, **dict(node.attrs))
+            out_name = (node.outputs[0].outputs[0].outputs[0].name if with_relu else node.outputs[0].name)
+            if with_relu:
+                y = op.Relu(y)
+            if out_name not in q.plan.params:
+                return y
+            return q._qdq_output(op, y, out_name)
+
+        def chk(ctx, x, w, node, b=None):
+            r = check(ctx, x, w, node, b, with_relu)
+            if r and not with_relu and node.outputs[0].name not in q.plan.params and q.plan.params:
+                return fail(f"no calibrated range for the output '{node.outputs[0].name}'")
+            return r
+
+        pat = {(False, 2): _conv2_pattern, (False, 3): _conv3_pattern,
+               (True, 2): _conv2_relu_pattern, (True, 3): _conv3_relu_pattern}[(with_relu, arity)]
+        return RewriteRule(f"static-conv{'-relu' if with_relu else ''}-{arity}", pat, replacement, chk)
+
+    return [make(True, 2), make(True, 3), make(False, 2), make(False, 3)]
+
+
+def _dq_scale(t: gs.Tensor) -> np.float32:
+    dq = t.inputs[0]
+    return np.float32(np.asarray(ir.const_value(dq.inputs[1])).reshape(-1)[0])
