@@ -1,0 +1,226 @@
+"""The quantize pass: placement, per-channel axes against numpy, calibration paths, validity on real models."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxcomp
+from onnxcomp import qmath, testing
+from onnxcomp.errors import CalibrationDataError, RecipeError
+from tests.graphs import const, make_model, random_feeds, vi
+
+
+def _q(model, recipe_pass, calib=None, **kw):
+    return onnxcomp.compress(model, [{"type": "quantize", **recipe_pass}], calibration_data=calib, progress=False,
+                             **kw)
+
+
+def _dq_feeding(model, op_type):
+    """The DequantizeLinear node whose output is input 1 (the weight) of the first `op_type` node."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.op_type == op_type)
+    dq = prod[node.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    return dq, inits[dq.input[0]], inits[dq.input[1]], axis
+
+
+def _close_to_float(ref, cand, feeds, rtol=0.05):
+    r = testing.session(ref).run(None, feeds)[0]
+    c = testing.session(cand).run(None, feeds)[0]
+    rel = np.linalg.norm(c - r) / np.linalg.norm(r)
+    assert rel < rtol, rel
+
+
+# ------------------------------------------------------------------------------------ per-channel axes
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_per_channel_axis_matches_numpy(trans_b):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 16) if trans_b else (16, 8)).astype(np.float32)
+    spread = np.linspace(0.1, 3.0, 8, dtype=np.float32)  # output channels of very different magnitudes
+    w *= spread[:, None] if trans_b else spread
+    m = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="gemm", transB=trans_b)],
+                   [vi("x", [4, 16])], [vi("y", [4, 8])], [const("W", w), const("b", np.ones(8, np.float32))])
+    res = _q(m, {"mode": "weight_only", "ops": ["Gemm"], "min_weight_elements": 0})
+    dq, q, scale, axis = _dq_feeding(res.model, "Gemm")
+    want_axis = 0 if trans_b else 1
+    assert axis == want_axis
+    ref_scale = np.abs(w).max(axis=1 - want_axis) / 127.0
+    np.testing.assert_allclose(scale, ref_scale, rtol=1e-6)
+    np.testing.assert_array_equal(q, qmath.quantize(w, ref_scale, np.zeros(8, np.int8), want_axis, "int8"))
+    _close_to_float(m, res.model, random_feeds(m), rtol=0.02)
+
+
+def test_convtranspose_per_channel_axis_is_output_channels():
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((4, 6, 3, 3)) * np.linspace(0.2, 2, 6)[None, :, None, None]).astype(np.float32)
+    m = make_model([helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv")],
+                   [vi("x", [1, 4, 5, 5])], [vi("y", [1, 6, 7, 7])], [const("W", w)])
+    res = _q(m, {"mode": "weight_only", "ops": ["ConvTranspose"]})
+    dq, q, scale, axis = _dq_feeding(res.model, "ConvTranspose")
+    assert axis == 1
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=(0, 2, 3)) / 127.0, rtol=1e-6)
+    _close_to_float(m, res.model, random_feeds(m), rtol=0.02)
+
+
+def test_matmul_weight_axis_is_last_and_bias_fused_in_dynamic_mode():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+                    helper.make_node("Add", ["B", "mm"], ["y"], name="bias")],
+                   [vi("x", [1, 3, 64])], [vi("y", [1, 3, 256])],
+                   [const("W", w), const("B", rng.standard_normal(256).astype(np.float32))])
+    wo = _q(m, {"mode": "weight_only"})
+    _, _, scale, axis = _dq_feeding(wo.model, "MatMul")
+    assert axis == 1 and scale.shape == (256,)
+    dyn = _q(m, {"mode": "dynamic"})
+    ops = [n.op_type for n in dyn.model.graph.node]
+    assert ops == ["DynamicQuantizeMatMul"]  # MatMul and its bias Add became one kernel
+    _close_to_float(m, dyn.model, random_feeds(m), rtol=0.03)
+
+
+# ------------------------------------------------------------------------------------ placement on MiniLM
+@pytest.fixture(scope="module")
+def minilm():
+    try:
+        return testing.minilm_path()
+    except testing.FixtureUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def minilm_static(minilm):
+    calib = testing.minilm_feeds(32, start=200)  # variable sequence lengths
+    return _q(minilm, {"mode": "static", "calibration": "percentile"}, calib,
+              validation_data=testing.minilm_feeds(16))
+
+
+def test_static_minilm_accuracy_and_shared_qdq(minilm, minilm_static):
+    model = minilm_static.model
+    onnx.checker.check_model(model, full_check=True)
+    feeds = testing.minilm_feeds(60)
+    m = testing.minilm_metrics(testing.minilm_embed(minilm, feeds), testing.minilm_embed(model, feeds))
+    assert m["cosine_mean"] > 0.99, m
+    ops = [n.op_type for n in model.graph.node]
+    # 18 weight MatMuls read 12 distinct activations (Q, K, V share one): one Q/DQ pair per tensor
+    assert ops.count("QuantizeLinear") == 12
+    details = minilm_static.report.passes[0].details
+    assert details["quantized"]["static-matmul-2"] == 18
+    sens = details["sensitivity"]
+    assert len(sens) == 18 + 2 and sens == sorted(sens, key=lambda r: -r["rel_l2_err"])
+
+
+def test_attention_mask_and_integer_paths_untouched(minilm, minilm_static):
+    orig = onnx.load(str(minilm))
+    inits = {t.name for t in orig.graph.initializer}
+    weight_matmul_inputs = {n.input[0] for n in orig.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    q_inputs = {n.input[0] for n in minilm_static.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_inputs <= weight_matmul_inputs  # activations of weight MatMuls only: no mask, shape or softmax path
+    left = {r["node"]: r["reason"] for r in minilm_static.report.passes[0].details["left_float"]}
+    assert any("Softmax" in n for n in left) and any("mask" in r for r in left.values())
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse", "minmax"])
+def test_variable_length_calibration_methods(minilm, method):
+    calib = testing.minilm_feeds(12, start=250)
+    assert len({f["input_ids"].shape[1] for f in calib}) > 3  # really variable
+    res = _q(minilm, {"mode": "static", "calibration": method, "sensitivity": False}, calib, validate=False)
+    feeds = testing.minilm_feeds(20)
+    m = testing.minilm_metrics(testing.minilm_embed(minilm, feeds), testing.minilm_embed(res.model, feeds))
+    assert m["cosine_mean"] > (0.9 if method == "entropy" else 0.99), m
+
+
+def test_exclude_keeps_layers_float(minilm):
+    res = _q(minilm, {"mode": "dynamic", "exclude": [r".*/layer\.0/.*"]}, validate=False)
+    nodes = res.model.graph.node
+    assert not any("layer.0" in n.name for n in nodes if n.op_type == "DynamicQuantizeMatMul")
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in nodes) == 12
+    left = res.report.passes[0].details["left_float"]
+    excluded = {r["node"] for r in left if "excluded" in r["reason"] and r["op"] == "MatMul"}
+    orig = onnx.load(str(minilm))
+    inits = {t.name for t in orig.graph.initializer}
+    layer0_weight_mms = {n.name for n in orig.graph.node
+                         if n.op_type == "MatMul" and n.input[1] in inits and "layer.0/" in n.name}
+    assert len(layer0_weight_mms) == 6 and layer0_weight_mms <= excluded
+
+
+# ------------------------------------------------------------------------------------ digits, opsets, errors
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight_only"])
+def test_digits_models_every_mode_valid(mode):
+    d = testing.digits_data()
+    for path, x in ((testing.digits_cnn_path(), d["x_calib"]), (testing.digits_mlp_path(), d["x_calib"].reshape(-1, 64))):
+        calib = [{"input": x[i:i + 1]} for i in range(32)]
+        res = _q(path, {"mode": mode, "min_weight_elements": 0}, calib)
+        assert res.report.passes[0].status == "ok"
+        onnx.checker.check_model(res.model, full_check=True)
+        top_ref = testing.digits_top1(path, d["x_test"], d["y_test"])
+        top = testing.digits_top1(res.model, d["x_test"], d["y_test"])
+        assert top >= top_ref - 0.005, (path.name, mode, top, top_ref)
+
+
+def test_digits_cnn_static_fuses_qlinearconv():
+    import onnxruntime as ort
+
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib"][i:i + 1]} for i in range(32)]
+    res = _q(testing.digits_cnn_path(), {"mode": "static"}, calib, validate=False)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(res.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 2, ops  # both Convs run as integer kernels
+
+
+def test_opset11_model_is_upgraded_for_per_channel():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                    helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                   [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])],
+                   [const("W", w), const("B", rng.standard_normal(8).astype(np.float32))], opset=11)
+    calib = [random_feeds(m, seed=s) for s in range(8)]
+    res = _q(m, {"mode": "static"}, calib)
+    assert {o.domain: o.version for o in res.model.opset_import}[""] == 13
+    assert any("opset 11 to 13" in n for n in res.report.passes[0].notes)
+    onnx.checker.check_model(res.model, full_check=True)
+    _, _, scale, axis = _dq_feeding(res.model, "Conv")
+    assert axis == 0 and scale.shape == (8,)
+    _close_to_float(m, res.model, calib[0], rtol=0.05)
+
+
+def test_static_needs_calibration_data():
+    with pytest.raises(CalibrationDataError, match="calibration"):
+        _q(testing.digits_cnn_path(), {"mode": "static"})
+
+
+def test_4bit_is_refused_clearly():
+    with pytest.raises(RecipeError, match="int4"):
+        _q(testing.digits_mlp_path(), {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32})
+
+
+def test_unknown_op_in_ops_is_refused():
+    with pytest.raises(RecipeError, match="LayerNormalization"):
+        _q(testing.digits_mlp_path(), {"mode": "dynamic", "ops": ["LayerNormalization"]})
+
+
+def test_degenerate_activation_is_reported_and_exact():
+    """An all-zero activation (Relu of a negative input) gets an exact scale and a note, not a NaN scale."""
+    w = np.ones((4, 4), np.float32)
+    m = make_model([helper.make_node("Neg", ["x"], ["n"], name="neg"),
+                    helper.make_node("Relu", ["n"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "W"], ["y"], name="mm")],
+                   [vi("x", [2, 4])], [vi("y", [2, 4])], [const("W", w)])
+    calib = [{"x": np.abs(np.random.default_rng(i).standard_normal((2, 4))).astype(np.float32) + 0.1}
+             for i in range(4)]
+    res = _q(m, {"mode": "static"}, calib)
+    assert any("all zero" in n for n in res.report.passes[0].notes)
+    scales = [numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name.endswith("_scale")]
+    assert all(np.isfinite(s).all() and (s > 0).all() for s in scales)
+    out = testing.session(res.model).run(None, calib[0])[0]
+    np.testing.assert_array_equal(out, np.zeros((2, 4), np.float32))
