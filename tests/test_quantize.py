@@ -199,9 +199,11 @@ def test_static_needs_calibration_data():
         _q(testing.digits_cnn_path(), {"mode": "static"})
 
 
-def test_4bit_is_refused_clearly():
+def test_4bit_needs_weight_only_and_a_block_size():
     with pytest.raises(RecipeError, match="int4"):
-        _q(testing.digits_mlp_path(), {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32})
+        _q(testing.digits_mlp_path(), {"mode": "static", "weight_dtype": "int4", "block_size": 32})
+    with pytest.raises(RecipeError, match="block_size"):
+        _q(testing.digits_mlp_path(), {"mode": "weight_only", "weight_dtype": "int4"})
 
 
 def test_unknown_op_in_ops_is_refused():
@@ -224,3 +226,27 @@ def test_degenerate_activation_is_reported_and_exact():
     assert all(np.isfinite(s).all() and (s > 0).all() for s in scales)
     out = testing.session(res.model).run(None, calib[0])[0]
     np.testing.assert_array_equal(out, np.zeros((2, 4), np.float32))
+
+
+def test_4bit_matmulnbits_layout_matches_numpy_dequantization():
+    rng = np.random.default_rng(5)
+    k, n, bs = 100, 48, 32  # K not a multiple of the block: padded
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [3, k])], [vi("y", [3, n])],
+                   [const("W", w)])
+    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": bs, "min_weight_elements": 0})
+    (node,) = res.model.graph.node
+    assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+    attrs = {a.name: a.i for a in node.attribute}
+    assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (k, n, 4, bs)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    packed, scale = inits[node.input[1]], inits[node.input[2]]
+    blocks = -(-k // bs)
+    assert packed.shape == (n, blocks, bs // 2) and scale.shape == (n * blocks,)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, bs).astype(np.int32) - 8
+    w_deq = (q * scale.reshape(n, blocks, 1)).reshape(n, blocks * bs)[:, :k].T
+    assert np.abs(w_deq - w).max() <= np.abs(w).max() / 7  # 4-bit rounding, per-block scale
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = testing.session(res.model).run(None, {"x": x})[0]
+    ref = x @ w_deq  # ORT's kernel (accuracy_level 4) also rounds x to int8: close, not exact
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.02
