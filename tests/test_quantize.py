@@ -115,8 +115,13 @@ def test_attention_mask_and_integer_paths_untouched(minilm, minilm_static):
     orig = onnx.load(str(minilm))
     inits = {t.name for t in orig.graph.initializer}
     weight_matmul_inputs = {n.input[0] for n in orig.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    q_inputs = {n.input[0] for n in minilm_static.model.graph.node if n.op_type == "QuantizeLinear"}
-    assert q_inputs <= weight_matmul_inputs  # activations of weight MatMuls only: no mask, shape or softmax path
+    model = minilm_static.model
+    prod = {o: n for n in model.graph.node for o in n.output}
+    q_inputs = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    # activations of weight MatMuls only (or their SmoothQuant-scaled copies): no mask, shape or softmax path
+    sources = {prod[t].input[0] if t in prod and prod[t].op_type == "Mul" and prod[t].input[1].endswith(
+        "_smooth_inv") else t for t in q_inputs}
+    assert sources <= weight_matmul_inputs
     left = {r["node"]: r["reason"] for r in minilm_static.report.passes[0].details["left_float"]}
     assert any("Softmax" in n for n in left) and any("mask" in r for r in left.values())
 
@@ -125,7 +130,8 @@ def test_attention_mask_and_integer_paths_untouched(minilm, minilm_static):
 def test_variable_length_calibration_methods(minilm, method):
     calib = testing.minilm_feeds(12, start=250)
     assert len({f["input_ids"].shape[1] for f in calib}) > 3  # really variable
-    res = _q(minilm, {"mode": "static", "calibration": method, "sensitivity": False}, calib, validate=False)
+    res = _q(minilm, {"mode": "static", "calibration": method, "sensitivity": False, "smoothquant": None}, calib,
+             validate=False)
     feeds = testing.minilm_feeds(20)
     m = testing.minilm_metrics(testing.minilm_embed(minilm, feeds), testing.minilm_embed(res.model, feeds))
     assert m["cosine_mean"] > (0.9 if method == "entropy" else 0.99), m
@@ -250,3 +256,29 @@ def test_4bit_matmulnbits_layout_matches_numpy_dequantization():
     y = testing.session(res.model).run(None, {"x": x})[0]
     ref = x @ w_deq  # ORT's kernel (accuracy_level 4) also rounds x to int8: close, not exact
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.02
+
+
+def test_smoothquant_is_exact_in_float_and_helps_static(minilm):
+    """Smoothing alone (no quantization) leaves outputs equal up to float rounding; with it static int8 is closer."""
+    from onnxcomp import ir
+    from onnxcomp.passes.quantize import _apply_smoothing
+
+    model = ir.Model.from_proto(ir.load_proto(minilm))
+    orig = onnx.load(str(minilm))
+    inits = {t.name for t in orig.graph.initializer}
+    acts = {n.input[0] for n in orig.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    rng = np.random.default_rng(0)
+    assert _apply_smoothing(model, {a: rng.uniform(0.2, 5.0, 384).astype(np.float32) for a in acts
+                                    if "intermediate" not in a and "output/dense" not in a}) > 0
+    feeds = testing.minilm_feeds(10)
+    smoothed = model.to_proto()
+    ref, cand = testing.minilm_embed(minilm, feeds), testing.minilm_embed(smoothed, feeds)
+    np.testing.assert_allclose(cand, ref, atol=2e-4, rtol=1e-3)
+    calib = testing.minilm_feeds(24, start=200)
+    plain = _q(minilm, {"mode": "static", "smoothquant": None, "sensitivity": False}, calib, validate=False)
+    smooth = _q(minilm, {"mode": "static", "smoothquant": 0.8, "sensitivity": False}, calib, validate=False)
+    feeds = testing.minilm_feeds(40)
+    ref = testing.minilm_embed(minilm, feeds)
+    c_plain = testing.minilm_metrics(ref, testing.minilm_embed(plain.model, feeds))["cosine_mean"]
+    c_smooth = testing.minilm_metrics(ref, testing.minilm_embed(smooth.model, feeds))["cosine_mean"]
+    assert c_smooth > c_plain and c_smooth > 0.998, (c_plain, c_smooth)

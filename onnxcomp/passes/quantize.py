@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import onnx
@@ -60,6 +60,9 @@ class Quantize(Pass):
     exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left in float
     embeddings: bool = True  # also store embedding (Gather) tables int8 row-wise
     sensitivity: bool = True  # report the per-layer error of quantized vs float activations
+    # static: SmoothQuant-style migration of activation outliers into the MatMul weights, x W = (x/s)(s W),
+    # with s_j = max|x_j|^a / max|W_j|^(1-a); a number is a, "auto" searches a per model on calibration data
+    smoothquant: Optional[Union[float, Literal["auto"]]] = "auto"
     # dynamic/weight_only MatMul/Gemm: smaller weights are left in float (measured on ORT CPU: a 64x128
     # Gemm at batch 1 runs slower as DynamicQuantizeMatMul than in float; 384x384 runs ~2x faster)
     min_weight_elements: int = 16384
@@ -92,6 +95,17 @@ class Quantize(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         target = TARGETS[ctx.target]
+        notes: list[str] = []
+        details: dict[str, Any] = {"mode": self.mode, "target": target.name, "weight_dtype": self.weight_dtype}
+        source = ctx.proto
+        if self.mode == "static" and self.smoothquant is not None:
+            self._smooth(model, ctx, target, notes, details)
+            source = model.to_proto()  # calibrate the smoothed (float-equivalent) graph
+        return self._quantize(model, source, ctx, target, notes, details, sensitivity=self.sensitivity)
+
+    def _quantize(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target,
+                  notes: list[str], details: dict[str, Any], sensitivity: bool) -> PassOutcome:
+        """Plan (find where rules apply), calibrate `source` for static mode, rewrite, report."""
         act_dtype = self.activation_dtype or target.activation_dtype
         act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
         plan = _Plan(set(), {}, {})
@@ -100,13 +114,11 @@ class Quantize(Pass):
         rejections: dict[str, str] = {}
         found = find_matches(model, rules, rejections=rejections)
         layer_outputs = sorted({f.match.outputs[0].name for f in found})  # names survive the rewrite
-        notes: list[str] = []
-        details: dict[str, Any] = {"mode": self.mode, "target": target.name, "weight_dtype": self.weight_dtype}
         if self.mode == "static":
             for f in found:
                 plan.activations.update(t.name for t in _activation_tensors(f))
             if plan.activations:
-                self._calibrate(plan, ctx, act_dtype, act_sym, notes)
+                self._calibrate(plan, source, ctx, act_dtype, act_sym, notes)
             details["activation_dtype"] = act_dtype
             details["calibration"] = self.calibration
             details["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(plan.ranges.items())}
@@ -128,9 +140,77 @@ class Quantize(Pass):
                 quantized[r.name] = stats.rules[r.name].applied
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
-        if self.sensitivity and quantized:
+        if sensitivity and quantized:
             details["sensitivity"] = self._sensitivity(model, layer_outputs, ctx, notes)
         return PassOutcome(details=details, notes=notes)
+
+    # -- SmoothQuant ----------------------------------------------------------------------------
+    _ALPHAS: ClassVar[tuple[float, ...]] = (0.5, 0.65, 0.8, 0.9)
+
+    def _smooth(self, model: ir.Model, ctx: PassContext, target: Target, notes: list[str],
+                details: dict[str, Any]) -> None:
+        """Rewrite `model` (exactly, in float) so activation outliers move into the weights; with "auto",
+        pick the alpha whose quantized model departs least from the float one on calibration data."""
+        from ..calibration import collect_statistics
+        from ..validation.layers import compare_tensors
+
+        if ctx.calibration_data is None:
+            raise CalibrationDataError("smoothquant needs calibration_data (per-channel activation ranges)")
+        feeds = list(ctx.calibration_data)[: self.calibration_samples]
+        found = find_matches(model, [RewriteRule("smooth-probe", _matmul_pattern, _passthrough_x, self._smooth_ok)])
+        weights: dict[str, list[np.ndarray]] = {}
+        for f in found:
+            b = f.match.bindings
+            weights.setdefault(b["x"].name, []).append(np.asarray(ir.const_value(b["w"]), np.float32))
+        if not weights:
+            notes.append("smoothquant: no MatMul with a constant weight to smooth")
+            return
+        stats = collect_statistics(ctx.proto, sorted(weights), feeds, providers=ctx.providers, histogram=False,
+                                   channel_axes={n: -1 for n in weights})
+        amax_w = {n: np.max([np.abs(w).max(axis=1) for w in ws], axis=0) for n, ws in weights.items()}
+        amax_x = {n: st.channel_absmax for n, st in stats.items() if st.channel_absmax is not None}
+
+        def scales(alpha: float) -> dict[str, np.ndarray]:
+            out = {}
+            for n, ax in amax_x.items():
+                aw = amax_w[n]
+                if ax.shape != aw.shape:
+                    continue
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    sc = np.power(ax, alpha) / np.power(aw, 1.0 - alpha)
+                sc = np.where(np.isfinite(sc) & (sc > 0), sc, 1.0)
+                out[n] = np.clip(sc, 1e-4, 1e4).astype(np.float32)
+            return out
+
+        alphas = self._ALPHAS if self.smoothquant == "auto" else (float(self.smoothquant),)
+        if len(alphas) > 1:
+            outs = [o.name for o in ctx.proto.graph.output]
+            scores = {}
+            for a in alphas:
+                trial = ir.Model.from_proto(ctx.proto)
+                _apply_smoothing(trial, scales(a))
+                probe = trial.to_proto()
+                self._quantize(trial, probe, ctx, target, [], {}, sensitivity=False)
+                errs = compare_tensors(ctx.proto, trial.to_proto(), outs, feeds[:16], providers=ctx.providers)
+                rel = [e.rel_l2_err for e in errs.values() if e.exact_match is None]
+                scores[a] = float(np.mean(rel)) if rel else float("inf")
+            best = min(scores, key=scores.get)
+            details["smoothquant_search"] = {str(k): v for k, v in scores.items()}
+        else:
+            best = alphas[0]
+        n = _apply_smoothing(model, scales(best))
+        details["smoothquant_alpha"] = best
+        notes.append(f"smoothquant: alpha {best}, {n} MatMul(s) smoothed")
+
+    def _smooth_ok(self, ctx, x, w, node):
+        if self._excluded(node):
+            return fail("excluded")
+        v = ctx.const_value(w)
+        if v is None or v.ndim != 2 or v.dtype != np.float32:
+            return fail("weight is not a constant 2-D float32 matrix")
+        if onnx_dtype(x) != onnx.TensorProto.FLOAT:
+            return fail("activation is not float32")
+        return True
 
     def _sensitivity(self, model: ir.Model, names: list[str], ctx: PassContext, notes: list[str]
                      ) -> list[dict[str, Any]]:
@@ -165,14 +245,15 @@ class Quantize(Pass):
         names = [node.name] + [t.name for t in node.outputs]
         return any(re.fullmatch(p, n) or p == n for p in self.exclude for n in names)
 
-    def _calibrate(self, plan: _Plan, ctx: PassContext, act_dtype: str, act_sym: bool, notes: list[str]) -> None:
+    def _calibrate(self, plan: _Plan, source: onnx.ModelProto, ctx: PassContext, act_dtype: str, act_sym: bool,
+                   notes: list[str]) -> None:
         from ..calibration import collect_statistics, compute_range
 
         if ctx.calibration_data is None:
             raise CalibrationDataError("quantize mode 'static' needs calibration_data (activation ranges); "
                                        "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
         feeds = list(ctx.calibration_data)[: self.calibration_samples]
-        stats = collect_statistics(ctx.proto, sorted(plan.activations), feeds, providers=ctx.providers,
+        stats = collect_statistics(source, sorted(plan.activations), feeds, providers=ctx.providers,
                                    histogram=self.calibration != "minmax", progress=ctx.progress)
         for name in sorted(plan.activations):
             st = stats.get(name)
@@ -407,6 +488,34 @@ def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
     if node.op == "Gemm" and node.attrs.get("transB", 0):
         return np.ascontiguousarray(w.T)
     return w
+
+
+def _passthrough_x(op, x, **_: Any):
+    return x
+
+
+def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
+    """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W) for every x in `scales` (one Mul per x, shared)."""
+
+    def check(ctx, x, w, node):
+        v = ctx.const_value(w)
+        if x.name not in scales or v is None or v.ndim != 2 or v.shape[0] != scales[x.name].shape[0]:
+            return fail("not a smoothing target")
+        return True
+
+    def replacement(op, x, w, node):
+        sc = scales[x.name]
+        xs = None
+        for c in op.ctx.consumers(x):
+            if c.op == "Mul" and len(c.inputs) == 2 and c.inputs[1].name.startswith(f"{x.name}_smooth_inv"):
+                xs = c.outputs[0]
+        if xs is None:
+            xs = op.Mul(x, op.const((1.0 / sc).astype(np.float32), name=f"{x.name}_smooth_inv"))
+        wv = np.asarray(ir.const_value(w), np.float32) * sc[:, None]
+        return op.MatMul(xs, op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
+
+    stats = apply_rules(model, [RewriteRule("smooth-matmul", _matmul_pattern, replacement, check)])
+    return stats.rules["smooth-matmul"].applied
 
 
 def _is_dq(t: gs.Tensor) -> bool:
