@@ -282,3 +282,31 @@ def test_smoothquant_is_exact_in_float_and_helps_static(minilm):
     c_plain = testing.minilm_metrics(ref, testing.minilm_embed(plain.model, feeds))["cosine_mean"]
     c_smooth = testing.minilm_metrics(ref, testing.minilm_embed(smooth.model, feeds))["cosine_mean"]
     assert c_smooth > c_plain and c_smooth > 0.998, (c_plain, c_smooth)
+
+
+def test_per_tensor_range_override():
+    w = np.random.default_rng(7).standard_normal((4, 4)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [2, 4])], [vi("y", [2, 4])],
+                   [const("W", w)])
+    calib = [random_feeds(m, seed=s) for s in range(4)]
+    res = _q(m, {"mode": "static", "overrides": {"x": {"range": [-1.0, 3.0]}}}, calib, validate=False)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert inits["x_scale"] == pytest.approx(4.0 / 255) and int(inits["x_zero_point"]) == round(255 / 4)
+    assert res.report.passes[0].details["ranges"]["x"] == [-1.0, 3.0]
+    with pytest.raises(RecipeError, match="rang"):
+        _q(m, {"mode": "static", "overrides": {"x": {"rang": [0, 1]}}}, calib)
+
+
+def test_dq_q_roundtrip_with_same_params_is_removed():
+    """An already-quantized input (Q->DQ->Q with the same parameters) keeps one Q only."""
+    s, z = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    m = make_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q1"], name="q1"),
+                    helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"], name="d1"),
+                    helper.make_node("QuantizeLinear", ["d1", "s", "z"], ["q2"], name="q2"),
+                    helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"], name="d2")],
+                   [vi("x", [2, 4])], [vi("y", [2, 4])], [s, z], opset=13)
+    res = _q(m, {"mode": "dynamic"}, validate=False)
+    assert [n.op_type for n in res.model.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
+    x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(testing.session(m).run(None, {"x": x})[0],
+                                  testing.session(res.model).run(None, {"x": x})[0])

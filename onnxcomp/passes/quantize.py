@@ -66,6 +66,8 @@ class Quantize(Pass):
     # dynamic/weight_only MatMul/Gemm: smaller weights are left in float (measured on ORT CPU: a 64x128
     # Gemm at batch 1 runs slower as DynamicQuantizeMatMul than in float; 384x384 runs ~2x faster)
     min_weight_elements: int = 16384
+    # static: per-activation-tensor settings, e.g. {"x": {"range": [-1, 6]}} or {"x": {"calibration": "mse"}}
+    overrides: Any = None
 
     def __post_init__(self) -> None:
         if self.weight_dtype in ("int4", "uint4"):
@@ -79,6 +81,20 @@ class Quantize(Pass):
             raise RecipeError("quantize: block_size applies to 4-bit weights (weight_dtype int4/uint4)")
         if not 0 < self.percentile <= 100:
             raise RecipeError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
+        over = {} if self.overrides is None else self.overrides
+        if not isinstance(over, dict) or not all(isinstance(v, dict) for v in over.values()):
+            raise RecipeError("quantize.overrides: expected {tensor name: {range: [lo, hi]} | {calibration: method}}")
+        for name, o in over.items():
+            bad = sorted(set(o) - {"range", "calibration", "percentile"})
+            if bad:
+                raise RecipeError(f"quantize.overrides[{name!r}]: unknown key(s) {bad}; valid: "
+                                  "['calibration', 'percentile', 'range']")
+            if "range" in o and (not isinstance(o["range"], (list, tuple)) or len(o["range"]) != 2
+                                 or not o["range"][0] <= 0 <= o["range"][1]):
+                raise RecipeError(f"quantize.overrides[{name!r}].range must be [lo, hi] with lo <= 0 <= hi")
+            if o.get("calibration", "minmax") not in ("minmax", "percentile", "entropy", "mse"):
+                raise RecipeError(f"quantize.overrides[{name!r}].calibration: unknown method {o['calibration']!r}")
+        object.__setattr__(self, "overrides", over)  # normalise None -> {} (frozen dataclass, at construction)
         if self.min_weight_elements < 0:
             raise RecipeError("quantize.min_weight_elements must be >= 0")
         if self.calibration_samples < 1:
@@ -134,6 +150,9 @@ class Quantize(Pass):
             if op_of.get(name) in ops:
                 left.append({"node": name, "op": op_of[name], "reason": reason})
         stats = apply_rules(model, rules)
+        tidy = apply_rules(model, [RewriteRule("qdq-roundtrip", _dq_q_pattern, _passthrough_q, _same_qparams)])
+        if tidy.applied:
+            notes.append(f"{tidy.applied} redundant DequantizeLinear->QuantizeLinear pair(s) removed")
         quantized: dict[str, int] = {}
         for r in rules:
             if stats.rules[r.name].applied:
@@ -161,6 +180,8 @@ class Quantize(Pass):
         weights: dict[str, list[np.ndarray]] = {}
         for f in found:
             b = f.match.bindings
+            if b["x"].name in self.overrides:  # a range given by the user is in the unsmoothed units
+                continue
             weights.setdefault(b["x"].name, []).append(np.asarray(ir.const_value(b["w"]), np.float32))
         if not weights:
             notes.append("smoothquant: no MatMul with a constant weight to smooth")
@@ -254,7 +275,8 @@ class Quantize(Pass):
                                        "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
         feeds = list(ctx.calibration_data)[: self.calibration_samples]
         stats = collect_statistics(source, sorted(plan.activations), feeds, providers=ctx.providers,
-                                   histogram=self.calibration != "minmax", progress=ctx.progress)
+                                   histogram=self.calibration != "minmax" or any("calibration" in o for o in self.overrides.values()),
+                                   progress=ctx.progress)
         for name in sorted(plan.activations):
             st = stats.get(name)
             if st is None:
@@ -265,8 +287,12 @@ class Quantize(Pass):
                 notes.append(f"activation '{name}': {st.nonfinite} NaN/inf values seen in calibration; "
                              "left in float")
                 continue
-            lo, hi = compute_range(st, self.calibration, qdtype=act_dtype, symmetric=act_sym,
-                                   percentile=self.percentile)
+            over = self.overrides.get(name, {})
+            if "range" in over:
+                lo, hi = (float(v) for v in over["range"])
+            else:
+                lo, hi = compute_range(st, over.get("calibration", self.calibration), qdtype=act_dtype,
+                                       symmetric=act_sym, percentile=float(over.get("percentile", self.percentile)))
             plan.ranges[name] = (lo, hi)
             plan.params[name] = qmath.activation_params(lo, hi, act_dtype, act_sym)
 
@@ -490,6 +516,26 @@ def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _dq_q_pattern(op, q, s1, z1, s2, z2):
+    return op.QuantizeLinear(op.DequantizeLinear(q, s1, z1, _bind="dq"), s2, z2, _bind="qn")
+
+
+def _passthrough_q(op, q, **_: Any):
+    return q
+
+
+def _same_qparams(ctx, q, s1, z1, s2, z2, dq, qn):
+    """Q(DQ(q)) with the same scale, zero point, axis and output type is q itself."""
+    vals = [ctx.const_value(t) for t in (s1, z1, s2, z2)]
+    if any(v is None for v in vals):
+        return fail("scales/zero points are not constants")
+    if not (np.array_equal(vals[0], vals[2]) and np.array_equal(vals[1], vals[3]) and vals[1].dtype == vals[3].dtype):
+        return fail("different quantization parameters")
+    if dq.attrs.get("axis", 1) != qn.attrs.get("axis", 1) or qn.attrs.get("saturate", 1) != 1:
+        return fail("different axis")
+    return True
+
+
 def _passthrough_x(op, x, **_: Any):
     return x
 
@@ -511,6 +557,7 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
                 xs = c.outputs[0]
         if xs is None:
             xs = op.Mul(x, op.const((1.0 / sc).astype(np.float32), name=f"{x.name}_smooth_inv"))
+            xs.name = op.ctx.index.fresh_name(f"{x.name}_smoothed")
         wv = np.asarray(ir.const_value(w), np.float32) * sc[:, None]
         return op.MatMul(xs, op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
 
