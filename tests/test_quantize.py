@@ -310,3 +310,36 @@ def test_dq_q_roundtrip_with_same_params_is_removed():
     x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_array_equal(testing.session(m).run(None, {"x": x})[0],
                                   testing.session(res.model).run(None, {"x": x})[0])
+
+
+def _shared_and_if_models():
+    rng = np.random.default_rng(0)
+    w = const("W", rng.standard_normal((256, 256)).astype(np.float32))
+    shared = make_model([helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+                         helper.make_node("MatMul", ["a", "W"], ["y"], name="mm2")],
+                        [vi("x", [1, 256])], [vi("y", [1, 256])], [w])
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="mm_then")], "then", [],
+                               [vi("t", [1, 256])])
+    else_g = helper.make_graph([helper.make_node("Relu", ["x"], ["e"], name="relu_else")], "else", [],
+                               [vi("e", [1, 256])])
+    branchy = make_model([helper.make_node("ReduceSum", ["x"], ["s"], name="rs", keepdims=0),
+                          helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                          helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+                         [vi("x", [1, 256])], [vi("y", [1, 256])], [w, const("zero", np.float32(0))])
+    return shared, branchy
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight_only"])
+def test_shared_weight_stored_once_and_if_bodies_quantized(mode):
+    shared, branchy = _shared_and_if_models()
+    for m, n_quantized in ((shared, 2), (branchy, 1)):
+        calib = [random_feeds(m, seed=i) for i in range(4)]
+        opts = {"mode": mode, "min_weight_elements": 0, "smoothquant": None}
+        res = _q(m, opts, calib)
+        p = res.report.passes[0]
+        assert p.status == "ok" and sum(p.details["quantized"].values()) == n_quantized
+        onnx.checker.check_model(res.model, full_check=True)
+        assert res.report.size_ratio < 0.3  # one int8 copy of W, not one per reader
+        x1 = calib[1]["x"] - calib[1]["x"].mean()
+        for x in (x1 + 0.01, x1 - 0.01):  # sum > 0 and sum < 0: both If branches
+            _close_to_float(m, res.model, {"x": x}, rtol=0.03)

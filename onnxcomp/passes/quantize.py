@@ -38,6 +38,7 @@ class _Plan:
     activations: set
     params: dict  # tensor name -> (scale float32, zero point array)
     ranges: dict  # tensor name -> (lo, hi)
+    calibrated: bool = False  # False while planning: rules accept any float activation
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,14 @@ class Quantize(Pass):
         rules = self._rules(run, target)
         rejections: dict[str, str] = {}
         found = find_matches(model, rules, rejections=rejections)
-        layer_outputs = sorted({f.match.outputs[0].name for f in found})  # names survive the rewrite
+        observable = _main_graph_tensors(model.graph)  # what ORT can be asked for as an extra output
+        layer_outputs = sorted({f.match.outputs[0].name for f in found} & observable)  # names survive rewrites
         if self.mode == "static":
             for f in found:
-                plan.activations.update(t.name for t in _activation_tensors(f))
+                plan.activations.update(t.name for t in _activation_tensors(f) if t.name in observable)
             if plan.activations:
                 self._calibrate(plan, source, ctx, act_dtype, act_sym, notes)
+            plan.calibrated = True
             details["activation_dtype"] = act_dtype
             details["calibration"] = self.calibration
             details["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(plan.ranges.items())}
@@ -180,7 +183,7 @@ class Quantize(Pass):
         weights: dict[str, list[np.ndarray]] = {}
         for f in found:
             b = f.match.bindings
-            if b["x"].name in self.overrides:  # a range given by the user is in the unsmoothed units
+            if f.graph is not model.graph or b["x"].name in self.overrides:  # main graph only (calibratable)  # a range given by the user is in the unsmoothed units
                 continue
             weights.setdefault(b["x"].name, []).append(np.asarray(ir.const_value(b["w"]), np.float32))
         if not weights:
@@ -333,6 +336,8 @@ class _Run:
         self.q = q
         self.plan = plan
         self.mode = q.mode
+        self.wcache: dict[tuple[int, int], tuple[gs.Tensor, np.ndarray]] = {}
+        self.ccache: dict[tuple[int, bool], list[gs.Constant]] = {}
 
     def _excluded(self, node: gs.Node) -> bool:
         return self.q._excluded(node)
@@ -355,13 +360,15 @@ class _Run:
     def _act_ok(self, x: gs.Tensor):
         if onnx_dtype(x) not in _FLOATS:
             return fail(f"activation '{x.name}' is not float")
-        if self.mode == "static" and not _is_dq(x):
-            plan = self.plan
-            if plan is not None and plan.params and x.name not in plan.params:
-                return fail(f"no calibrated range for '{x.name}'")
+        if self.mode == "static" and not _is_dq(x) and self.plan.calibrated and x.name not in self.plan.params:
+            return fail(f"no calibrated range for '{x.name}' (not observable in the main graph, or degenerate)")
         return True
 
     def _quant_weight(self, op, w: gs.Tensor, axis: int):
+        """DequantizeLinear(int W) for weight w; one per (weight, axis) even when several nodes share w."""
+        hit = self.wcache.get((id(w), axis))
+        if hit is not None and hit[0].inputs and op.ctx.index.alive(hit[0].inputs[0]):
+            return hit
         v = np.asarray(ir.const_value(w), dtype=np.float32)
         qd = self.q.weight_dtype
         ax = axis if self.q.per_channel else None
@@ -370,6 +377,7 @@ class _Run:
         attrs = {"axis": axis} if self.q.per_channel else {}
         dq = op.DequantizeLinear(op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
                                  op.const(zp, name=f"{w.name}_zero_point"), **attrs)
+        self.wcache[(id(w), axis)] = (dq, scale)
         return dq, scale
 
     def _dq_input(self, op, x: gs.Tensor) -> gs.Tensor:
@@ -481,11 +489,16 @@ class _Run:
         return True
 
     def _dyn_replacement(self, op, x, w, node, b=None, **_):
-        v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
-        scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True)
-        q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
-        ins = [x, op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
-               op.const(zp, name=f"{w.name}_zero_point")]
+        key = (id(w), bool(node.op == "Gemm" and node.attrs.get("transB", 0)))
+        consts = self.ccache.get(key)  # initializers shared by every node reading the same weight
+        if consts is None:
+            v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
+            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True)
+            q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
+            consts = self.ccache[key] = [op.const(q, name=f"{w.name}_quantized"),
+                                         op.const(scale, name=f"{w.name}_scale"),
+                                         op.const(zp, name=f"{w.name}_zero_point")]
+        ins = [x, *consts]
         if b is not None:
             ins.append(b)
         return op.DynamicQuantizeMatMul(*ins, _domain="com.microsoft")
@@ -536,6 +549,13 @@ def _same_qparams(ctx, q, s1, z1, s2, z2, dq, qn):
     return True
 
 
+def _main_graph_tensors(graph: gs.Graph) -> set[str]:
+    names = {t.name for t in graph.inputs}
+    for n in graph.nodes:
+        names.update(t.name for t in n.outputs)
+    return names
+
+
 def _passthrough_x(op, x, **_: Any):
     return x
 
@@ -545,6 +565,8 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
 
     def check(ctx, x, w, node):
         v = ctx.const_value(w)
+        if ctx.graph is not model.graph:
+            return fail("subgraph (activations there cannot be calibrated)")
         if x.name not in scales or v is None or v.ndim != 2 or v.shape[0] != scales[x.name].shape[0]:
             return fail("not a smoothing target")
         return True
