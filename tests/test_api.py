@@ -65,11 +65,8 @@ def test_compress_does_not_mutate_modelproto():
     assert rec.ops_removed == {"Identity": 1} and rec.status == "ok"
 
 
-def test_compress_minilm_cleanup_exact():
-    try:
-        path = testing.minilm_path()
-    except testing.FixtureUnavailable as e:
-        pytest.skip(str(e))
+def test_compress_minilm_cleanup_exact(minilm):
+    path = minilm
     feeds = testing.minilm_feeds(n=8)
     res = onnxcomp.compress(path, CLEANUP, calibration_data=feeds, progress=False)
     onnx.checker.check_model(res.model, full_check=True)
@@ -193,11 +190,8 @@ def test_modelproto_with_unloaded_external_data(tmp_path):
     onnx.checker.check_model(res.model, full_check=True)
 
 
-def test_default_recipe_on_minilm_is_smaller_and_accurate():
-    try:
-        path = testing.minilm_path()
-    except testing.FixtureUnavailable as e:
-        pytest.skip(str(e))
+def test_default_recipe_on_minilm_is_smaller_and_accurate(minilm):
+    path = minilm
     feeds = testing.minilm_feeds(n=40)
     res = onnxcomp.compress(path, None, validation_data=feeds[:16], progress=False)
     onnx.checker.check_model(res.model, full_check=True)

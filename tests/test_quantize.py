@@ -82,14 +82,6 @@ def test_matmul_weight_axis_is_last_and_bias_fused_in_dynamic_mode():
 
 # ------------------------------------------------------------------------------------ placement on MiniLM
 @pytest.fixture(scope="module")
-def minilm():
-    try:
-        return testing.minilm_path()
-    except testing.FixtureUnavailable as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def minilm_static(minilm):
     calib = testing.minilm_feeds(32, start=200)  # variable sequence lengths
     return _q(minilm, {"mode": "static", "calibration": "percentile"}, calib,
@@ -343,3 +335,24 @@ def test_shared_weight_stored_once_and_if_bodies_quantized(mode):
         x1 = calib[1]["x"] - calib[1]["x"].mean()
         for x in (x1 + 0.01, x1 - 0.01):  # sum > 0 and sum < 0: both If branches
             _close_to_float(m, res.model, {"x": x}, rtol=0.03)
+
+
+def test_4bit_embedding_table_matches_numpy_dequantization():
+    rng = np.random.default_rng(9)
+    table = rng.standard_normal((300, 64)).astype(np.float32)
+    m = make_model([helper.make_node("Gather", ["E", "ids"], ["y"], name="emb")],
+                   [vi("ids", [2, 5], TensorProto.INT64)], [vi("y", [2, 5, 64])], [const("E", table)])
+    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32}, validate=False)
+    (node,) = res.model.graph.node
+    assert node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft"
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    packed, scale = inits[node.input[0]], inits[node.input[2]]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(300, 64).astype(np.int32) - 8
+    deq = (q.reshape(300, 2, 32) * scale[..., None]).reshape(300, 64)
+    ids = rng.integers(0, 300, (2, 5)).astype(np.int64)
+    y = testing.session(res.model).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(y, deq[ids], atol=1e-6)
+    assert np.abs(deq - table).max() <= np.abs(table).max() / 7
+    int8 = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32, "embedding_bits": 8},
+              validate=False)
+    assert [n.op_type for n in int8.model.graph.node].count("Gather") == 2  # int8 rows + row scales

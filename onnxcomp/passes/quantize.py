@@ -59,7 +59,8 @@ class Quantize(Pass):
     calibration_samples: int = 256
     ops: Optional[tuple[str, ...]] = None  # op types to quantize (default: every op the target table lists)
     exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left in float
-    embeddings: bool = True  # also store embedding (Gather) tables int8 row-wise
+    embeddings: bool = True  # also store embedding (Gather) tables quantized
+    embedding_bits: Optional[Literal[4, 8]] = None  # default: 4 with 4-bit weights (ORT GatherBlockQuantized), else 8
     sensitivity: bool = True  # report the per-layer error of quantized vs float activations
     # static: SmoothQuant-style migration of activation outliers into the MatMul weights, x W = (x/s)(s W),
     # with s_j = max|x_j|^a / max|W_j|^(1-a); a number is a, "auto" searches a per model on calibration data
@@ -304,6 +305,9 @@ class Quantize(Pass):
         ops = self._ops(target)
         rules: list[RewriteRule] = []
         if "Gather" in ops:  # embedding tables: int8 row-wise in every mode (no activation involved)
+            if self.embedding_bits == 4 or (self.embedding_bits is None and self.weight_dtype in ("int4", "uint4")):
+                rules.append(RewriteRule("embedding-4bit", _gather_pattern, run._gather4_replacement,
+                                         run._gather4_check))
             rules.append(RewriteRule("embedding-int8", _gather_pattern, run._gather_replacement, run._gather_check))
         if self.mode == "weight_only":
             for op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
@@ -455,6 +459,30 @@ class _Run:
                               op.const(scale.reshape(-1), name=f"{w.name}_q4_scale"),
                               K=int(k), N=int(n), bits=4, block_size=int(bs), accuracy_level=4,
                               _domain="com.microsoft")
+
+    def _gather4_check(self, ctx, w, idx, node):
+        ok = self._gather_check(ctx, w, idx, node)
+        if not ok:
+            return ok
+        bs = self.q.block_size or 32
+        if ctx.const_value(w).shape[1] % bs:
+            return fail(f"row length {ctx.const_value(w).shape[1]} is not a multiple of block_size {bs}")
+        return True
+
+    def _gather4_replacement(self, op, w, idx, node):
+        """Table [R, D] -> ORT's GatherBlockQuantized: 4-bit blocks of `block_size` along each row, two values
+        a byte (low nibble first), zero point 8; rows are dequantized after the lookup."""
+        v = np.asarray(ir.const_value(w), dtype=np.float32)
+        r, d = v.shape
+        bs = self.q.block_size or 32
+        wb = v.reshape(r, d // bs, bs)
+        amax = np.abs(wb).max(axis=2)
+        scale = _best_block_scale(wb, np.where(amax > 0, amax / 7.0, 1.0))
+        q = (np.clip(np.rint(wb / scale[..., None]), -8, 7) + 8).astype(np.uint8).reshape(r, d)
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        return op.GatherBlockQuantized(op.const(packed, name=f"{w.name}_q4"), idx,
+                                       op.const(scale, name=f"{w.name}_q4_scale"), gather_axis=0,
+                                       quantize_axis=1, block_size=int(bs), bits=4, _domain="com.microsoft")
 
     # -- dynamic --------------------------------------------------------------------------------
     def _dyn_check(self, ctx, x, w, node, b=None, **_):
