@@ -1,6 +1,7 @@
 """compress(): load safely, run the recipe's passes, validate in ONNX Runtime, report."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,6 +20,9 @@ from .report import Report
 from .summary import summarize
 from .targets import TARGETS
 
+
+#: rounds of accuracy-budget back-off (each leaves the most sensitive quarter of quantized layers in float)
+MAX_BACKOFF_STEPS = 8
 
 #: latency ratio above which the report warns that the result is slower than the input (timing noise ~3-5%)
 SLOWER_THAN_INPUT = 1.05
@@ -83,30 +87,37 @@ def compress(
     valid = (load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib)
     provs = list(providers) if providers else _default_providers(rec.target)
     show = progress and sys.stderr.isatty()
-    ctx = PassContext(calibration_data=calib, providers=provs, target=rec.target, progress=show)
+    ctx = PassContext(calibration_data=calib, validation_data=valid, providers=provs, target=rec.target,
+                      progress=show)
     bad = _nonfinite_weights(proto)
     if bad:
         ctx.warnings.append(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
     before = summarize(proto)
     passes = list(rec.passes)
-    if show and passes:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(passes), desc="onnxcomp", unit="pass", file=sys.stderr)
-    else:
-        bar = None
-    out, records = proto, []
-    for p in passes:  # one manager per pass so the progress bar can tick
-        out, recs = PassManager([p], ctx).run(out)
-        records.extend(recs)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    ir.check_proto(out, full=True, what="compressed model")
+    out, records = _run_passes(proto, passes, ctx, show)
     vreport = None
     if validate:
+        vreport = _validate(proto, out, inputs=valid, providers=provs, latency=rec.accuracy_budget is None)
+    backoff: list[dict[str, Any]] = []
+    if vreport is not None and rec.accuracy_budget is not None:
+        # back off: leave the most sensitive quantized layers in float until every output meets the budget
+        viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
+        while viol and len(backoff) < MAX_BACKOFF_STEPS:
+            names = _next_backoff(records, passes)
+            if not names:
+                break
+            passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(names)) if p.name == "quantize" else p
+                      for p in passes]
+            ctx.warnings = [w for w in ctx.warnings if "produced an invalid model" in w]
+            out, records = _run_passes(proto, passes, ctx, show)
+            vreport = _validate(proto, out, inputs=valid, providers=provs, latency=False)
+            viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
+            outs = vreport.to_dict()["outputs"]
+            backoff.append({"left_float": names, "violations": len(viol),
+                            "worst_cosine": min((o["cosine"] for o in outs.values()), default=None)})
         vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
+        if backoff:
+            rec = dataclasses.replace(rec, passes=tuple(passes))  # the recipe that was really applied
     if vreport is not None and vreport.latency_ratio is not None and vreport.latency_ratio > SLOWER_THAN_INPUT:
         ctx.warnings.append(
             f"the compressed model ran SLOWER than the input: latency ratio {vreport.latency_ratio:.2f} on "
@@ -118,7 +129,8 @@ def compress(
             ctx.warnings.append("accuracy_budget given but validate=False: the budget was not checked")
         else:
             viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
-            budget = {"bounds": rec.accuracy_budget.to_dict(), "met": not viol, "violations": viol}
+            budget = {"bounds": rec.accuracy_budget.to_dict(), "met": not viol, "violations": viol,
+                      "backoff": backoff}
     report = Report(source=source, recipe=rec.to_dict(), before=before, after=summarize(out), passes=records,
                     validation=vreport, budget=budget, warnings=list(ctx.warnings),
                     seconds=time.perf_counter() - t0)
@@ -128,6 +140,34 @@ def compress(
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def _run_passes(proto: onnx.ModelProto, passes: list, ctx: PassContext, show: bool):
+    """Run the passes in order (one manager per pass so a progress bar can tick); check the result."""
+    bar = None
+    if show and passes:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(passes), desc="onnxcomp", unit="pass", file=sys.stderr)
+    out, records = proto, []
+    for p in passes:
+        out, recs = PassManager([p], ctx).run(out)
+        records.extend(recs)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ir.check_proto(out, full=True, what="compressed model")
+    return out, records
+
+
+def _next_backoff(records: list, passes: list) -> list[str]:
+    """The next quantized layers to leave in float: the most sensitive quarter of those still quantized."""
+    excluded = {x for p in passes if p.name == "quantize" for x in p.exclude}
+    rows = [r for rec in records if rec.name == "quantize" and rec.status == "ok"
+            for r in rec.details.get("sensitivity", []) if r.get("node") and r["node"] not in excluded]
+    rows.sort(key=lambda r: -r.get("introduced", r["rel_l2_err"]))
+    return [r["node"] for r in rows[: max(1, len(rows) // 4)]]
 
 
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],

@@ -202,3 +202,21 @@ def test_default_recipe_on_minilm_is_smaller_and_accurate(minilm):
     # never slower without saying so (the warning follows the measured ratio, whatever it is on this machine)
     slower = res.report.latency_ratio > onnxcomp.api.SLOWER_THAN_INPUT
     assert slower == any("SLOWER" in w for w in res.report.warnings)
+
+
+def test_accuracy_budget_backs_off_the_most_sensitive_layers(minilm):
+    feeds = testing.minilm_feeds(16)
+    plain = onnxcomp.compress(minilm, [{"type": "quantize", "mode": "dynamic"}], validation_data=feeds,
+                              progress=False)
+    worst_plain = min(o["cosine"] for o in plain.report.validation.to_dict()["outputs"].values())
+    target = 1.0 - (1.0 - worst_plain) / 4  # a budget the all-quantized model misses
+    res = onnxcomp.compress(minilm, {"passes": [{"type": "quantize", "mode": "dynamic"}],
+                                     "accuracy_budget": {"cosine": target}}, validation_data=feeds, progress=False)
+    b = res.report.budget
+    assert b["met"] and b["backoff"], b
+    left = [n for step in b["backoff"] for n in step["left_float"]]
+    assert res.report.recipe["passes"][0]["exclude"] == left  # the recipe really applied is reported
+    n_quantized = sum(n.op_type == "DynamicQuantizeMatMul" for n in res.model.graph.node)
+    float_matmuls = {n.name for n in res.model.graph.node if n.op_type == "MatMul"}
+    assert 0 < n_quantized < 18 and {n for n in left if n.endswith("MatMul")} <= float_matmuls
+    assert min(o["cosine"] for o in res.report.validation.to_dict()["outputs"].values()) >= target

@@ -100,7 +100,8 @@ def test_static_minilm_accuracy_and_shared_qdq(minilm, minilm_static):
     details = minilm_static.report.passes[0].details
     assert details["quantized"]["static-matmul-2"] == 18
     sens = details["sensitivity"]
-    assert len(sens) == 18 + 2 and sens == sorted(sens, key=lambda r: -r["rel_l2_err"])
+    assert len(sens) == 18 + 2 and sens == sorted(sens, key=lambda r: -r["introduced"])
+    assert all(r["introduced"] <= r["rel_l2_err"] + 1e-12 and r["node"] for r in sens)
 
 
 def test_attention_mask_and_integer_paths_untouched(minilm, minilm_static):

@@ -24,6 +24,7 @@ class PassContext:
     """Shared, read-mostly facts a pass may use (calibration data, providers, target, progress)."""
 
     calibration_data: Any = None
+    validation_data: Any = None  # feeds the result is validated on (sensitivity may use them)
     providers: Optional[list[str]] = None
     target: str = "ort-cpu"
     progress: bool = False

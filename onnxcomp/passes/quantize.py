@@ -132,7 +132,11 @@ class Quantize(Pass):
         rejections: dict[str, str] = {}
         found = find_matches(model, rules, rejections=rejections)
         observable = _main_graph_tensors(model.graph)  # what ORT can be asked for as an extra output
-        layer_outputs = sorted({f.match.outputs[0].name for f in found} & observable)  # names survive rewrites
+        layer_node = {f.match.outputs[0].name: f.match.bindings["node"].name for f in found
+                      if isinstance(f.match.bindings.get("node"), gs.Node)}
+        layer_outputs = sorted(set(layer_node) & observable)  # output names survive the rewrite
+        layer_input = {f.match.outputs[0].name: _unsmoothed(f.match.bindings["x"]).name for f in found
+                       if isinstance(f.match.bindings.get("x"), gs.Tensor)}
         if self.mode == "static":
             for f in found:
                 plan.activations.update(t.name for t in _activation_tensors(f) if t.name in observable)
@@ -164,7 +168,9 @@ class Quantize(Pass):
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
         if sensitivity and quantized:
-            details["sensitivity"] = self._sensitivity(model, layer_outputs, ctx, notes)
+            details["sensitivity"] = self._sensitivity(model, layer_outputs, layer_input, ctx, notes)
+            for row in details["sensitivity"]:
+                row["node"] = layer_node.get(row["tensor"], "")
         return PassOutcome(details=details, notes=notes)
 
     # -- SmoothQuant ----------------------------------------------------------------------------
@@ -237,19 +243,30 @@ class Quantize(Pass):
             return fail("activation is not float32")
         return True
 
-    def _sensitivity(self, model: ir.Model, names: list[str], ctx: PassContext, notes: list[str]
-                     ) -> list[dict[str, Any]]:
-        """Per quantized layer: error of its output vs the float model on calibration data, worst first."""
+    def _sensitivity(self, model: ir.Model, names: list[str], inputs: dict[str, str], ctx: PassContext,
+                     notes: list[str]) -> list[dict[str, Any]]:
+        """Per quantized layer: error of its output vs the float model on calibration data, and the part of it
+        the layer introduced (output error minus the error its input already carried), worst first."""
         from ..validation.layers import compare_tensors
 
-        if ctx.calibration_data is None:
-            notes.append("no calibration data: per-layer sensitivity not measured")
-            return []
-        errs = compare_tensors(ctx.proto, model.to_proto(), names, list(ctx.calibration_data)[:16],
-                               providers=ctx.providers)
-        rows = [{"tensor": n, "rel_l2_err": e.rel_l2_err, "cosine": e.cosine, "max_abs_err": e.max_abs_err}
-                for n, e in errs.items()]
-        return sorted(rows, key=lambda r: -r["rel_l2_err"])
+        feeds = ctx.calibration_data or ctx.validation_data
+        if not feeds:
+            from ..data import generate_feeds, input_specs
+
+            feeds = generate_feeds(ctx.proto, input_specs(ctx.proto), n=8)
+            notes.append("per-layer sensitivity measured on generated inputs (no calibration/validation data)")
+        wanted = sorted(set(names) | {inputs[n] for n in names if n in inputs})
+        errs = compare_tensors(ctx.proto, model.to_proto(), wanted, list(feeds)[:16], providers=ctx.providers)
+        rows = []
+        for n in names:
+            e = errs.get(n)
+            if e is None:
+                continue
+            ein = errs.get(inputs.get(n, ""))
+            carried = ein.rel_l2_err if ein is not None else 0.0
+            rows.append({"tensor": n, "rel_l2_err": e.rel_l2_err, "cosine": e.cosine, "max_abs_err": e.max_abs_err,
+                         "input_rel_l2_err": carried, "introduced": max(0.0, e.rel_l2_err - carried)})
+        return sorted(rows, key=lambda r: -r["introduced"])
 
     # ------------------------------------------------------------------------------------------
     def _ops(self, target: Target) -> set[str]:
@@ -575,6 +592,14 @@ def _same_qparams(ctx, q, s1, z1, s2, z2, dq, qn):
     if dq.attrs.get("axis", 1) != qn.attrs.get("axis", 1) or qn.attrs.get("saturate", 1) != 1:
         return fail("different axis")
     return True
+
+
+def _unsmoothed(x: gs.Tensor) -> gs.Tensor:
+    """The activation before SmoothQuant's Mul (the tensor the float model also has)."""
+    if len(x.inputs) == 1 and x.inputs[0].op == "Mul" and len(x.inputs[0].inputs) == 2 \
+            and x.inputs[0].inputs[1].name.startswith(f"{x.inputs[0].inputs[0].name}_smooth_inv"):
+        return x.inputs[0].inputs[0]
+    return x
 
 
 def _main_graph_tensors(graph: gs.Graph) -> set[str]:
