@@ -102,6 +102,9 @@ class Report:
             lines.append("  validation skipped")
         if self.budget is not None:
             state = "met" if self.budget.get("met") else "NOT met: " + "; ".join(self.budget.get("violations", []))
+            left = sum(len(s["left_float"]) for s in self.budget.get("backoff", []))
+            if left:
+                state += f" after leaving {left} most sensitive layer(s) in float"
             lines.append(f"  budget    {self.budget.get('bounds')} {state}")
         lines.append("  passes:")
         for p in self.passes:
@@ -113,6 +116,13 @@ class Report:
                          f"{human_bytes(p.bytes_after - p.bytes_before)}, {p.seconds:.2f} s")
             for n in p.notes:
                 lines.append(f"        note: {n}")
+            sens = p.details.get("sensitivity") or []
+            if sens:
+                worst = ", ".join(f"{r['node'] or r['tensor']} (rel err {r['introduced']:.3g})" for r in sens[:3])
+                lines.append(f"        most sensitive layers: {worst}")
+            if p.details.get("quantized"):
+                lines.append(f"        quantized: {p.details['quantized']}; left in float: "
+                             f"{p.details.get('left_float_total', 0)} node(s) (reasons in the JSON/HTML report)")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
