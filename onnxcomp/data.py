@@ -434,6 +434,6 @@ def generate_feeds(
                     arr = rng.integers(0, 2, size=shape).astype(dt)
             else:
                 arr = rng.standard_normal(shape).astype(np.float32).astype(dt)
-            feed[s.name] = np.ascontiguousarray(arr)
+            feed[s.name] = np.array(arr, order="C")  # (np.ascontiguousarray would turn a 0-d input into 1-d)
         feeds.append(feed)
     return feeds

@@ -12,6 +12,7 @@ from onnx import helper as h
 from onnxcomp import testing as fx
 from onnxcomp.data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
 from onnxcomp.errors import CalibrationDataError, UnsupportedModelError
+from onnxcomp.validation import validate
 
 
 def _model(nodes, inputs, outputs, inits=(), ir_version=8):
@@ -302,3 +303,15 @@ def test_generate_feeds_minilm() -> None:
         assert ids.min() >= 0 and ids.max() < 30522 and ids.max() > 1  # indices into the 30522-row vocabulary
     emb = fx.minilm_embed(fx.session(path), feeds)
     assert emb.shape == (2, 384) and np.isfinite(emb).all()
+
+
+def test_generated_feeds_keep_rank_zero_inputs():
+    """A scalar (rank-0) input stays rank 0 (np.ascontiguousarray would make it [1])."""
+    g = h.make_graph([h.make_node("Add", ["a", "b"], ["c"])], "g",
+                     [h.make_tensor_value_info("a", T.FLOAT, []), h.make_tensor_value_info("b", T.FLOAT, [])],
+                     [h.make_tensor_value_info("c", T.FLOAT, [])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    (feed,) = generate_feeds(m, input_specs(m), n=1)
+    assert feed["a"].shape == () and feed["b"].shape == ()
+    rep = validate(m, m)
+    assert rep.outputs["c"].max_abs_err == 0.0
