@@ -702,3 +702,17 @@ def test_attribute_default_is_matched_when_the_node_omits_it():
     out, stats = rewrite(proto, [RewriteRule("explicit-axis", pattern, replacement)])
     assert stats.rules["explicit-axis"].applied == 1, stats.explain()
     assert out.graph.node[0].attribute[0].i == 1
+
+
+def test_constant_mul_chain_folds_into_one_mul():
+    from onnxcomp.rewrite.rules import fold_constant_mul_chain_rule
+
+    c2 = np.linspace(0.5, 2.0, 6).astype(np.float32)
+    proto = make_model([helper.make_node("Mul", ["x", "half"], ["h"], name="m1"),
+                        helper.make_node("Mul", ["s", "h"], ["y"], name="m2")],
+                       [vi("x", [2, 6])], [vi("y", [2, 6])], [const("half", np.float32(0.5)), const("s", c2)])
+    out, stats = rewrite(proto, [fold_constant_mul_chain_rule()])
+    assert stats.rules["fold-constant-mul-chain"].applied == 1
+    assert [n.op_type for n in out.graph.node] == ["Mul"]
+    feeds = random_feeds(proto)
+    np.testing.assert_allclose(session(out).run(None, feeds)[0], session(proto).run(None, feeds)[0], rtol=1e-6)

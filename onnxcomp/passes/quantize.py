@@ -24,6 +24,7 @@ from .. import ir, qmath
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail, find_matches
 from ..rewrite.rule import onnx_dtype
+from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
 from .base import Pass, PassContext, PassOutcome
 
@@ -637,6 +638,8 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
         return op.MatMul(xs, op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
 
     stats = apply_rules(model, [RewriteRule("smooth-matmul", _matmul_pattern, replacement, check)])
+    # a smoothing Mul right after a constant Mul (e.g. GELU's final *0.5) folds into it: no extra op at run time
+    apply_rules(model, [fold_constant_mul_chain_rule()])
     return stats.rules["smooth-matmul"].applied
 
 

@@ -20,6 +20,9 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, name
     """Per tensor name present in both models: max/mean abs, relative L2 and cosine over the feeds."""
     from ..calibration.collect import with_outputs
 
+    names = [n for n in names if n in _observable(reference) and n in _observable(candidate)]
+    if not names:
+        return {}
     ref = make_session(with_outputs(reference, names), providers, name="reference (layers)").session
     cand = make_session(with_outputs(candidate, names), providers, name="candidate (layers)").session
     have_r = {o.name for o in ref.get_outputs()}
@@ -37,3 +40,11 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, name
         for n, a, b in zip(common, r, c):
             accs[n].update(a, b)
     return {n: acc.result() for n, acc in accs.items()}
+
+
+def _observable(model: onnx.ModelProto) -> set[str]:
+    """Tensors of the main graph ORT can return: graph inputs and node outputs."""
+    names = {i.name for i in model.graph.input}
+    for n in model.graph.node:
+        names.update(n.output)
+    return names
