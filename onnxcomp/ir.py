@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import heapq
 import os
 import tempfile
 from collections import deque
@@ -510,7 +511,6 @@ def captured_inputs(node: gs.Node) -> list[gs.Tensor]:
 def toposort(graph: gs.Graph) -> None:
     """Iterative Kahn sort of graph.nodes, stable w.r.t. the current order; subgraph captures count as inputs."""
     nodes = list(graph.nodes)
-    pos = {id(n): i for i, n in enumerate(nodes)}
     producer: dict[int, int] = {}
     for i, n in enumerate(nodes):
         for t in n.outputs:
@@ -526,8 +526,6 @@ def toposort(graph: gs.Graph) -> None:
         indeg[i] = len(deps)
         for j in deps:
             succ[j].append(i)
-    import heapq
-
     ready = [i for i in range(len(nodes)) if indeg[i] == 0]
     heapq.heapify(ready)
     order = []
@@ -544,7 +542,6 @@ def toposort(graph: gs.Graph) -> None:
             "graph has a cycle (or a node reads a tensor produced later that is never produced before it): "
             + ", ".join(f"{n.op} '{n.name}'" for n in stuck)
         )
-    del pos
     graph.nodes = order
 
 

@@ -341,7 +341,7 @@ class Quantize(Pass):
                                          run._dyn_check))
                 rules.append(RewriteRule("dyn-matmul", _matmul_pattern, run._dyn_replacement, run._dyn_check))
             if "Gemm" in ops:  # Gemm(x, W[, b]) is a MatMul with a bias: same fused kernel
-                rules.append(RewriteRule("dyn-gemm-2", _gemm2_pattern, run._dyn_replacement, run._dyn_check))
+                rules.append(RewriteRule("dyn-gemm-2", _pattern_for("Gemm", 2), run._dyn_replacement, run._dyn_check))
                 rules.append(RewriteRule("dyn-gemm-3", _gemm3_bias_pattern, run._dyn_replacement, run._dyn_check))
         else:
             for op in ("MatMul", "Gemm"):
@@ -668,14 +668,6 @@ def _matmul_pattern(op, x, w):
 
 def _matmul_bias_pattern(op, x, w, b):
     return op.Add(op.MatMul(x, w, _bind="node"), b)
-
-
-def _gemm2_pattern(op, x, w):
-    return op.Gemm(x, w, _bind="node")
-
-
-def _gemm3_pattern(op, x, w, c):
-    return op.Gemm(x, w, c, _bind="node")
 
 
 def _gemm3_bias_pattern(op, x, w, b):

@@ -135,7 +135,7 @@ class RewriteDriver:
         for k, m in enumerate(matcher.matches(node)):
             if k >= _MAX_ALTERNATIVES:
                 break
-            builder = GraphBuilder(rule.name, ctx)
+            builder = GraphBuilder(ctx)
             try:
                 self._check_intermediates(m.nodes, m.outputs, index)
                 res = rule.check(ctx, m.bindings)

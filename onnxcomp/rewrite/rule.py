@@ -73,10 +73,9 @@ class RewriteContext:
 class GraphBuilder:
     """The `op` of a replacement: `op.Gemm(a, b, c, transB=1)` creates a detached gs.Node and returns its output."""
 
-    def __init__(self, name_hint: str, ctx: Optional["RewriteContext"] = None):
+    def __init__(self, ctx: Optional["RewriteContext"] = None):
         self.nodes: list[gs.Node] = []
         self.constants: list[gs.Constant] = []
-        self._hint = name_hint
         self.ctx = ctx  # the graph being rewritten: lets a replacement reuse what is already there
 
     def __getattr__(self, op_type: str) -> Callable[..., Any]:
