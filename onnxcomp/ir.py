@@ -386,6 +386,13 @@ class Model:
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, infer_shapes: bool = True) -> "Model":
         """Import into gs (after best-effort shape inference so rules see dtypes and shapes)."""
+        if _has_sparse_weights(proto):  # passes see dense weights; storage.sparse_storage writes them back
+            from .storage import densify
+
+            dense = onnx.ModelProto()
+            dense.CopyFrom(proto)
+            densify(dense)
+            proto = dense
         src = proto
         if infer_shapes and proto_size(proto) < TWO_GB:
             try:
@@ -440,6 +447,11 @@ class Model:
                     del g.value_info[:]
                     g.value_info.extend(keep)
         return out
+
+
+def _has_sparse_weights(proto: onnx.ModelProto) -> bool:
+    return any(g.sparse_initializer or any(n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute)
+                                           for n in g.node) for g in iter_graph_protos(proto.graph))
 
 
 def _drop_outer_initializer_copies(graph: onnx.GraphProto) -> None:

@@ -458,3 +458,25 @@ def test_minilm_matmul_input_ranges():
               f"entropy [{en[0]:.3f}, {en[1]:.3f}]  mse [{ms[0]:.3f}, {ms[1]:.3f}]")
         assert mm[0] > -0.2  # GELU's minimum is -0.17
     assert max(stats[n].max for n in ffn_down) > 10  # FINDINGS: GELU outputs reach ~25
+
+
+def test_gram_matches_numpy_over_variable_length_feeds():
+    """X^T X of the vectors along the Gram axis, rows from every sample (any batch/length), NaN rows skipped."""
+    m = h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g",
+                                  [h.make_tensor_value_info("x", T.FLOAT, ["b", "s", 6])],
+                                  [h.make_tensor_value_info("y", T.FLOAT, ["b", "s", 6])]),
+                     opset_imports=[h.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((b, s, 6)).astype(np.float32)} for b, s in [(1, 3), (2, 5), (3, 1)]]
+    feeds[1]["x"][1, 2, 4] = np.nan
+    st = collect_statistics(m, [], feeds, histogram=False, gram_axes={"y": -1, "x": 2})
+    for name, f in (("x", lambda a: a), ("y", lambda a: np.maximum(a, 0))):
+        rows = np.concatenate([f(fd["x"]).reshape(-1, 6) for fd in feeds]).astype(np.float64)
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        np.testing.assert_allclose(st[name].gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+        assert st[name].gram_rows == rows.shape[0] == 3 + 10 - 1 + 3
+        np.testing.assert_allclose(st[name].second_moment, rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(CalibrationDataError, match="Gram axis 3 is out of range"):
+        collect_statistics(m, [], feeds, histogram=False, gram_axes={"x": 3})
+    with pytest.raises(RecipeError, match="Gram axis"):
+        collect_statistics(m, [], feeds, histogram=False, gram_axes={"x": "last"})

@@ -5,7 +5,9 @@ ModelProto is never touched); ORT infers their types at load. Graph inputs are r
 constant initializers from the model, without asking ORT for them.
 
 * Pass 1 runs every feed and keeps, per tensor, the running min/max of the finite values, the element and
-  NaN/inf counts and, for tensors in ``channel_axes``, the running per-channel max ``|x|``.
+  NaN/inf counts and, for tensors in ``channel_axes``, the running per-channel max ``|x|``; for tensors in
+  ``gram_axes``, the running ``X^T X`` of the vectors along that axis (what whitened SVD, Wanda/SparseGPT
+  and least-squares refits read).
 * Pass 2 (``histogram=True``) runs every feed again and adds fixed-bin ``np.histogram`` counts over the
   now-fixed ``[min, max]``.
 
@@ -31,6 +33,7 @@ from onnx import numpy_helper
 
 from ..errors import CalibrationDataError, RecipeError
 from ..ir import load_proto
+from ..storage import sparse_value
 from ..validation.session import make_session, run_session
 from .observers import TensorObserver, TensorStats, is_float_dtype
 
@@ -60,6 +63,7 @@ def collect_statistics(
     histogram: bool = True,
     bins: int = 2048,
     channel_axes: Mapping[str, int] | None = None,
+    gram_axes: Mapping[str, int] | None = None,
     progress: bool = False,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensor_names`` (plus the keys of ``channel_axes``) over ``feeds``; see the module doc.
@@ -68,6 +72,8 @@ def collect_statistics(
     ``feeds`` are already checked against the model (``onnxcomp.data``); ``providers`` default to CPU.
     ``histogram`` also builds ``bins``-bin histograms (needed by the percentile/entropy/mse range methods).
     ``channel_axes[name] = axis`` (negative allowed) keeps the per-channel max ``|x|`` along that axis.
+    ``gram_axes[name] = axis`` keeps ``TensorStats.gram`` (float64 ``X^T X``, the vectors along ``axis``, every
+    other axis flattened into rows) and ``gram_rows``.
     ``progress`` shows a tqdm bar over the samples of each pass. Returns ``{name: TensorStats}`` for the
     float tensors among the requested ones.
     """
@@ -76,10 +82,12 @@ def collect_statistics(
     if isinstance(tensor_names, str):
         tensor_names = [tensor_names]
     axes = dict(channel_axes or {})
-    for name, ax in axes.items():
-        if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
-            raise RecipeError(f"channel axis of tensor '{name}' must be an integer, got {ax!r}")
-    names = list(dict.fromkeys([*tensor_names, *axes]))
+    gaxes = dict(gram_axes or {})
+    for what, mapping in (("channel", axes), ("Gram", gaxes)):
+        for name, ax in mapping.items():
+            if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+                raise RecipeError(f"{what} axis of tensor '{name}' must be an integer, got {ax!r}")
+    names = list(dict.fromkeys([*tensor_names, *axes, *gaxes]))
     feeds = list(feeds)
     if not feeds:
         raise CalibrationDataError("calibration needs at least one sample; the feeds are empty")
@@ -94,13 +102,13 @@ def collect_statistics(
         if name in plan.const_values:
             dtype = plan.const_values[name].dtype
             if is_float_dtype(dtype):
-                observers[name] = TensorObserver(name, dtype, axes.get(name))
+                observers[name] = TensorObserver(name, dtype, axes.get(name), gaxes.get(name))
     sess = None
     fetch: list[tuple[str, str]] = []  # (tensor name, ORT output name)
     if plan.outputs:
         sess, fetch, dtypes = _open_session(model, plan.outputs, providers)
         for name, _ in fetch:
-            observers[name] = TensorObserver(name, dtypes[name], axes.get(name))
+            observers[name] = TensorObserver(name, dtypes[name], axes.get(name), gaxes.get(name))
     fetch_names = [out for _, out in fetch]
     input_names = [n for n in names if n in plan.inputs]
 
@@ -121,7 +129,7 @@ def collect_statistics(
             if name not in observers:
                 if not is_float_dtype(val.dtype):
                     continue
-                observers[name] = TensorObserver(name, val.dtype, axes.get(name))
+                observers[name] = TensorObserver(name, val.dtype, axes.get(name), gaxes.get(name))
             yield name, val
         for name in plan.const_names:
             if name in observers:
@@ -184,12 +192,7 @@ class _Plan:
 def _initializer_value(t: Any) -> np.ndarray:
     """The value of a TensorProto or SparseTensorProto initializer (dense)."""
     if isinstance(t, onnx.SparseTensorProto):
-        vals = numpy_helper.to_array(t.values)
-        idx = numpy_helper.to_array(t.indices).astype(np.int64)
-        dense = np.zeros(int(np.prod(t.dims)), dtype=vals.dtype)
-        flat = idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), tuple(t.dims))
-        dense[flat] = vals
-        return dense.reshape(tuple(t.dims))
+        return sparse_value(t)
     if t.data_location == onnx.TensorProto.EXTERNAL:
         raise CalibrationDataError(
             f"initializer '{t.name}' points at external data that is not loaded; load the model with its data"

@@ -4,7 +4,8 @@ A :class:`TensorObserver` sees one tensor's value once per sample, in two passes
 
 1. :meth:`~TensorObserver.observe` keeps the element count, the NaN/inf and exact-zero counts, the running
    min/max over the finite values and, when a channel axis is given, the running per-channel max ``|x|``
-   (finite values only);
+   (finite values only) and, when a Gram axis is given, the running second-moment matrix ``X^T X`` of the
+   vectors along that axis (every other axis flattened into rows; rows holding NaN/inf are skipped);
 2. after :meth:`~TensorObserver.start_histogram` has fixed the bin edges on the pass-1 ``[min, max]``,
    :meth:`~TensorObserver.observe_histogram` adds ``np.histogram`` counts of each value to a fixed-size
    histogram (NaN/inf excluded).
@@ -65,6 +66,15 @@ class TensorStats:
     hist_edges: np.ndarray | None = None
     channel_absmax: np.ndarray | None = None
     zeros: int = 0
+    gram: np.ndarray | None = None  # float64 [d, d] = sum over rows x of x^T x (the Gram axis as the vector)
+    gram_rows: int = 0
+
+    @property
+    def second_moment(self) -> np.ndarray | None:
+        """E[x x^T] over the observed rows (the input covariance a layer's weights are fitted in), or None."""
+        if self.gram is None or self.gram_rows == 0:
+            return None
+        return self.gram / self.gram_rows
 
     @property
     def finite_count(self) -> int:
@@ -93,10 +103,13 @@ class TensorStats:
 class TensorObserver:
     """Running statistics of one tensor (see the module docstring); ``channel_axis`` may be negative."""
 
-    def __init__(self, name: str, dtype: np.dtype, channel_axis: int | None = None):
+    def __init__(self, name: str, dtype: np.dtype, channel_axis: int | None = None, gram_axis: int | None = None):
         self.name = name
         self.dtype = np.dtype(dtype)
         self.channel_axis = channel_axis
+        self.gram_axis = gram_axis
+        self._gram: np.ndarray | None = None
+        self._gram_rows = 0
         self.count = 0
         self.samples = 0
         self.nonfinite = 0
@@ -140,6 +153,27 @@ class TensorObserver:
                 self.zeros += int(np.count_nonzero(a == 0))
         if self.channel_axis is not None:
             self._observe_channels(a, axis, finite, sample)
+        if self.gram_axis is not None:
+            self._observe_gram(a, sample)
+
+    def _observe_gram(self, a: np.ndarray, sample: int) -> None:
+        ax = self.gram_axis
+        norm = ax + a.ndim if ax < 0 else ax
+        if not 0 <= norm < a.ndim:
+            raise CalibrationDataError(f"tensor '{self.name}': Gram axis {ax} is out of range for its rank {a.ndim} "
+                                       f"(shape {list(a.shape)}) in sample {sample}")
+        d = a.shape[norm]
+        if self._gram is not None and self._gram.shape[0] != d:
+            raise CalibrationDataError(f"tensor '{self.name}': axis {ax} has {d} features in sample {sample} but "
+                                       f"{self._gram.shape[0]} in earlier samples (shape {list(a.shape)})")
+        rows = np.moveaxis(a, norm, -1).reshape(-1, d).astype(np.float32, copy=False)
+        ok = np.isfinite(rows).all(axis=1)
+        if not ok.all():
+            rows = rows[ok]
+        if self._gram is None:
+            self._gram = np.zeros((d, d), np.float64)
+        self._gram += rows.T @ rows  # float32 BLAS per sample, accumulated in float64 across samples
+        self._gram_rows += rows.shape[0]
 
     def _axis(self, a: np.ndarray, sample: int) -> int:
         ax = self.channel_axis
@@ -210,6 +244,8 @@ class TensorObserver:
             hist_edges=None if self._edges is None else self._edges.copy(),
             channel_absmax=None if self._chan is None else self._chan.copy(),
             zeros=self.zeros,
+            gram=None if self._gram is None else self._gram.copy(),
+            gram_rows=self._gram_rows,
         )
 
 

@@ -50,6 +50,10 @@ class Pass:
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def finalize(self, proto: onnx.ModelProto, outcome: "PassOutcome") -> None:
+        """Called in place on the final model once every pass has run (e.g. how weights are stored in the file,
+        which later passes must not see); record what was done in `outcome`. Default: nothing."""
+
     def min_opset(self) -> Optional[int]:
         """The default-domain opset the pass needs; the manager upgrades older models first (or says why not)."""
         return None
@@ -218,4 +222,18 @@ class PassManager:
                 bytes_before=ir.proto_size(current), bytes_after=ir.proto_size(candidate),
                 details=outcome.details, notes=outcome.notes))
             current = candidate
+        for p, rec in zip(self.passes, records):
+            if type(p).finalize is Pass.finalize or rec.status != "ok":
+                continue
+            final = onnx.ModelProto()
+            final.CopyFrom(current)
+            outcome = PassOutcome(details=rec.details, notes=rec.notes)
+            p.finalize(final, outcome)
+            try:
+                ir.check_proto(final, full=True, what=f"final step of pass '{p.name}'")
+            except InvalidModelError as e:
+                self.ctx.warnings.append(f"final step of pass '{p.name}' produced an invalid model; skipped: {e}")
+                continue
+            rec.bytes_after = ir.proto_size(final)
+            current = final
         return current, records

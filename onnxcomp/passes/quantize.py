@@ -12,7 +12,6 @@ One Q/DQ pair per activation tensor is shared by all its quantized consumers.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -27,6 +26,7 @@ from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
 from .base import Pass, PassContext, PassOutcome
+from .select import check_exclude, is_excluded
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
@@ -102,11 +102,7 @@ class Quantize(Pass):
             raise RecipeError("quantize.min_weight_elements must be >= 0")
         if self.calibration_samples < 1:
             raise RecipeError("quantize.calibration_samples must be >= 1")
-        for pat in self.exclude:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise RecipeError(f"quantize.exclude: {pat!r} is not a valid regex: {e}") from None
+        check_exclude(self.exclude, "quantize.exclude")
 
     def min_opset(self) -> Optional[int]:
         return 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -285,8 +281,7 @@ class Quantize(Pass):
         return ops
 
     def _excluded(self, node: gs.Node) -> bool:
-        names = [node.name] + [t.name for t in node.outputs]
-        return any(re.fullmatch(p, n) or p == n for p in self.exclude for n in names)
+        return is_excluded(node, self.exclude)
 
     def _calibrate(self, plan: _Plan, source: onnx.ModelProto, ctx: PassContext, act_dtype: str, act_sym: bool,
                    notes: list[str]) -> None:

@@ -1,0 +1,158 @@
+"""Which layers a weight pass touches: MatMul/Gemm/Conv nodes with a constant float32 weight, found by engine
+patterns and filtered by the recipe's `ops` and `exclude` (node or output-tensor names, or regexes).
+
+Shared by every pass that rewrites weights (quantize, sparsify, lowrank), so "which layers" means the same
+thing in every pass of a recipe.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..errors import RecipeError
+from ..rewrite import RewriteRule, fail, find_matches
+from ..rewrite.rule import onnx_dtype
+
+#: op types whose weight (input 1) these passes know how to read as a matrix
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+def check_exclude(patterns: Sequence[str], where: str) -> None:
+    """RecipeError naming the pattern when an `exclude` entry is not a valid regex."""
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise RecipeError(f"{where}: {pat!r} is not a valid regex: {e}") from None
+
+
+def is_excluded(node: gs.Node, patterns: Sequence[str]) -> bool:
+    """True when the node's name or one of its output names equals or fully matches a pattern."""
+    names = [node.name] + [t.name for t in node.outputs]
+    return any(p == n or re.fullmatch(p, n) for p in patterns for n in names)
+
+
+def check_ops(ops: Optional[Sequence[str]], allowed: Sequence[str], where: str) -> tuple[str, ...]:
+    """The op types a pass should touch: `ops` from the recipe (checked against `allowed`) or all of them."""
+    if ops is None:
+        return tuple(allowed)
+    unknown = sorted(set(ops) - set(allowed))
+    if unknown:
+        raise RecipeError(f"{where}: {unknown} not supported; valid: {list(allowed)}")
+    return tuple(ops)
+
+
+@dataclass
+class WeightLayer:
+    """One node reading a constant weight: y = op(x, W[, bias])."""
+
+    node: gs.Node
+    x: gs.Tensor
+    w: gs.Tensor
+    bias: Optional[gs.Tensor]
+    graph: gs.Graph
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def output(self) -> gs.Tensor:
+        return self.node.outputs[0]
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.asarray(ir.const_value(self.w), np.float32)
+
+    def matrix(self) -> np.ndarray:
+        """The weight as [k inputs, n outputs] with y = x @ M (Gemm's transB and alpha applied); Conv:
+        [C_in/group * kh * kw, C_out]."""
+        w = self.weight
+        if self.op == "Gemm":
+            m = w.T if self.node.attrs.get("transB", 0) else w
+            return np.ascontiguousarray(m * np.float32(self.node.attrs.get("alpha", 1.0)))
+        if self.op == "Conv":
+            return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+        if self.op == "ConvTranspose":
+            return np.ascontiguousarray(w.reshape(w.shape[0], -1))
+        return w
+
+
+def _p2(op_type: str):
+    def pattern(op, x, w):
+        return getattr(op, op_type)(x, w, _bind="node")
+    return pattern
+
+
+def _p3(op_type: str):
+    def pattern(op, x, w, b):
+        return getattr(op, op_type)(x, w, b, _bind="node")
+    return pattern
+
+
+def _keep(op, x, **_):  # planning only: find_matches never applies a replacement
+    return x
+
+
+def find_weight_layers(model: ir.Model, ops: Sequence[str] = WEIGHT_OPS, exclude: Sequence[str] = (),
+                       min_elements: int = 0, main_graph_only: bool = False,
+                       rejections: Optional[dict[str, str]] = None) -> list[WeightLayer]:
+    """Every node of `ops` whose weight is a finite constant float32 tensor (MatMul: 2-D), in graph order.
+
+    Nodes that look like candidates but are left alone get a reason in `rejections` (node name -> why)."""
+
+    def check(ctx, x, w, node, b=None):
+        if main_graph_only and ctx.graph is not model.graph:
+            return fail("inside a subgraph (its activations cannot be calibrated)")
+        if is_excluded(node, exclude):
+            return fail(f"excluded by the recipe ({node.name})")
+        v = ctx.const_value(w)
+        if v is None:
+            return fail(f"'{w.name}' is not a constant weight")
+        if v.dtype != np.float32:
+            return fail(f"weight '{w.name}' is {v.dtype}, not float32")
+        if node.op in ("MatMul", "Gemm") and v.ndim != 2:
+            return fail(f"weight '{w.name}' has rank {v.ndim}, not 2")
+        if node.op in ("Conv", "ConvTranspose") and v.ndim < 3:
+            return fail(f"weight '{w.name}' has rank {v.ndim}")
+        if v.size < min_elements:
+            return fail(f"weight '{w.name}' has {v.size} elements (< {min_elements})")
+        if not np.isfinite(v).all():
+            return fail(f"weight '{w.name}' contains NaN/inf")
+        if onnx_dtype(x) not in (None, onnx.TensorProto.FLOAT):
+            return fail(f"input '{x.name}' is not float32")
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return fail("Gemm with transA=1")
+        if b is not None and node.op != "Gemm" and ctx.const_value(b) is None:
+            return fail("bias is not constant")
+        return True
+
+    rules = []
+    for op_type in ops:
+        rules.append(RewriteRule(f"find-{op_type.lower()}-2", _p2(op_type), _keep, check))
+        if op_type != "MatMul":
+            rules.append(RewriteRule(f"find-{op_type.lower()}-3", _p3(op_type), _keep, check))
+    rej: dict[str, str] = {} if rejections is None else rejections
+    found = find_matches(model, rules, rejections=rej)
+    seen: set[int] = set()
+    layers = []
+    for f in found:
+        b = f.match.bindings
+        node = b["node"]
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        layers.append(WeightLayer(node, b["x"], b["w"], b.get("b"), f.graph))
+    order = {id(n): i for g in ir.iter_graphs(model.graph) for i, n in enumerate(g.nodes)}
+    layers.sort(key=lambda l: order.get(id(l.node), 0))
+    return layers
