@@ -1,0 +1,104 @@
+"""End-to-end sensitivity of a model to changes of its weights, and budget allocation across layers.
+
+Passes that compress each layer at a chosen level (sparsity, rank) should spend a global budget where it hurts
+the model's *outputs* least: the layer whose own error is smallest is often not the one the outputs tolerate
+best (measured on MiniLM, FINDINGS.md). :class:`WeightProbe` measures that cheaply: one ORT session in which the
+probed weights are graph inputs, so trying a candidate weight is one run per feed, with no new session.
+:func:`allocate` then picks one level per layer under the budget.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..validation.session import make_session, run_session
+
+__all__ = ["WeightProbe", "allocate"]
+
+
+class WeightProbe:
+    """Normalized squared output error of `proto` when some of its constant weights are replaced.
+
+    The named initializers become graph inputs of a private copy (the caller's proto is untouched); reference
+    outputs come from the same session fed the original weights, so the error measures only the change."""
+
+    def __init__(self, proto: onnx.ModelProto, weights: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                 providers: Any = None):
+        self.feeds = [dict(f) for f in feeds]
+        if not self.feeds:
+            from ..errors import CalibrationDataError
+
+            raise CalibrationDataError("sensitivity needs at least one sample")
+        probe = onnx.ModelProto()
+        probe.CopyFrom(proto)
+        wanted = set(weights)
+        keep, self.weights = [], {}
+        for t in probe.graph.initializer:
+            if t.name in wanted:
+                self.weights[t.name] = numpy_helper.to_array(t)
+                probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            else:
+                keep.append(t)
+        missing = wanted - set(self.weights)
+        if missing:
+            raise KeyError(f"not initializers of the main graph: {sorted(missing)[:5]}")
+        del probe.graph.initializer[:]
+        probe.graph.initializer.extend(keep)
+        self.session = make_session(probe, providers, name="sensitivity probe").session
+        self.outputs = [o.name for o in self.session.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
+                                                                                  "tensor(float16)")]
+        self.reference = [self._run(f, {}) for f in self.feeds]
+        self.ref_energy = sum(float(np.sum(np.square(y, dtype=np.float64))) for ys in self.reference for y in ys)
+
+    def _run(self, feed: Mapping[str, np.ndarray], replace: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        full = dict(feed)
+        for name, w in self.weights.items():
+            full[name] = np.ascontiguousarray(replace.get(name, w), dtype=w.dtype)
+        return run_session(self.session, full, self.outputs, name="sensitivity probe")
+
+    def error(self, replace: Mapping[str, np.ndarray]) -> float:
+        """sum ||y' - y||^2 / sum ||y||^2 over every feed and float output (0 = identical; inf on NaN/inf)."""
+        bad = [n for n in replace if n not in self.weights]
+        if bad:
+            raise KeyError(f"not probed: {bad[:5]}")
+        err = 0.0
+        for feed, ref in zip(self.feeds, self.reference):
+            for y, r in zip(self._run(feed, replace), ref):
+                d = np.asarray(y, np.float64) - r
+                e = float(np.sum(d * d))
+                if not math.isfinite(e):
+                    return math.inf
+                err += e
+        return err / max(self.ref_energy, 1e-30)
+
+
+def allocate(choices: Mapping[str, Sequence[tuple[float, float]]], budget: float) -> dict[str, int]:
+    """One option per key with total cost <= `budget` and the least total error (errors taken as additive).
+
+    `choices[key]` lists (cost, error) options; option 0 is the least compressed. Greedy on the lower convex
+    hull: repeatedly take the move (any key, to any cheaper option) that adds the least error per unit of cost
+    saved, until the budget is met. When even the cheapest options exceed the budget, those are returned."""
+    pick = {k: 0 for k in choices}
+    total = sum(opts[0][0] for opts in choices.values())
+    while total > budget:
+        best = None
+        for k, opts in choices.items():
+            c0, e0 = opts[pick[k]]
+            for j in range(pick[k] + 1, len(opts)):
+                c, e = opts[j]
+                if c >= c0:
+                    continue
+                rate = (e - e0) / (c0 - c)
+                if best is None or rate < best[0]:
+                    best = (rate, k, j)
+        if best is None:
+            break
+        _, k, j = best
+        total -= choices[k][pick[k]][0] - choices[k][j][0]
+        pick[k] = j
+    return pick
