@@ -475,6 +475,7 @@ def test_gram_matches_numpy_over_variable_length_feeds():
         rows = rows[np.isfinite(rows).all(axis=1)]
         np.testing.assert_allclose(st[name].gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
         assert st[name].gram_rows == rows.shape[0] == 3 + 10 - 1 + 3
+        np.testing.assert_allclose(st[name].gram_sum, rows.sum(axis=0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(st[name].second_moment, rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(CalibrationDataError, match="Gram axis 3 is out of range"):
         collect_statistics(m, [], feeds, histogram=False, gram_axes={"x": 3})

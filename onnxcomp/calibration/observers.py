@@ -68,6 +68,7 @@ class TensorStats:
     zeros: int = 0
     gram: np.ndarray | None = None  # float64 [d, d] = sum over rows x of x^T x (the Gram axis as the vector)
     gram_rows: int = 0
+    gram_sum: np.ndarray | None = None  # float64 [d]: sum of the rows (with gram_rows, their mean)
 
     @property
     def second_moment(self) -> np.ndarray | None:
@@ -109,6 +110,7 @@ class TensorObserver:
         self.channel_axis = channel_axis
         self.gram_axis = gram_axis
         self._gram: np.ndarray | None = None
+        self._gram_sum: np.ndarray | None = None
         self._gram_rows = 0
         self.count = 0
         self.samples = 0
@@ -172,7 +174,9 @@ class TensorObserver:
             rows = rows[ok]
         if self._gram is None:
             self._gram = np.zeros((d, d), np.float64)
+            self._gram_sum = np.zeros(d, np.float64)
         self._gram += rows.T @ rows  # float32 BLAS per sample, accumulated in float64 across samples
+        self._gram_sum += rows.sum(axis=0, dtype=np.float64)
         self._gram_rows += rows.shape[0]
 
     def _axis(self, a: np.ndarray, sample: int) -> int:
@@ -246,6 +250,7 @@ class TensorObserver:
             zeros=self.zeros,
             gram=None if self._gram is None else self._gram.copy(),
             gram_rows=self._gram_rows,
+            gram_sum=None if self._gram_sum is None else self._gram_sum.copy(),
         )
 
 

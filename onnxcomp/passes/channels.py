@@ -1,0 +1,624 @@
+"""Structured pruning (`sparsify` with `pattern: channel`): remove whole channels so that shapes really shrink.
+
+A *group* is a producer layer (MatMul/Gemm/Conv with a constant weight) whose output channels flow through a
+channel-preserving region (bias Add, BatchNormalization, elementwise activations such as an Erf-GELU, pools, a
+Flatten) into one or more consumer layers that read them on their reduction axis. Removing channel j deletes
+producer column/filter j, the j-th entry of every per-channel constant in the region, and the consumer rows
+that read it (a block of rows after a Flatten). Channels that reach anything else (a residual Add, a Reshape,
+a LayerNorm, a graph output) are not prunable: the group is refused with the reason, so residual streams stay
+consistent.
+
+Which channels go: `magnitude` (producer column norm x consumer row norm, no data), `wanda` (activation
+norm x consumer row norm, then a least-squares refit), `sparsegpt` (greedy group-OBS on the consumer input's
+Gram matrix: each step removes the channels whose loss, with the other rows refitted, is smallest). The
+refit has an intercept when the consumer has a bias, so a removed channel's mean contribution moves into it.
+Groups that share a layer (fc1 -> fc2 -> fc3) are rewritten together: one engine rule per connected
+component, built from the component's own nodes, so every replacement keeps its outputs' shapes.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..errors import CalibrationDataError
+from ..rewrite import RewriteRule, apply_rules, fail
+from .base import PassContext, PassOutcome
+from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
+
+_UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu",
+                    "HardSigmoid", "HardSwish", "Mish", "Abs", "Neg", "Exp", "Sqrt", "Identity", "Dropout",
+                    "Clip", "PRelu", "ThresholdedRelu", "Celu"})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"})
+_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+_CHANNEL_OPS = ("MatMul", "Gemm", "Conv")
+#: candidate fractions of channels removed per group when allocating by sensitivity
+_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@dataclass
+class _Group:
+    producer: WeightLayer
+    region: list[gs.Node]  # channel-preserving nodes between producer and consumers, in graph order
+    consumers: list[WeightLayer]
+    tensor: gs.Tensor  # what the consumers read
+    channels: int
+    block: int  # consumer rows per channel (1; H*W after a Flatten)
+    slices: dict[tuple[int, int], int]  # (id(region node), input index) -> axis of that constant to slice
+    biases: dict[str, Optional[gs.Node]] = field(default_factory=dict)  # consumer -> its bias Add (MatMul)
+    keep: Optional[np.ndarray] = None
+
+
+def _channel_axis(layer: WeightLayer) -> int:
+    return -1 if layer.op == "MatMul" else 1
+
+
+def _channels(layer: WeightLayer) -> int:
+    w = layer.weight
+    if layer.op == "Conv":
+        return w.shape[0]
+    if layer.op == "Gemm":
+        return w.shape[0] if layer.node.attrs.get("transB", 0) else w.shape[1]
+    return w.shape[1]
+
+
+def _rank(t: gs.Tensor) -> Optional[int]:
+    return len(t.shape) if getattr(t, "shape", None) is not None else None
+
+
+def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLayer]) -> _Group | str:
+    """The group rooted at `layer`, or why its channels cannot be removed."""
+    if layer.op == "Conv" and layer.node.attrs.get("group", 1) != 1:
+        return "grouped/depthwise Conv"
+    c = _channels(layer)
+    axis = _channel_axis(layer)
+    region: list[gs.Node] = []
+    slices: dict[tuple[int, int], int] = {}
+    consumers: list[WeightLayer] = []
+    inside: set[int] = set()
+    tensors = {id(layer.output)}
+    frontier = [layer.output]
+    block = 1
+    final: Optional[gs.Tensor] = None
+    while frontier:
+        t = frontier.pop()
+        if index.is_graph_output(t):
+            return f"channels reach the graph output '{t.name}'"
+        for n in index.consumers(t):
+            if id(n) in inside:
+                continue
+            wl = by_node.get(id(n))
+            if wl is not None and wl.x is t:
+                if wl.op == "Conv" and (wl.node.attrs.get("group", 1) != 1 or block != 1):
+                    return f"channels reach Conv '{n.name}' with groups or after a Flatten"
+                if wl.op == "Gemm" and wl.node.attrs.get("transA", 0):
+                    return f"channels reach Gemm '{n.name}' with transA"
+                if (wl.op == "Conv") != (axis == 1 and block == 1) and not (wl.op == "Gemm" and axis == 1):
+                    return f"channel axis does not match the reduction axis of {n.op} '{n.name}'"
+                if final is not None and final is not t:
+                    return "consumers read the channels at different points of the region"
+                final = t
+                consumers.append(wl)
+                inside.add(id(n))
+                continue
+            if block != 1 and n.op not in _UNARY:
+                return f"{n.op} '{n.name}' after a Flatten"
+            if n.op in _UNARY or n.op == "BatchNormalization" or (n.op in _POOLS and axis == 1) \
+                    or n.op in _BINARY:
+                for i, x in enumerate(n.inputs[1:] if n.op in _UNARY | {"BatchNormalization"} else n.inputs):
+                    i = i + 1 if n.op in _UNARY | {"BatchNormalization"} else i
+                    if not x.name or id(x) in tensors:
+                        continue
+                    v = ir.const_value(x)
+                    if v is None:
+                        if n.op in _BINARY:  # the other operand may still be reached from the region
+                            continue
+                        return f"{n.op} '{n.name}' has a non-constant parameter '{x.name}'"
+                    if n.op == "BatchNormalization":
+                        if v.shape != (c,):
+                            return f"BatchNormalization '{n.name}' parameter '{x.name}' is not per channel"
+                        slices[(id(n), i)] = 0
+                        continue
+                    if n.op == "PRelu" or n.op in _BINARY:
+                        r = _rank(t)
+                        if v.ndim and (axis == -1 or r is not None):
+                            ax = v.ndim - 1 if axis == -1 else axis - (r - v.ndim)
+                            if 0 <= ax < v.ndim and v.shape[ax] != 1:
+                                if v.shape[ax] != c or any(s != 1 for k, s in enumerate(v.shape) if k != ax):
+                                    return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
+                                slices[(id(n), i)] = ax
+                            elif any(s != 1 for s in v.shape):
+                                return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
+                        elif v.ndim:
+                            return f"{n.op} '{n.name}': rank of '{t.name}' unknown"
+                if n.op == "Dropout" and len(n.outputs) > 1 and index.has_consumers(n.outputs[1]):
+                    return f"Dropout '{n.name}' mask is used"
+            elif n.op == "Flatten" and axis == 1 and n.attrs.get("axis", 1) == 1 and block == 1:
+                shape = t.shape
+                if shape is None or any(not isinstance(s, int) for s in shape[2:]):
+                    return f"Flatten '{n.name}' of a tensor with unknown spatial shape"
+                block = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+            else:
+                return f"channels reach {n.op} '{n.name}'"
+            inside.add(id(n))
+            region.append(n)
+            for o in n.outputs[:1]:
+                tensors.add(id(o))
+                frontier.append(o)
+    for n in region:  # binary ops: both operands must come from the region or be checked constants
+        for i, x in enumerate(n.inputs):
+            if n.op in _BINARY and x.name and id(x) not in tensors and (id(n), i) not in slices \
+                    and ir.const_value(x) is None:
+                return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)"
+    if not consumers:
+        return "no consumer layer reads the channels"
+    for wl in consumers:
+        rows = wl.matrix().shape[0] if wl.op != "Conv" else wl.weight.shape[1]
+        if rows != c * block:
+            return f"consumer '{wl.name}' reads {rows} rows, expected {c * block}"
+    order = {id(n): k for k, n in enumerate(index.graph.nodes)}
+    region.sort(key=lambda n: order.get(id(n), 0))
+    biases: dict[str, Optional[gs.Node]] = {}
+    for wl in consumers:
+        biases[wl.name] = None
+        if wl.op == "MatMul":
+            readers = index.consumers(wl.output)
+            if len(readers) == 1 and readers[0].op == "Add" and not index.is_graph_output(wl.output):
+                other = [x for x in readers[0].inputs if x is not wl.output]
+                bv = ir.const_value(other[0]) if len(other) == 1 else None
+                if bv is not None and bv.ndim == 1 and bv.shape[0] == wl.weight.shape[1]:
+                    biases[wl.name] = readers[0]
+    return _Group(layer, region, consumers, final, c, block, slices, biases)
+
+
+# -------------------------------------------------------------------------------------------- channel choice
+def _consumer_rows(wl: WeightLayer, block: int) -> np.ndarray:
+    """The consumer weight as [channels * block, outputs] (Conv: [C_in, C_out*kh*kw])."""
+    if wl.op == "Conv":
+        w = wl.weight
+        return np.ascontiguousarray(w.transpose(1, 0, *range(2, w.ndim)).reshape(w.shape[1], -1))
+    return wl.matrix()
+
+
+def _obs_prune(w: np.ndarray, h: Optional[np.ndarray], block: int, remove: list[int], damping: float,
+               fixed: int = 0, score: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Greedy group-OBS: remove channels (blocks of `block` rows of w) in steps, refitting the other rows by least
+    squares in the metric h (the rows' Gram). Without h, the channels with the least `score` (default: row
+    energy) go and w is kept as is. `fixed` trailing rows (an intercept) are never removed. Returns, for each
+    count in `remove` (ascending), (kept channel indices, refitted w)."""
+    n_ch = (w.shape[0] - fixed) // block
+    w = w.astype(np.float64).copy()
+    if h is None:
+        if score is None:
+            score = (w[: n_ch * block] ** 2).reshape(n_ch, -1).sum(axis=1)
+        order = np.argsort(score, kind="stable")
+        out = []
+        for k in remove:
+            keep = np.sort(order[k:])
+            out.append((keep, w))
+        return out
+    h = h.astype(np.float64).copy()
+    diag = np.diag(h)[: n_ch * block]
+    lam = damping * (float(np.mean(diag)) if diag.size else 1.0) + 1e-12
+    h[np.diag_indices_from(h)] += lam
+    hinv = np.linalg.inv(h)
+    alive = np.ones(n_ch, bool)
+    out = []
+    removed = 0
+    targets = sorted(remove)
+    ti = 0
+    while ti < len(targets) and targets[ti] == 0:
+        out.append((np.arange(n_ch), w.copy()))
+        ti += 1
+    while ti < len(targets):
+        goal = targets[ti]
+        step = max(1, min(goal - removed, max(1, n_ch // 64)))
+        rows = np.arange(n_ch * block).reshape(n_ch, block)
+        live = np.flatnonzero(alive)
+        if block == 1:
+            d = np.diag(hinv)[live]
+            cost = (w[live] ** 2).sum(axis=1) / np.maximum(d, 1e-30)
+        else:
+            idx = rows[live]
+            hb = hinv[idx[:, :, None], idx[:, None, :]]
+            wb = w[idx]
+            cost = np.einsum("cbm,cbm->c", wb, np.linalg.solve(hb, wb))
+        pick = live[np.argsort(cost, kind="stable")[:step]]
+        r = rows[pick].reshape(-1)
+        hrr = hinv[np.ix_(r, r)]
+        sol = np.linalg.solve(hrr, np.concatenate([w[r], hinv[r]], axis=1))
+        w -= hinv[:, r] @ sol[:, : w.shape[1]]
+        hinv -= hinv[:, r] @ sol[:, w.shape[1]:]
+        w[r] = 0.0
+        hinv[r, :] = 0.0
+        hinv[:, r] = 0.0
+        hinv[r, r] = 1.0  # removed rows are decoupled (identity) so later solves stay regular
+        alive[pick] = False
+        removed += len(pick)
+        while ti < len(targets) and removed >= targets[ti]:
+            out.append((np.flatnonzero(alive), w.copy()))
+            ti += 1
+    return out
+
+
+def _round(k: int, c: int) -> int:
+    """Channels removed, rounded so the kept count is a multiple of 8 for wide layers (SIMD-friendly shapes)."""
+    if c >= 64:
+        keep = max(8, int(round((c - k) / 8.0)) * 8)
+        return max(0, min(c - 1, c - keep))
+    return max(0, min(c - 1, k))
+
+
+# -------------------------------------------------------------------------------------------- the pass part
+def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
+    """Remove channels of every prunable group (see the module doc); `opts` is the Sparsify pass's options."""
+    notes: list[str] = []
+    method = opts.method
+    if method == "auto":
+        method = "sparsegpt" if ctx.calibration_data is not None else "magnitude"
+    details: dict[str, Any] = {"pattern": "channel", "method": method}
+    ops = check_ops(getattr(opts, "ops", None), _CHANNEL_OPS, "sparsify.ops")
+    exclude = tuple(getattr(opts, "exclude", ()) or ())
+    layers = find_weight_layers(model, ops=_CHANNEL_OPS, main_graph_only=True)
+    by_node = {id(l.node): l for l in layers}
+    index = ir.GraphIndex(model.graph)
+    groups: list[_Group] = []
+    refused: list[dict[str, str]] = []
+    for l in layers:
+        if l.op not in ops or is_excluded(l.node, exclude):
+            continue
+        g = _trace(l, index, by_node)
+        if isinstance(g, str):
+            refused.append({"layer": l.name, "reason": g})
+            continue
+        bad = [c.name for c in g.consumers if c.op not in ops or is_excluded(c.node, exclude)]
+        if bad:
+            refused.append({"layer": l.name, "reason": f"consumer {bad[0]} excluded by the recipe"})
+            continue
+        if g.channels < 2:
+            refused.append({"layer": l.name, "reason": "a single channel"})
+            continue
+        groups.append(g)
+    details["refused"] = refused
+    if not groups:
+        notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
+        details["groups"] = []
+        return PassOutcome(details=details, notes=notes)
+
+    data_aware = method != "magnitude"
+    stats: dict[str, Any] = {}
+    feeds = None
+    if data_aware:
+        if ctx.calibration_data is None:
+            raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
+                                       "statistics); use method 'magnitude' without data")
+        from ..calibration import collect_statistics
+
+        feeds = list(ctx.calibration_data)[: opts.calibration_samples]
+        axes = {g.tensor.name: (1 if g.consumers[0].op == "Conv" else -1) for g in groups}
+        stats = collect_statistics(ctx.proto, [], feeds, providers=ctx.providers, histogram=False,
+                                   gram_axes=axes, progress=ctx.progress)
+
+    # per group: consumer rows stacked, Gram (with an intercept row when every consumer has a bias)
+    plans = []
+    for g in groups:
+        mats = [_consumer_rows(c, g.block) for c in g.consumers]
+        w = np.concatenate(mats, axis=1)
+        st = stats.get(g.tensor.name)
+        h = None
+        fixed = 0
+        if data_aware and st is not None and st.gram is not None and st.gram_rows:
+            h = st.gram / st.gram_rows
+            if all(c.bias is not None or g.biases.get(c.name) is not None for c in g.consumers) \
+                    and all(c.op != "Conv" for c in g.consumers):
+                mu = st.gram_sum / st.gram_rows
+                h = np.block([[h, mu[:, None]], [mu[None, :], np.ones((1, 1))]])
+                w = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)
+                fixed = 1
+        elif data_aware:
+            notes.append(f"no activation statistics for '{g.tensor.name}'; group '{g.producer.name}' pruned by "
+                         "magnitude")
+        plans.append((g, mats, w, h, fixed))
+
+    counts = {id(g): _round(int(round(opts.sparsity * g.channels)), g.channels) for g in groups}
+    sens = {}
+    if opts.allocation == "sensitivity" and data_aware:
+        counts, sens = _allocate(plans, method, opts, ctx, feeds)
+        details["allocation"] = "sensitivity"
+    rows = []
+    for g, mats, w, h, fixed in plans:
+        k = counts[id(g)]
+        keep, wf = _choose(method, g, w, h, [k], opts.damping, fixed)[0]
+        g.keep = keep
+        g.new_consumers = _split_consumers(g, mats, wf, keep, fixed)  # type: ignore[attr-defined]
+        row = {"producer": g.producer.name, "consumers": [c.name for c in g.consumers],
+               "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
+        if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
+            d = _zero_removed(wf, keep, g.block, fixed) - w
+            row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
+        if id(g) in sens:
+            row["sensitivity"] = sens[id(g)]
+        rows.append(row)
+    total_b, total_a = _rewrite(model, groups)
+    details["groups"] = rows
+    details["params_before"], details["params_after"] = total_b, total_a
+    details["params_removed"] = total_b - total_a
+    details["channel_sparsity"] = 1.0 - sum(r["kept"] for r in rows) / max(1, sum(r["channels"] for r in rows))
+    notes.append(f"structured: {len(rows)} group(s), {details['params_removed']} weights removed "
+                 f"({100.0 * (total_b - total_a) / max(1, total_b):.1f}% of their layers); {len(refused)} layer(s) "
+                 "not prunable")
+    return PassOutcome(details=details, notes=notes)
+
+
+def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
+            fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(kept channels, new consumer rows) for each count of removed channels, by the method's criterion."""
+    if h is None or method == "magnitude":
+        return _obs_prune(w, None, g.block, counts, damping, fixed, score=_magnitude_score(g, w))
+    if method == "sparsegpt":
+        return _obs_prune(w, h, g.block, counts, damping, fixed)
+    n = g.channels * g.block  # wanda: activation energy x consumer row energy, then a least-squares refit
+    score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
+    runs = _obs_prune(w, None, g.block, counts, damping, fixed, score=score)
+    return [(keep, _refit(w, h, keep, g.block, fixed, damping)) for keep, _ in runs]
+
+
+def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
+    """||producer column|| * ||consumer rows|| per channel: what the channel can contribute, without data."""
+    p = g.producer.weight
+    if g.producer.op == "Conv":
+        norms = np.sqrt((p.reshape(p.shape[0], -1) ** 2).sum(axis=1))
+    else:
+        norms = np.sqrt((p ** 2).sum(axis=1 - _out_axis(g.producer)))
+    rows = np.sqrt((w[: g.channels * g.block] ** 2).reshape(g.channels, -1).sum(axis=1))
+    return norms * rows
+
+
+def _refit(w: np.ndarray, h: np.ndarray, keep: np.ndarray, block: int, fixed: int, damping: float) -> np.ndarray:
+    """min ||X W - X_S W'|| over rows S (kept channels + intercept): W'_S = H_SS^-1 H_S: W, zero elsewhere."""
+    rows = np.concatenate([(keep[:, None] * block + np.arange(block)).reshape(-1),
+                           np.arange(w.shape[0] - fixed, w.shape[0])]).astype(np.int64)
+    hd = h.astype(np.float64)
+    lam = damping * float(np.mean(np.diag(hd))) + 1e-12
+    hss = hd[np.ix_(rows, rows)] + lam * np.eye(len(rows))
+    out = np.zeros_like(w, dtype=np.float64)
+    out[rows] = np.linalg.solve(hss, hd[rows] @ w)
+    return out
+
+
+def _split_consumers(g: _Group, mats: list[np.ndarray], wf: np.ndarray, keep: np.ndarray, fixed: int):
+    """Per consumer: (new stored weight, bias delta or None) from the refitted stacked rows."""
+    rows = (keep[:, None] * g.block + np.arange(g.block)).reshape(-1)
+    out = {}
+    col = 0
+    for c, m in zip(g.consumers, mats):
+        part = wf[:, col: col + m.shape[1]]
+        col += m.shape[1]
+        delta = part[-1] if fixed else None
+        kept = part[rows].astype(np.float32)
+        if c.op == "Conv":
+            w = c.weight
+            new = kept.reshape(len(keep), w.shape[0], *w.shape[2:]).transpose(1, 0, *range(2, w.ndim))
+        elif c.op == "Gemm":
+            alpha = np.float32(c.node.attrs.get("alpha", 1.0))
+            new = kept / alpha
+            if c.node.attrs.get("transB", 0):
+                new = new.T
+        else:
+            new = kept
+        out[c.name] = (np.ascontiguousarray(new, dtype=np.float32), delta)
+    return out
+
+
+def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
+    """Channels per group from measured end-to-end sensitivity: each group at each level is probed by zeroing
+    its removed consumer rows (what removing the channels does) with the refit applied, in one session."""
+    from .sensitivity import WeightProbe, allocate
+
+    names = []
+    for g, *_ in plans:
+        for c in g.consumers:
+            names.append(c.w.name)
+            bt = _bias_target(g, c)
+            if bt is not None:
+                names.append(bt[0].inputs[bt[1]].name)
+    inits = {t.name for t in ctx.proto.graph.initializer}
+    names = sorted(set(n for n in names if n in inits))
+    probe = WeightProbe(ctx.proto, names, feeds[:16], ctx.providers)
+    choices, level_counts, sens = {}, {}, {}
+    budget = 0.0
+    for g, mats, w, h, fixed in plans:
+        per_channel = (g.producer.weight.size + sum(c.weight.size for c in g.consumers)) / g.channels
+        ks = sorted({_round(int(round(f * g.channels)), g.channels) for f in _LEVELS})
+        runs = _choose(method, g, w, h, ks, opts.damping, fixed)
+        opts_g = []
+        for k, (keep, wf) in zip(ks, runs):
+            new = _split_consumers(g, mats, _zero_removed(wf, keep, g.block, fixed), np.arange(g.channels), fixed)
+            replace = {}
+            for c in g.consumers:
+                if c.w.name in names:
+                    replace[c.w.name] = new[c.name][0]
+                bt = _bias_target(g, c)
+                if bt is not None and new[c.name][1] is not None:
+                    b = bt[0].inputs[bt[1]]
+                    if b.name in names:
+                        replace[b.name] = (ir.const_value(b) + new[c.name][1] / bt[2]).astype(np.float32)
+            err = probe.error(replace) if k else 0.0
+            opts_g.append(((g.channels - k) * per_channel, err))
+        choices[id(g)] = opts_g
+        level_counts[id(g)] = ks
+        budget += g.channels * per_channel * (1.0 - opts.sparsity)
+        sens[id(g)] = {str(k): e for k, (_, e) in zip(ks, opts_g)}
+    pick = allocate(choices, budget)
+    return {gid: level_counts[gid][i] for gid, i in pick.items()}, sens
+
+
+def _zero_removed(wf: np.ndarray, keep: np.ndarray, block: int, fixed: int) -> np.ndarray:
+    out = np.zeros_like(wf)
+    rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
+    out[rows] = wf[rows]
+    if fixed:
+        out[-fixed:] = wf[-fixed:]
+    return out
+
+
+def _bias_target(g: _Group, c: WeightLayer) -> Optional[tuple[gs.Node, int, float]]:
+    """Where consumer c's bias lives: (node, input index, scale of a bias change: Gemm's beta), or None."""
+    if c.bias is not None:
+        return c.node, 2, float(c.node.attrs.get("beta", 1.0)) if c.op == "Gemm" else 1.0
+    add = g.biases.get(c.name)
+    if add is None:
+        return None
+    return add, (1 if add.inputs[0] is c.output else 0), 1.0
+
+
+def _out_axis(layer: WeightLayer) -> int:
+    """Axis of the stored weight that indexes output channels."""
+    return 0 if layer.op == "Conv" or (layer.op == "Gemm" and layer.node.attrs.get("transB", 0)) else 1
+
+
+def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
+    """(id(node), input index) -> new constant, in an order that composes: consumer rows are refitted on the
+    full outputs first (with the intercept moved into the bias), then producers' output channels are taken,
+    then per-channel constants of each region are sliced."""
+    new: dict[tuple[int, int], np.ndarray] = {}
+
+    def cur(node: gs.Node, i: int) -> np.ndarray:
+        return new.get((id(node), i), np.asarray(ir.const_value(node.inputs[i])))
+
+    for g in comp:
+        for c in g.consumers:
+            w_new, delta = g.new_consumers[c.name]  # type: ignore[attr-defined]
+            new[(id(c.node), 1)] = w_new
+            if delta is None:
+                continue
+            bnode, bi, scale = _bias_target(g, c)
+            d = delta / scale
+            b = cur(bnode, bi)
+            if b.ndim == 1 and b.shape[0] == d.shape[0]:
+                new[(id(bnode), bi)] = (b + d).astype(np.float32)
+    for g in comp:
+        p = g.producer
+        new[(id(p.node), 1)] = np.take(cur(p.node, 1), g.keep, axis=_out_axis(p))
+        if p.bias is not None:
+            bv = cur(p.node, 2)
+            if bv.ndim == 1 and bv.shape[0] == g.channels:
+                new[(id(p.node), 2)] = bv[g.keep]
+        for n in g.region:
+            for i in range(len(n.inputs)):
+                ax = g.slices.get((id(n), i))
+                if ax is not None:
+                    new[(id(n), i)] = np.take(cur(n, i), g.keep, axis=ax)
+    return new
+
+
+# -------------------------------------------------------------------------------------------- rewriting
+def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
+    """One engine rule per connected component of groups; each rebuilds its nodes with the sliced weights.
+    Returns the weight counts of the layers involved, before and after."""
+    parent = {id(g): id(g) for g in groups}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    owner: dict[int, int] = {}
+    for g in groups:
+        for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:
+            if id(n) in owner:
+                parent[find(id(g))] = find(owner[id(n)])
+            else:
+                owner[id(n)] = id(g)
+    comps: dict[int, list[_Group]] = {}
+    for g in groups:
+        comps.setdefault(find(id(g)), []).append(g)
+    layers = {id(l.node): l for g in groups for l in [g.producer, *g.consumers]}
+    before = sum(l.weight.size for l in layers.values())
+    consts = [_new_constants(comp) for comp in comps.values()]
+    after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
+    rules = [_component_rule(k, comp, model, c) for k, (comp, c) in enumerate(zip(comps.values(), consts))]
+    stats = apply_rules(model, rules)
+    failed = [r.name for r in rules if stats.rules[r.name].applied != 1]
+    if failed:
+        from ..errors import InvalidModelError
+
+        reasons = {r: stats.rules[r].to_dict() if hasattr(stats.rules[r], "to_dict") else "" for r in failed}
+        raise InvalidModelError(f"structured pruning could not rewrite {failed}: {reasons}")
+    return before, after
+
+
+def _component_rule(k: int, comp: list[_Group], model: ir.Model,
+                    new_const: dict[tuple[int, int], np.ndarray]) -> RewriteRule:
+    """A rule whose pattern is exactly this component's nodes and whose replacement rebuilds them smaller."""
+    nodes: dict[int, gs.Node] = {}
+    for g in comp:
+        for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:
+            nodes[id(n)] = n
+        for c in g.consumers:
+            add = g.biases.get(c.name)
+            if add is not None:
+                nodes[id(add)] = add
+    order = {id(n): i for i, n in enumerate(model.graph.nodes)}
+    seq = sorted(nodes.values(), key=lambda n: order[id(n)])
+    made = {id(t) for n in seq for t in n.outputs}
+    ext: dict[int, str] = {}
+    for n in seq:
+        for t in n.inputs:
+            if t.name and id(t) not in made and id(t) not in ext:
+                ext[id(t)] = f"v{len(ext)}"
+    index = ir.GraphIndex(model.graph)
+    used_outside = [t for n in seq for t in n.outputs
+                    if t.name and (index.is_graph_output(t) or any(id(c) not in nodes for c in index.consumers(t)))]
+    var_names = list(ext.values())
+
+    def pattern(op, *vs):
+        val: dict[int, Any] = {}
+        byname = dict(zip(var_names, vs))
+        for t_id, nm in ext.items():
+            val[t_id] = byname[nm]
+        for i, n in enumerate(seq):
+            ins = [val[id(t)] if t.name else None for t in n.inputs]
+            outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _bind=f"n{i}")
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for t, o in zip(n.outputs, outs):
+                val[id(t)] = o
+        return tuple(val[id(t)] for t in used_outside) if len(used_outside) > 1 else val[id(used_outside[0])]
+
+    pattern.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("op", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(v, inspect.Parameter.POSITIONAL_OR_KEYWORD) for v in var_names])
+    pattern.__name__ = f"channel_component_{k}"
+
+    def check(ctx, **b):
+        if not all(b.get(f"n{i}") is n for i, n in enumerate(seq)):
+            return fail("not the planned component")
+        return True
+
+    def replacement(op, **b):
+        val: dict[int, gs.Tensor] = {}
+        for t_id, nm in ext.items():
+            val[t_id] = b[nm]
+        for i, n in enumerate(seq):
+            ins = []
+            for j, t in enumerate(n.inputs):
+                if (id(n), j) in new_const:
+                    ins.append(op.const(new_const[(id(n), j)], name=f"{t.name}_pruned"))
+                elif not t.name:
+                    ins.append(None)
+                else:
+                    ins.append(val[id(t)])
+            outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _name=n.name,
+                                     **dict(n.attrs))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for t, o in zip(n.outputs, outs):
+                val[id(t)] = o
+        res = [val[id(t)] for t in used_outside]
+        return tuple(res) if len(res) > 1 else res[0]
+
+    return RewriteRule(f"prune-channels-{k}", pattern, replacement, check)
