@@ -116,13 +116,8 @@ class Report:
                          f"{human_bytes(p.bytes_after - p.bytes_before)}, {p.seconds:.2f} s")
             for n in p.notes:
                 lines.append(f"        note: {n}")
-            sens = p.details.get("sensitivity") or []
-            if sens:
-                worst = ", ".join(f"{r['node'] or r['tensor']} (rel err {r['introduced']:.3g})" for r in sens[:3])
-                lines.append(f"        most sensitive layers: {worst}")
-            if p.details.get("quantized"):
-                lines.append(f"        quantized: {p.details['quantized']}; left in float: "
-                             f"{p.details.get('left_float_total', 0)} node(s) (reasons in the JSON/HTML report)")
+            for line in _pass_summary(p.name, p.details):
+                lines.append(f"        {line}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
@@ -244,3 +239,16 @@ def _markdown_tables_to_html(md: str) -> str:
     if in_table:
         out.append("</table>")
     return "\n".join(out)
+
+
+def _pass_summary(name: str, details: dict[str, Any]) -> list[str]:
+    """The pass's own short account of its details (Pass.summarize); nothing for unknown or failing passes."""
+    from .passes import REGISTRY
+
+    cls = REGISTRY.get(name)
+    if cls is None:
+        return []
+    try:
+        return list(cls.summarize(details))
+    except (KeyError, TypeError, ValueError, IndexError):  # details of another version: the JSON has them all
+        return []

@@ -50,6 +50,11 @@ class Pass:
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def summarize(cls, details: dict[str, Any]) -> list[str]:
+        """A few lines for the terminal report on what the pass did, from its PassOutcome.details."""
+        return []
+
     def finalize(self, proto: onnx.ModelProto, outcome: "PassOutcome") -> None:
         """Called in place on the final model once every pass has run (e.g. how weights are stored in the file,
         which later passes must not see); record what was done in `outcome`. Default: nothing."""

@@ -107,6 +107,18 @@ class Quantize(Pass):
     def min_opset(self) -> Optional[int]:
         return 13  # per-channel DequantizeLinear (axis) needs opset 13
 
+    @classmethod
+    def summarize(cls, details: dict[str, Any]) -> list[str]:
+        lines = []
+        sens = details.get("sensitivity") or []
+        if sens:
+            worst = ", ".join(f"{r['node'] or r['tensor']} (rel err {r['introduced']:.3g})" for r in sens[:3])
+            lines.append(f"most sensitive layers: {worst}")
+        if details.get("quantized"):
+            lines.append(f"quantized: {details['quantized']}; left in float: {details.get('left_float_total', 0)} "
+                         "node(s) (reasons in the JSON/HTML report)")
+        return lines
+
     # ------------------------------------------------------------------------------------------
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         target = TARGETS[ctx.target]
