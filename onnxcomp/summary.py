@@ -58,9 +58,14 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
         for n in g.node:  # Constant nodes hold parameters too
             if n.op_type == "Constant":
                 for a in n.attribute:
-                    if a.type == onnx.AttributeProto.TENSOR:
+                    if a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.SPARSE_TENSOR):
                         op = consumer.get(n.output[0], "(unused)")
-                        k, b = _numel(a.t), _nbytes(a.t)
+                        if a.type == onnx.AttributeProto.TENSOR:
+                            k, b = _numel(a.t), _nbytes(a.t)
+                        else:  # stored sparse: the dense element count, the bytes really stored
+                            sp = a.sparse_tensor
+                            k = int(np.prod(sp.dims)) if len(sp.dims) else 1
+                            b = _nbytes(sp.values) + _nbytes(sp.indices)
                         params[op] += k
                         pbytes[op] += b
                         total_params += k

@@ -50,3 +50,15 @@ def test_compressed_size_sees_zeros_and_non_float_weights_stay_dense():
     q.CopyFrom(m)
     q.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((96, 40), np.int8), "W"))
     assert not storage.sparse_storage(q, min_saving=0.0).converted  # int8: 1 + 8 bytes a value never pays
+
+
+def test_summary_counts_sparse_weights_at_their_stored_size():
+    from onnxcomp.summary import summarize
+
+    m, w = _model(0.2)
+    dense = summarize(m)
+    storage.sparse_storage(m)
+    sparse = summarize(m)
+    assert sparse["parameters"] == dense["parameters"] == w.size
+    nnz = int(np.count_nonzero(w))
+    assert sparse["parameter_bytes"] == nnz * (4 + 8) < dense["parameter_bytes"]
