@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .. import ir
 from ..errors import CalibrationDataError
@@ -51,6 +53,21 @@ class _Group:
     slices: dict[tuple[int, int], int]  # (id(region node), input index) -> axis of that constant to slice
     biases: dict[str, Optional[gs.Node]] = field(default_factory=dict)  # consumer -> its bias Add (MatMul)
     keep: Optional[np.ndarray] = None
+    attention: Optional[dict[str, Any]] = None  # attention-head group: the block's bindings (heads.py)
+    extra: list[WeightLayer] = field(default_factory=list)  # more producers (q and k of a head group)
+
+    @property
+    def producers(self) -> list[WeightLayer]:
+        return [*self.extra, self.producer]
+
+    @property
+    def pblock(self) -> int:
+        """Producer columns per channel: 1, or head_dim for attention heads."""
+        return self.block if self.attention is not None else 1
+
+    @property
+    def params(self) -> int:
+        return sum(l.weight.size for l in [*self.producers, *self.consumers])
 
 
 def _channel_axis(layer: WeightLayer) -> int:
@@ -283,6 +300,9 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
             refused.append({"layer": l.name, "reason": "a single channel"})
             continue
         groups.append(g)
+    heads_opt = opts.heads
+    if heads_opt:
+        groups += _head_groups(model, by_node, ops, exclude, refused, notes)
     details["refused"] = refused
     if not groups:
         notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
@@ -303,39 +323,42 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
         stats = collect_statistics(ctx.proto, [], feeds, providers=ctx.providers, histogram=False,
                                    gram_axes=axes, progress=ctx.progress)
 
-    # per group: consumer rows stacked, Gram (with an intercept row when every consumer has a bias)
     plans = []
     for g in groups:
-        mats = [_consumer_rows(c, g.block) for c in g.consumers]
-        w = np.concatenate(mats, axis=1)
-        st = stats.get(g.tensor.name)
-        h = None
-        fixed = 0
-        if data_aware and st is not None and st.gram is not None and st.gram_rows:
-            h = st.gram / st.gram_rows
-            if all(c.bias is not None or g.biases.get(c.name) is not None for c in g.consumers) \
-                    and all(c.op != "Conv" for c in g.consumers):
-                mu = st.gram_sum / st.gram_rows
-                h = np.block([[h, mu[:, None]], [mu[None, :], np.ones((1, 1))]])
-                w = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)
-                fixed = 1
-        elif data_aware:
+        plan = _plan(g, stats.get(g.tensor.name), data_aware)
+        if data_aware and plan[2] is None:
             notes.append(f"no activation statistics for '{g.tensor.name}'; group '{g.producer.name}' pruned by "
                          "magnitude")
-        plans.append((g, mats, w, h, fixed))
-
-    counts = {id(g): _round(int(round(opts.sparsity * g.channels)), g.channels) for g in groups}
+        plans.append((g, *plan))
+    counts = {id(g): _round(int(round((heads_opt if g.attention is not None else opts.sparsity) * g.channels)),
+                            g.channels) for g in groups}
     sens = {}
     if opts.allocation == "sensitivity" and data_aware:
         counts, sens = _allocate(plans, method, opts, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = []
-    for g, mats, w, h, fixed in plans:
+    sequential = bool(getattr(opts, "sequential", False)) and data_aware and len(plans) > 1
+    sim = None
+    if sequential:  # each group refitted on the activations of the model with the groups before it pruned
+        sim = onnx.ModelProto()
+        sim.CopyFrom(ctx.proto)
+        details["sequential"] = True
+    for i, (g, mats, w, h, fixed) in enumerate(plans):
         k = counts[id(g)]
+        if sim is not None and i:
+            from ..calibration import collect_statistics
+
+            st = collect_statistics(sim, [], feeds, providers=ctx.providers, histogram=False,
+                                    gram_axes={g.tensor.name: 1 if g.consumers[0].op == "Conv" else -1})
+            mats, w, h, fixed = _plan(g, st.get(g.tensor.name), True)
         keep, wf = _choose(method, g, w, h, [k], opts.damping, fixed)[0]
         g.keep = keep
         g.new_consumers = _split_consumers(g, mats, wf, keep, fixed)  # type: ignore[attr-defined]
-        row = {"producer": g.producer.name, "consumers": [c.name for c in g.consumers],
+        if sim is not None:
+            _simulate(sim, g, _split_consumers(g, mats, _zero_removed(wf, keep, g.block, fixed),
+                                               np.arange(g.channels), fixed))
+        row = {"kind": "heads" if g.attention is not None else "channels",
+               "producer": g.producer.name, "consumers": [c.name for c in g.consumers],
                "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
         if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
             d = _zero_removed(wf, keep, g.block, fixed) - w
@@ -343,7 +366,9 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
         if id(g) in sens:
             row["sensitivity"] = sens[id(g)]
         rows.append(row)
-    total_b, total_a = _rewrite(model, groups)
+    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None])
+    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None])
+    total_b, total_a = total_b + hb, total_a + ha
     details["groups"] = rows
     details["params_before"], details["params_after"] = total_b, total_a
     details["params_removed"] = total_b - total_a
@@ -352,6 +377,36 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
                  f"({100.0 * (total_b - total_a) / max(1, total_b):.1f}% of their layers); {len(refused)} layer(s) "
                  "not prunable")
     return PassOutcome(details=details, notes=notes)
+
+
+def _plan(g: _Group, st: Any, data_aware: bool):
+    """(consumer matrices, stacked rows w, Gram h or None, intercept rows) of a group; the intercept row is
+    added when every consumer has a bias to absorb the removed channels' mean contribution."""
+    mats = [_consumer_rows(c, g.block) for c in g.consumers]
+    w = np.concatenate(mats, axis=1)
+    if not (data_aware and st is not None and st.gram is not None and st.gram_rows):
+        return mats, w, None, 0
+    h = st.gram / st.gram_rows
+    if all(_bias_target(g, c) is not None for c in g.consumers) and all(c.op != "Conv" for c in g.consumers):
+        mu = st.gram_sum / st.gram_rows
+        h = np.block([[h, mu[:, None]], [mu[None, :], np.ones((1, 1))]])
+        return mats, np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0), h, 1
+    return mats, w, h, 0
+
+
+def _simulate(sim: onnx.ModelProto, g: _Group, new: dict[str, tuple[np.ndarray, Any]]) -> None:
+    """Write a group's pruning into `sim` without changing shapes (removed consumer rows zero, refit, bias)."""
+    inits = {t.name: t for t in sim.graph.initializer}
+    for c in g.consumers:
+        w_new, delta = new[c.name]
+        if c.w.name in inits:
+            inits[c.w.name].CopyFrom(numpy_helper.from_array(w_new.astype(np.float32), c.w.name))
+        bt = _bias_target(g, c)
+        if delta is not None and bt is not None:
+            b = bt[0].inputs[bt[1]]
+            if b.name in inits:
+                v = numpy_helper.to_array(inits[b.name]) + delta / bt[2]
+                inits[b.name].CopyFrom(numpy_helper.from_array(v.astype(np.float32), b.name))
 
 
 def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
@@ -368,14 +423,14 @@ def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], coun
 
 
 def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
-    """||producer column|| * ||consumer rows|| per channel: what the channel can contribute, without data."""
-    p = g.producer.weight
-    if g.producer.op == "Conv":
-        norms = np.sqrt((p.reshape(p.shape[0], -1) ** 2).sum(axis=1))
-    else:
-        norms = np.sqrt((p ** 2).sum(axis=1 - _out_axis(g.producer)))
-    rows = np.sqrt((w[: g.channels * g.block] ** 2).reshape(g.channels, -1).sum(axis=1))
-    return norms * rows
+    """||producer columns|| * ||consumer rows|| per channel: what the channel can contribute, without data."""
+    energy = np.zeros(g.channels)
+    for p in g.producers:
+        v = p.weight
+        cols = v.reshape(v.shape[0], -1) if p.op == "Conv" else (v if _out_axis(p) == 0 else v.T)
+        energy += (cols ** 2).sum(axis=1).reshape(g.channels, -1).sum(axis=1)
+    rows = (w[: g.channels * g.block] ** 2).reshape(g.channels, -1).sum(axis=1)
+    return np.sqrt(energy * rows)
 
 
 def _refit(w: np.ndarray, h: np.ndarray, keep: np.ndarray, block: int, fixed: int, damping: float) -> np.ndarray:
@@ -432,7 +487,7 @@ def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
     choices, level_counts, sens = {}, {}, {}
     budget = 0.0
     for g, mats, w, h, fixed in plans:
-        per_channel = (g.producer.weight.size + sum(c.weight.size for c in g.consumers)) / g.channels
+        per_channel = g.params / g.channels
         ks = sorted({_round(int(round(f * g.channels)), g.channels) for f in _LEVELS})
         runs = _choose(method, g, w, h, ks, opts.damping, fixed)
         opts_g = []
@@ -538,6 +593,8 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     comps: dict[int, list[_Group]] = {}
     for g in groups:
         comps.setdefault(find(id(g)), []).append(g)
+    if not groups:
+        return 0, 0
     layers = {id(l.node): l for g in groups for l in [g.producer, *g.consumers]}
     before = sum(l.weight.size for l in layers.values())
     consts = [_new_constants(comp) for comp in comps.values()]
@@ -550,6 +607,66 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
 
         reasons = {r: stats.rules[r].to_dict() if hasattr(stats.rules[r], "to_dict") else "" for r in failed}
         raise InvalidModelError(f"structured pruning could not rewrite {failed}: {reasons}")
+    return before, after
+
+
+def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude, refused: list,
+                 notes: list[str]) -> list[_Group]:
+    """One group per recognised attention block whose four projections may be touched (heads.py)."""
+    from . import heads
+
+    blocks = []
+    for b in heads.find_attention(model):
+        layers = [by_node.get(id(b[f"m{t}"])) for t in ("q", "k", "v", "o")]
+        if any(l is None or l.op not in ops or is_excluded(l.node, exclude) for l in layers):
+            refused.append({"layer": b["mo"].name, "reason": "attention heads: a projection is excluded"})
+            continue
+        blocks.append(b)
+    if not blocks:
+        return []
+    heads.reroute_shapes(model, blocks)
+    exclusive = {id(b["mo"]) for b in heads.find_attention(model, exclusive=True)}
+    out = []
+    for b in blocks:
+        if id(b["mo"]) not in exclusive:
+            refused.append({"layer": b["mo"].name, "reason": "attention heads: block values are read outside it"})
+            continue
+        h, d = heads.head_count(b)
+        q, k, v, o = (by_node[id(b[f"m{t}"])] for t in ("q", "k", "v", "o"))
+        out.append(_Group(v, [], [o], b["rc"].outputs[0], h, d, {}, {o.name: b.get("ao")}, attention=b,
+                          extra=[q, k]))
+    notes.append(f"attention heads: {len(out)} block(s) recognised")
+    return out
+
+
+def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
+    """Rebuild each attention block with its kept heads (heads.head_rules)."""
+    if not groups:
+        return 0, 0
+    from . import heads
+
+    plans: dict[int, dict[str, np.ndarray]] = {}
+    before = after = 0
+    for g in groups:
+        b = g.attention
+        cols = (g.keep[:, None] * g.block + np.arange(g.block)).reshape(-1)
+        p: dict[str, np.ndarray] = {"heads": np.array(len(g.keep))}
+        for t in ("q", "k", "v"):
+            p[f"w{t}"] = np.ascontiguousarray(ir.const_value(b[f"w{t}"])[:, cols])
+            p[f"b{t}"] = np.ascontiguousarray(ir.const_value(b[f"b{t}"])[cols])
+        o = g.consumers[0]
+        p["wo"], delta = g.new_consumers[o.name]  # type: ignore[attr-defined]
+        if delta is not None and "bo" in b:
+            p["bo"] = (ir.const_value(b["bo"]) + delta).astype(np.float32)
+        before += g.params
+        after += sum(p[f"w{t}"].size for t in "qkvo")
+        plans[id(b["mo"])] = p
+    stats = apply_rules(model, heads.head_rules(plans))
+    done = sum(r.applied for r in stats.rules.values())
+    if done != len(plans):
+        from ..errors import InvalidModelError
+
+        raise InvalidModelError(f"attention-head pruning rewrote {done} of {len(plans)} blocks")
     return before, after
 
 

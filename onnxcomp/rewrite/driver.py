@@ -388,10 +388,12 @@ class Found:
 
 
 def find_matches(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optional[dict[str, int]] = None,
-                 rejections: Optional[dict[str, str]] = None) -> list[Found]:
+                 rejections: Optional[dict[str, str]] = None, exclusive: bool = True) -> list[Found]:
     """Every place a rule would apply (its check passing), in the main graph and subgraphs, without changing
     anything: passes use it to plan (which tensors to calibrate, which weights to touch). `rejections`, when
-    given, receives node name -> why no rule applied, for nodes some rule was rooted at."""
+    given, receives node name -> why no rule applied, for nodes some rule was rooted at. `exclusive=False` also
+    reports matches whose intermediate values are read outside the match (a plan that first reroutes those
+    readers, e.g. Shape nodes, before rewriting)."""
     rs = rules if isinstance(rules, RuleSet) else RuleSet(rules)
     if opsets is None:
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
@@ -408,7 +410,8 @@ def find_matches(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optio
                     if k >= _MAX_ALTERNATIVES:
                         break
                     try:
-                        RewriteDriver._check_intermediates(m.nodes, m.outputs, index)
+                        if exclusive:
+                            RewriteDriver._check_intermediates(m.nodes, m.outputs, index)
                     except _Reject as e:
                         reason = str(e)
                         continue
