@@ -140,18 +140,38 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
         ir.check_proto(proto, full=False, what=model)
         s = summarize(proto)
         _, recs = PassManager([Cleanup()], PassContext()).run(proto)
-        could = {r.name: {"nodes_removed": r.nodes_before - r.nodes_after, "ops_removed": r.ops_removed,
-                          "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
+        could: dict = {r.name: {"nodes_removed": r.nodes_before - r.nodes_after, "ops_removed": r.ops_removed,
+                                "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
+        could["sparsify_channel"] = _channel_candidates(proto)
         if as_json:
             click.echo(json.dumps({**s, "passes": could}, indent=2))
             return
         click.echo(format_summary(s))
         click.echo("\nwhat passes could do:")
-        for name, c in could.items():
-            click.echo(f"  {name}: remove {c['nodes_removed']} nodes {c['ops_removed'] or ''}, "
-                       f"save {c['bytes_saved']:,} bytes (outputs unchanged)")
+        c = could.pop("cleanup")
+        click.echo(f"  cleanup: remove {c['nodes_removed']} nodes {c['ops_removed'] or ''}, "
+                   f"save {c['bytes_saved']:,} bytes (outputs unchanged)")
+        ch = could["sparsify_channel"]
+        click.echo(f"  sparsify (pattern channel): {len(ch['groups'])} prunable channel group(s) with "
+                   f"{sum(g['channels'] for g in ch['groups'])} channels, {ch['attention_blocks']} attention "
+                   f"block(s) for head pruning; {len(ch['not_prunable'])} layer(s) not prunable")
+        for r in ch["not_prunable"][:5]:
+            click.echo(f"      {r['layer']}: {r['reason']}")
 
     _run(debug, go)
+
+
+def _channel_candidates(proto) -> dict:
+    """Structured-pruning groups sparsify(pattern: channel) would find, without changing anything."""
+    from . import ir
+    from .passes.channels import find_groups
+
+    model = ir.Model.from_proto(proto)
+    groups, refused = find_groups(model, heads=True)
+    return {"groups": [{"producer": g.producer.name, "consumers": [c.name for c in g.consumers],
+                        "channels": g.channels} for g in groups if g.attention is None],
+            "attention_blocks": sum(g.attention is not None for g in groups),
+            "not_prunable": refused}
 
 
 if __name__ == "__main__":

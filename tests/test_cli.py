@@ -22,6 +22,10 @@ def test_inspect_digits():
     s = json.loads(j.stdout)
     assert s["ops"]["Conv"] == 2 and s["parameters"] > 30000
     assert s["params_by_op"]["Conv"] + s["params_by_op"]["Gemm"] == s["parameters"]
+    ch = s["passes"]["sparsify_channel"]
+    assert [(g["producer"], g["channels"]) for g in ch["groups"]] == [("conv1", 16), ("conv2", 32), ("fc1", 64)]
+    assert ch["not_prunable"] == [{"layer": "fc2", "reason": "channels reach the graph output 'logits'"}]
+    assert "3 prunable channel group(s)" in r.stdout
 
 
 def test_compress_and_validate(tmp_path):

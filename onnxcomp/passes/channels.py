@@ -270,16 +270,12 @@ def _round(k: int, c: int) -> int:
     return max(0, min(c - 1, k))
 
 
-# -------------------------------------------------------------------------------------------- the pass part
-def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
-    """Remove channels of every prunable group (see the module doc); `opts` is the Sparsify pass's options."""
-    notes: list[str] = []
-    method = opts.method
-    if method == "auto":
-        method = "sparsegpt" if ctx.calibration_data is not None else "magnitude"
-    details: dict[str, Any] = {"pattern": "channel", "method": method}
-    ops = check_ops(getattr(opts, "ops", None), _CHANNEL_OPS, "sparsify.ops")
-    exclude = tuple(getattr(opts, "exclude", ()) or ())
+def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: tuple[str, ...] = (),
+                heads: bool = False, notes: Optional[list[str]] = None) -> tuple[list[_Group], list[dict[str, str]]]:
+    """Every prunable channel group (and, with `heads`, attention block) of the main graph, and the layers
+    that are not prunable with the reason. With `heads`, Shape readers inside attention blocks are re-pointed
+    (an equivalent graph)."""
+    notes = [] if notes is None else notes
     layers = find_weight_layers(model, ops=_CHANNEL_OPS, main_graph_only=True)
     by_node = {id(l.node): l for l in layers}
     index = ir.GraphIndex(model.graph)
@@ -300,9 +296,22 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
             refused.append({"layer": l.name, "reason": "a single channel"})
             continue
         groups.append(g)
-    heads_opt = opts.heads
-    if heads_opt:
+    if heads:
         groups += _head_groups(model, by_node, ops, exclude, refused, notes)
+    return groups, refused
+
+
+# -------------------------------------------------------------------------------------------- the pass part
+def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
+    """Remove channels of every prunable group (see the module doc); `opts` is the Sparsify pass's options."""
+    notes: list[str] = []
+    method = opts.method
+    if method == "auto":
+        method = "sparsegpt" if ctx.calibration_data is not None else "magnitude"
+    details: dict[str, Any] = {"pattern": "channel", "method": method}
+    ops = check_ops(opts.ops, _CHANNEL_OPS, "sparsify.ops")
+    heads_opt = opts.heads
+    groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(heads_opt), notes)
     details["refused"] = refused
     if not groups:
         notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
