@@ -87,8 +87,9 @@ def _rank(t: gs.Tensor) -> Optional[int]:
     return len(t.shape) if getattr(t, "shape", None) is not None else None
 
 
-def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLayer]) -> _Group | str:
-    """The group rooted at `layer`, or why its channels cannot be removed."""
+def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLayer],
+           order: dict[int, int]) -> _Group | str:
+    """The group rooted at `layer`, or why its channels cannot be removed (`order`: node id -> graph position)."""
     if layer.op == "Conv" and layer.node.attrs.get("group", 1) != 1:
         return "grouped/depthwise Conv"
     c = _channels(layer)
@@ -132,7 +133,11 @@ def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLa
                         continue
                     v = ir.const_value(x)
                     if v is None:
-                        if n.op in _BINARY:  # the other operand may still be reached from the region
+                        if n.op in _BINARY:  # the other operand may still be reached from the region, unless
+                            src = x.inputs[0] if x.inputs else None  # it is computed before the producer
+                            if src is None or order.get(id(src), -1) < order.get(id(layer.node), 0):
+                                return (f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or "
+                                        "another branch)")
                             continue
                         return f"{n.op} '{n.name}' has a non-constant parameter '{x.name}'"
                     if n.op == "BatchNormalization":
@@ -177,7 +182,6 @@ def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLa
         rows = wl.matrix().shape[0] if wl.op != "Conv" else wl.weight.shape[1]
         if rows != c * block:
             return f"consumer '{wl.name}' reads {rows} rows, expected {c * block}"
-    order = {id(n): k for k, n in enumerate(index.graph.nodes)}
     region.sort(key=lambda n: order.get(id(n), 0))
     biases: dict[str, Optional[gs.Node]] = {}
     for wl in consumers:
@@ -279,12 +283,13 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
     layers = find_weight_layers(model, ops=_CHANNEL_OPS, main_graph_only=True)
     by_node = {id(l.node): l for l in layers}
     index = ir.GraphIndex(model.graph)
+    order = {id(n): i for i, n in enumerate(model.graph.nodes)}
     groups: list[_Group] = []
     refused: list[dict[str, str]] = []
     for l in layers:
         if l.op not in ops or is_excluded(l.node, exclude):
             continue
-        g = _trace(l, index, by_node)
+        g = _trace(l, index, by_node, order)
         if isinstance(g, str):
             refused.append({"layer": l.name, "reason": g})
             continue
