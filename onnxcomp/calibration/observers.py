@@ -26,6 +26,8 @@ from ..errors import CalibrationDataError
 
 __all__ = ["TensorStats", "TensorObserver", "stats_from_arrays", "is_float_dtype"]
 
+_GRAM_BUFFER_ELEMS = 1 << 22  # rows buffered before a Gram update (16 MiB of float32), memory stays bounded
+
 
 def is_float_dtype(dtype: np.dtype) -> bool:
     """float16/float32/float64 and bfloat16 (ml_dtypes, as ``onnx.helper`` maps it)."""
@@ -112,6 +114,8 @@ class TensorObserver:
         self._gram: np.ndarray | None = None
         self._gram_sum: np.ndarray | None = None
         self._gram_rows = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
         self.count = 0
         self.samples = 0
         self.nonfinite = 0
@@ -175,9 +179,21 @@ class TensorObserver:
         if self._gram is None:
             self._gram = np.zeros((d, d), np.float64)
             self._gram_sum = np.zeros(d, np.float64)
-        self._gram += rows.T @ rows  # float32 BLAS per sample, accumulated in float64 across samples
         self._gram_sum += rows.sum(axis=0, dtype=np.float64)
         self._gram_rows += rows.shape[0]
+        # rows are buffered (a bounded amount) so that X^T X is one large float32 BLAS product per ~4k rows
+        # instead of a d x d update per sample; each product is accumulated in float64
+        self._pending.append(np.array(rows, dtype=np.float32, copy=True))
+        self._pending_rows += rows.shape[0]
+        if self._pending_rows * d >= _GRAM_BUFFER_ELEMS or self._pending_rows >= 4096:
+            self._flush_gram()
+
+    def _flush_gram(self) -> None:
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        self._gram += x.T @ x
 
     def _axis(self, a: np.ndarray, sample: int) -> int:
         ax = self.channel_axis
@@ -235,6 +251,7 @@ class TensorObserver:
 
     # ---------------------------------------------------------------------------------------- result
     def result(self) -> TensorStats:
+        self._flush_gram()
         has_finite = self.count - self.nonfinite > 0
         return TensorStats(
             name=self.name,
