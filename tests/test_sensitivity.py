@@ -42,3 +42,15 @@ def test_allocate_spends_the_budget_where_error_is_cheapest():
     assert sum(choices[k][i][0] for k, i in pick.items()) <= 17
     assert allocate(choices, budget=30) == {"a": 0, "b": 0, "c": 0}
     assert allocate(choices, budget=1) == {"a": 2, "b": 2, "c": 2}  # unreachable: cheapest everywhere
+
+
+def test_probe_on_an_ir3_model_whose_weights_are_also_inputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [vi("x", [2, 4]), vi("W", [4, 3])], [vi("y", [2, 3])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    m.ir_version = 3
+    feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]
+    probe = WeightProbe(m, ["W"], feeds)
+    assert probe.error({}) == 0.0 and probe.error({"W": np.zeros_like(w)}) == 1.0

@@ -37,11 +37,13 @@ class WeightProbe:
         probe = onnx.ModelProto()
         probe.CopyFrom(proto)
         wanted = set(weights)
+        listed = {i.name for i in probe.graph.input}  # IR < 4 models list initializers as inputs already
         keep, self.weights = [], {}
         for t in probe.graph.initializer:
             if t.name in wanted:
                 self.weights[t.name] = numpy_helper.to_array(t)
-                probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                if t.name not in listed:
+                    probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
             else:
                 keep.append(t)
         missing = wanted - set(self.weights)
