@@ -54,3 +54,9 @@ def test_probe_on_an_ir3_model_whose_weights_are_also_inputs():
     feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]
     probe = WeightProbe(m, ["W"], feeds)
     assert probe.error({}) == 0.0 and probe.error({"W": np.zeros_like(w)}) == 1.0
+
+
+def test_allocate_gives_back_an_overshoot():
+    # the cheapest rate takes a to its smallest option (total 11 for a budget of 16); a's middle option fits
+    choices = {"a": [(10, 0.0), (6, 0.0045), (1, 0.009)], "b": [(10, 0.0), (9, 0.5)]}
+    assert allocate(choices, budget=16) == {"a": 1, "b": 0}

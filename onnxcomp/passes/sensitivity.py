@@ -84,7 +84,8 @@ def allocate(choices: Mapping[str, Sequence[tuple[float, float]]], budget: float
 
     `choices[key]` lists (cost, error) options; option 0 is the least compressed. Greedy on the lower convex
     hull: repeatedly take the move (any key, to any cheaper option) that adds the least error per unit of cost
-    saved, until the budget is met. When even the cheapest options exceed the budget, those are returned."""
+    saved, until the budget is met; then, while the budget still holds, undo compression where that removes the
+    most error per unit of cost. When even the cheapest options exceed the budget, those are returned."""
     pick = {k: 0 for k in choices}
     total = sum(opts[0][0] for opts in choices.values())
     while total > budget:
@@ -102,5 +103,23 @@ def allocate(choices: Mapping[str, Sequence[tuple[float, float]]], budget: float
             break
         _, k, j = best
         total -= choices[k][pick[k]][0] - choices[k][j][0]
+        pick[k] = j
+    # the last step may overshoot: give back compression where it buys the most error per unit of cost while
+    # the budget still holds
+    while total <= budget:
+        best = None
+        for k, opts in choices.items():
+            c0, e0 = opts[pick[k]]
+            for j in range(pick[k]):
+                c, e = opts[j]
+                if c <= c0 or total + (c - c0) > budget or e >= e0:
+                    continue
+                rate = (e0 - e) / (c - c0)
+                if best is None or rate > best[0]:
+                    best = (rate, k, j)
+        if best is None:
+            break
+        _, k, j = best
+        total += choices[k][j][0] - choices[k][pick[k]][0]
         pick[k] = j
     return pick
