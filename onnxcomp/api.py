@@ -119,10 +119,19 @@ def compress(
             vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
             rec = dataclasses.replace(rec, passes=tuple(passes))  # the recipe that was really applied
     if vreport is not None and vreport.latency_ratio is not None and vreport.latency_ratio > SLOWER_THAN_INPUT:
+        kinds = {p.name for p in rec.passes}
+        hints = []
+        if "quantize" in kinds:
+            hints.append("the integer kernels do not pay off for this model/target: try another quantize mode, "
+                         "or raise quantize.min_weight_elements")
+        if "sparsify" in kinds:
+            hints.append("zeros in dense weights do not run faster in ONNX Runtime: sparsify pattern 'channel' "
+                         "removes whole channels")
+        if "lowrank" in kinds:
+            hints.append("keep lowrank.speed_check on, or factorize fewer layers")
         ctx.warnings.append(
             f"the compressed model ran SLOWER than the input: latency ratio {vreport.latency_ratio:.2f} on "
-            f"{', '.join(vreport.providers)} (median of interleaved runs); the integer kernels do not pay off for "
-            "this model/target: try another quantize mode, or raise quantize.min_weight_elements")
+            f"{', '.join(vreport.providers)} (median of interleaved runs)" + (f"; {'; '.join(hints)}" if hints else ""))
     budget = None
     if rec.accuracy_budget is not None:
         if vreport is None:

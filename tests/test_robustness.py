@@ -4,7 +4,7 @@ import pytest
 from tools.robustness_corpus import corpus, run_one
 
 
-@pytest.mark.parametrize("mode", ["cleanup", "dynamic", "weight_only", "static"])
+@pytest.mark.parametrize("mode", ["cleanup", "dynamic", "weight_only", "static", "sparsify", "channel", "lowrank"])
 def test_backend_corpus_never_crashes(mode):
     models = corpus()
     assert len(models) > 100

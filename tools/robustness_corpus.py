@@ -1,7 +1,7 @@
 """Run every pass mode over the ONNX models shipped inside the `onnx` package (backend-test corpus) and
 classify each outcome: a valid model that loads in ORT, a typed onnxcomp error, or a crash (a bug).
 
-    python tools/robustness_corpus.py [--modes cleanup dynamic weight_only static] [--limit N] [-v]
+    python tools/robustness_corpus.py [--modes cleanup dynamic weight_only static sparsify channel lowrank] [--limit N] [-v]
 
 Never a traceback from deep inside a dependency, never a silently invalid model: every "crash" row is a bug.
 """
@@ -27,7 +27,12 @@ RECIPES = {
     "dynamic": [{"type": "quantize", "mode": "dynamic", "min_weight_elements": 0}],
     "weight_only": [{"type": "quantize", "mode": "weight_only", "min_weight_elements": 0}],
     "static": [{"type": "quantize", "mode": "static", "min_weight_elements": 0}],
+    "sparsify": [{"type": "sparsify", "method": "sparsegpt", "pattern": "2:4", "min_weight_elements": 0}],
+    "channel": [{"type": "sparsify", "method": "sparsegpt", "pattern": "channel", "sparsity": 0.5}],
+    "lowrank": [{"type": "lowrank", "params_ratio": 0.5, "min_weight_elements": 0, "speed_check": False}],
 }
+#: modes whose passes read calibration data (generated valid feeds are given)
+DATA_MODES = ("static", "sparsify", "channel", "lowrank")
 
 
 def corpus() -> list[Path]:
@@ -38,7 +43,7 @@ def corpus() -> list[Path]:
 def run_one(path: Path, mode: str) -> tuple[str, str]:
     try:
         proto = ir.load_proto(path)
-        feeds = generate_feeds(proto, input_specs(proto), n=4) if mode == "static" else None
+        feeds = generate_feeds(proto, input_specs(proto), n=4) if mode in DATA_MODES else None
         res = onnxcomp.compress(path, RECIPES[mode], calibration_data=feeds, progress=False, validate=False)
         onnx.checker.check_model(res.model, full_check=True)
         onnxcomp.validate(proto, res.model, inputs=feeds, latency=False)  # both load and run in ORT

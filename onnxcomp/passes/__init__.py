@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from .base import Pass, PassContext, PassManager, PassOutcome, PassRecord
 from .cleanup import Cleanup
+from .lowrank import Lowrank
 from .quantize import Quantize
+from .sparsify import Sparsify
 
 #: recipe `type` -> pass class. Adding a pass = one module + one line here + its tests.
 REGISTRY: dict[str, type[Pass]] = {
     Cleanup.name: Cleanup,
+    Lowrank.name: Lowrank,
     Quantize.name: Quantize,
+    Sparsify.name: Sparsify,
 }
 
-__all__ = ["Pass", "PassContext", "PassManager", "PassOutcome", "PassRecord", "Cleanup", "Quantize", "REGISTRY"]
+__all__ = ["Pass", "PassContext", "PassManager", "PassOutcome", "PassRecord", "Cleanup", "Lowrank", "Quantize", "Sparsify", "REGISTRY"]

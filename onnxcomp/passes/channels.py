@@ -386,6 +386,7 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
     details["groups"] = rows
     details["params_before"], details["params_after"] = total_b, total_a
     details["params_removed"] = total_b - total_a
+    details["sparsity"] = (total_b - total_a) / total_b if total_b else 0.0  # of the pruned layers' weights
     details["channel_sparsity"] = 1.0 - sum(r["kept"] for r in rows) / max(1, sum(r["channels"] for r in rows))
     notes.append(f"structured: {len(rows)} group(s), {details['params_removed']} weights removed "
                  f"({100.0 * (total_b - total_a) / max(1, total_b):.1f}% of their layers); {len(refused)} layer(s) "

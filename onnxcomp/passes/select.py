@@ -88,13 +88,13 @@ class WeightLayer:
         return w
 
 
-def _p2(op_type: str):
+def weight_pattern2(op_type: str):
     def pattern(op, x, w):
         return getattr(op, op_type)(x, w, _bind="node")
     return pattern
 
 
-def _p3(op_type: str):
+def weight_pattern3(op_type: str):
     def pattern(op, x, w, b):
         return getattr(op, op_type)(x, w, b, _bind="node")
     return pattern
@@ -139,9 +139,9 @@ def find_weight_layers(model: ir.Model, ops: Sequence[str] = WEIGHT_OPS, exclude
 
     rules = []
     for op_type in ops:
-        rules.append(RewriteRule(f"find-{op_type.lower()}-2", _p2(op_type), _keep, check))
+        rules.append(RewriteRule(f"find-{op_type.lower()}-2", weight_pattern2(op_type), _keep, check))
         if op_type != "MatMul":
-            rules.append(RewriteRule(f"find-{op_type.lower()}-3", _p3(op_type), _keep, check))
+            rules.append(RewriteRule(f"find-{op_type.lower()}-3", weight_pattern3(op_type), _keep, check))
     rej: dict[str, str] = {} if rejections is None else rejections
     found = find_matches(model, rules, rejections=rej)
     seen: set[int] = set()
