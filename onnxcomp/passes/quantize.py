@@ -26,7 +26,7 @@ from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
 from .base import Pass, PassContext, PassOutcome
-from .select import check_exclude, is_excluded
+from .select import check_exclude, is_excluded, weight_problem
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
@@ -373,18 +373,8 @@ class _Run:
 
     # -- shared checks --------------------------------------------------------------------------
     def _weight_ok(self, ctx, node: gs.Node, w: gs.Tensor, min_ndim: int = 2):
-        if self._excluded(node):
-            return fail(f"excluded by the recipe ({node.name})")
-        v = ctx.const_value(w)
-        if v is None:
-            return fail(f"'{w.name}' is not a constant weight")
-        if v.dtype != np.float32:
-            return fail(f"weight '{w.name}' is {v.dtype}, not float32")
-        if v.ndim < min_ndim:
-            return fail(f"weight '{w.name}' has rank {v.ndim}")
-        if not np.isfinite(v).all():
-            return fail(f"weight '{w.name}' contains NaN/inf")
-        return True
+        why = weight_problem(node, w, self.q.exclude, min_ndim)
+        return fail(why) if why else True
 
     def _act_ok(self, x: gs.Tensor):
         if onnx_dtype(x) not in _FLOATS:

@@ -48,6 +48,23 @@ def check_ops(ops: Optional[Sequence[str]], allowed: Sequence[str], where: str) 
     return tuple(ops)
 
 
+def weight_problem(node: gs.Node, w: gs.Tensor, exclude: Sequence[str], min_ndim: int = 2) -> Optional[str]:
+    """Why `node`'s weight `w` cannot be compressed (excluded, not a constant, not float32, rank below
+    `min_ndim`, NaN/inf), or None."""
+    if is_excluded(node, exclude):
+        return f"excluded by the recipe ({node.name})"
+    v = ir.const_value(w)
+    if v is None:
+        return f"'{w.name}' is not a constant weight"
+    if v.dtype != np.float32:
+        return f"weight '{w.name}' is {v.dtype}, not float32"
+    if v.ndim < min_ndim:
+        return f"weight '{w.name}' has rank {v.ndim}"
+    if not np.isfinite(v).all():
+        return f"weight '{w.name}' contains NaN/inf"
+    return None
+
+
 @dataclass
 class WeightLayer:
     """One node reading a constant weight: y = op(x, W[, bias])."""
@@ -114,21 +131,14 @@ def find_weight_layers(model: ir.Model, ops: Sequence[str] = WEIGHT_OPS, exclude
     def check(ctx, x, w, node, b=None):
         if main_graph_only and ctx.graph is not model.graph:
             return fail("inside a subgraph (its activations cannot be calibrated)")
-        if is_excluded(node, exclude):
-            return fail(f"excluded by the recipe ({node.name})")
+        why = weight_problem(node, w, exclude, min_ndim=2 if node.op in ("MatMul", "Gemm") else 3)
+        if why:
+            return fail(why)
         v = ctx.const_value(w)
-        if v is None:
-            return fail(f"'{w.name}' is not a constant weight")
-        if v.dtype != np.float32:
-            return fail(f"weight '{w.name}' is {v.dtype}, not float32")
         if node.op in ("MatMul", "Gemm") and v.ndim != 2:
             return fail(f"weight '{w.name}' has rank {v.ndim}, not 2")
-        if node.op in ("Conv", "ConvTranspose") and v.ndim < 3:
-            return fail(f"weight '{w.name}' has rank {v.ndim}")
         if v.size < min_elements:
             return fail(f"weight '{w.name}' has {v.size} elements (< {min_elements})")
-        if not np.isfinite(v).all():
-            return fail(f"weight '{w.name}' contains NaN/inf")
         if onnx_dtype(x) not in (None, onnx.TensorProto.FLOAT):
             return fail(f"input '{x.name}' is not float32")
         if node.op == "Gemm" and node.attrs.get("transA", 0):
