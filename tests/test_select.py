@@ -46,3 +46,15 @@ def test_bad_recipe_selections_are_recipe_errors():
     with pytest.raises(RecipeError, match="Softmax"):
         check_ops(["Softmax"], ("MatMul", "Gemm"), "lowrank.ops")
     assert check_ops(None, ("MatMul",), "x") == ("MatMul",)
+
+
+def test_stored_is_the_inverse_of_matrix():
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["a"], name="g", transB=1, alpha=0.25),
+             helper.make_node("MatMul", ["a", "M"], ["b"], name="m"),
+             helper.make_node("Conv", ["img", "C"], ["c"], name="c")]
+    inits = {"W": rng.standard_normal((5, 6)), "M": rng.standard_normal((5, 3)), "C": rng.standard_normal((4, 2, 3, 3))}
+    m = make_model(nodes, [vi("x", [2, 6]), vi("img", [1, 2, 5, 5])], [vi("b", [2, 3]), vi("c", [1, 4, 3, 3])],
+                   [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    for layer in find_weight_layers(ir.Model.from_proto(m)):
+        np.testing.assert_allclose(layer.stored(layer.matrix()), layer.weight, rtol=1e-6)

@@ -473,13 +473,8 @@ def _split_consumers(g: _Group, mats: list[np.ndarray], wf: np.ndarray, keep: np
         if c.op == "Conv":
             w = c.weight
             new = kept.reshape(len(keep), w.shape[0], *w.shape[2:]).transpose(1, 0, *range(2, w.ndim))
-        elif c.op == "Gemm":
-            alpha = np.float32(c.node.attrs.get("alpha", 1.0))
-            new = kept / alpha
-            if c.node.attrs.get("transB", 0):
-                new = new.T
         else:
-            new = kept
+            new = c.stored(kept)
         out[c.name] = (np.ascontiguousarray(new, dtype=np.float32), delta)
     return out
 

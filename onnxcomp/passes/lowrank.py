@@ -495,7 +495,7 @@ class Lowrank(Pass):
                 opts = [(float(lay.dense_params), 0.0)]
                 for r in lay.ranks:
                     a, b = lay.spec.factors(r, self.refit)
-                    err = probe.error({lay.layer.w.name: _stored_layout(lay.layer, a @ b)})
+                    err = probe.error({lay.layer.w.name: lay.layer.stored(a @ b)})
                     lay.probe[r] = err
                     opts.append((float(lay.params(r)), err))
                 choices[lay.layer.name] = opts
@@ -564,17 +564,6 @@ def _conv_speed_shape(wl: WeightLayer) -> Optional[dict]:
     w = wl.weight
     attrs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in wl.node.attrs.items()}
     return {"cin": int(w.shape[1]), "kernel": list(w.shape[2:]), "spatial": list(shape[2:]), "attrs": attrs}
-
-
-def _stored_layout(wl: WeightLayer, m: np.ndarray) -> np.ndarray:
-    """The inverse of WeightLayer.matrix(): a [k, n] product in the layout (and scale) W is stored in."""
-    m = np.asarray(m, np.float32)
-    if wl.op == "Gemm":
-        m = m / np.float32(wl.node.attrs.get("alpha", 1.0))
-        return np.ascontiguousarray(m.T if wl.node.attrs.get("transB", 0) else m)
-    if wl.op == "Conv":
-        return np.ascontiguousarray(m.T.reshape(wl.weight.shape))
-    return m
 
 
 def _rules(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[RewriteRule]:

@@ -104,6 +104,19 @@ class WeightLayer:
             return np.ascontiguousarray(w.reshape(w.shape[0], -1))
         return w
 
+    def stored(self, m: np.ndarray) -> np.ndarray:
+        """The inverse of matrix(): a [k, n] matrix (k may differ for Gemm/MatMul, rows pruned) in the layout and
+        scale the weight is stored in (Gemm: transB and alpha; Conv: [C_out, C_in/group, kh, kw])."""
+        m = np.asarray(m, np.float32)
+        if self.op == "Gemm":
+            m = m / np.float32(self.node.attrs.get("alpha", 1.0))
+            return np.ascontiguousarray(m.T if self.node.attrs.get("transB", 0) else m)
+        if self.op == "Conv":
+            return np.ascontiguousarray(m.T.reshape(self.weight.shape))
+        if self.op == "ConvTranspose":
+            return np.ascontiguousarray(m.reshape(self.weight.shape))
+        return np.ascontiguousarray(m)
+
 
 def weight_pattern2(op_type: str):
     def pattern(op, x, w):
