@@ -39,7 +39,7 @@ def _gzip(path: str | os.PathLike) -> int:
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
-def _recipes(patterns, methods, sparsities, sensitivity) -> list[tuple[str, str, float, dict]]:
+def _recipes(patterns, methods, sparsities, sensitivity, heads=None) -> list[tuple[str, str, float, dict]]:
     out = []
     for pat in patterns:
         levels = [0.5] if ":" in pat else sparsities
@@ -51,13 +51,21 @@ def _recipes(patterns, methods, sparsities, sensitivity) -> list[tuple[str, str,
                 if pat == "block":
                     p["block"] = [1, 4]
                 out.append((pat, m, s, p))
-        if sensitivity and pat in ("unstructured", "block"):
+        if sensitivity and pat in ("unstructured", "block", "channel"):
             for s in levels:
                 p = {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
                      "allocation": "sensitivity"}
                 if pat == "block":
                     p["block"] = [1, 4]
                 out.append((pat, "sparsegpt+sens", s, p))
+        if heads and pat == "channel":  # attention heads too (uniform fraction, and in the sensitivity budget)
+            for s in levels:
+                out.append((pat, f"sparsegpt+heads{heads:g}", s, {"type": "sparsify", "method": "sparsegpt",
+                                                                  "pattern": pat, "sparsity": s, "heads": heads}))
+                if sensitivity:
+                    out.append((pat, f"sparsegpt+sens+heads{heads:g}", s,
+                                {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
+                                 "heads": heads, "allocation": "sensitivity"}))
     return out
 
 
@@ -68,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--sensitivity", action="store_true", help="add sparsegpt rows with allocation: sensitivity")
+    ap.add_argument("--heads", type=float, default=None,
+                    help="channel rows that also remove this fraction of attention heads")
     ap.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences (from sentence 200)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per latency column per row")
     ap.add_argument("--quick", action="store_true", help="40 MiniLM evaluation sentences, fewer timed runs")
@@ -100,7 +110,7 @@ def main(argv=None) -> int:
             rows = []
             base = runner.fp32()
             rows.append(("fp32", "-", 0.0, base, 1.0, None))
-            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity):
+            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity, args.heads):
                 log(f" {name}: {pat} {meth} {s}")
                 info: dict[str, Any] = {}
 
