@@ -100,14 +100,16 @@ def compress(
         vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
     backoff: list[dict[str, Any]] = []
     if vreport is not None and rec.accuracy_budget is not None:
-        # back off: leave the most sensitive quantized layers in float until every output meets the budget
+        # back off: leave the most sensitive compressed layers (by the error each pass says it introduced)
+        # untouched until every output meets the budget
         viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
         while viol and len(backoff) < MAX_BACKOFF_STEPS:
-            names = _next_backoff(records, passes)
-            if not names:
+            step = _next_backoff(records, passes)
+            if not step:
                 break
-            passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(names)) if p.name == "quantize" else p
-                      for p in passes]
+            names = [n for i in sorted(step) for n in step[i]]
+            passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(step[i])) if i in step else p
+                      for i, p in enumerate(passes)]
             ctx.warnings = [w for w in ctx.warnings if "produced an invalid model" in w]
             out, records = _run_passes(proto, passes, ctx, show)
             vreport = _validate(proto, out, inputs=valid, providers=provs, latency=False)
@@ -170,13 +172,20 @@ def _run_passes(proto: onnx.ModelProto, passes: list, ctx: PassContext, show: bo
     return out, records
 
 
-def _next_backoff(records: list, passes: list) -> list[str]:
-    """The next quantized layers to leave in float: the most sensitive quarter of those still quantized."""
-    excluded = {x for p in passes if p.name == "quantize" for x in p.exclude}
-    rows = [r for rec in records if rec.name == "quantize" and rec.status == "ok"
-            for r in rec.details.get("sensitivity", []) if r.get("node") and r["node"] not in excluded]
-    rows.sort(key=lambda r: -r.get("introduced", r["rel_l2_err"]))
-    return [r["node"] for r in rows[: max(1, len(rows) // 4)]]
+def _next_backoff(records: list, passes: list) -> dict[int, list[str]]:
+    """The next layers to leave uncompressed, by pass index: the most sensitive quarter of the layers the passes
+    still compress, ranked by the error each layer introduced (Pass.backoff_candidates)."""
+    rows = []
+    for i, (p, rec) in enumerate(zip(passes, records)):
+        if rec.status != "ok" or not hasattr(p, "exclude"):
+            continue
+        excluded = set(p.exclude)
+        rows += [(err, i, node) for node, err in type(p).backoff_candidates(rec.details) if node not in excluded]
+    rows.sort(key=lambda r: -r[0])
+    out: dict[int, list[str]] = {}
+    for _, i, node in rows[: max(1, len(rows) // 4)] if rows else []:
+        out.setdefault(i, []).append(node)
+    return out
 
 
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],

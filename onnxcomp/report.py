@@ -104,7 +104,7 @@ class Report:
             state = "met" if self.budget.get("met") else "NOT met: " + "; ".join(self.budget.get("violations", []))
             left = sum(len(s["left_float"]) for s in self.budget.get("backoff", []))
             if left:
-                state += f" after leaving {left} most sensitive layer(s) in float"
+                state += f" after leaving {left} most sensitive layer(s) uncompressed"
             lines.append(f"  budget    {self.budget.get('bounds')} {state}")
         lines.append("  passes:")
         for p in self.passes:

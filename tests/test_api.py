@@ -220,3 +220,24 @@ def test_accuracy_budget_backs_off_the_most_sensitive_layers(minilm):
     float_matmuls = {n.name for n in res.model.graph.node if n.op_type == "MatMul"}
     assert 0 < n_quantized < 18 and {n for n in left if n.endswith("MatMul")} <= float_matmuls
     assert min(o["cosine"] for o in res.report.validation.to_dict()["outputs"].values()) >= target
+
+
+def test_accuracy_budget_backs_off_sparsified_layers_too():
+    """The back-off is the same for every weight pass: the layers that introduced the most error go back first."""
+    d = testing.digits_data()
+    path = testing.digits_mlp_path()
+    cal = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
+    recipe = [{"type": "sparsify", "method": "magnitude", "sparsity": 0.7}]
+    plain = onnxcomp.compress(path, recipe, calibration_data=cal, progress=False)
+    worst = min(o["cosine"] for o in plain.report.validation.to_dict()["outputs"].values())
+    target = 1.0 - (1.0 - worst) / 3
+    res = onnxcomp.compress(path, {"passes": recipe, "accuracy_budget": {"cosine": target}}, calibration_data=cal,
+                            progress=False)
+    b = res.report.budget
+    assert b["met"] and b["backoff"], b
+    left = [n for step in b["backoff"] for n in step["left_float"]]
+    assert res.report.recipe["passes"][0]["exclude"] == left and set(left) <= {"fc1", "fc2", "fc3"}
+    dense = {t.name for t in res.model.graph.initializer if t.name.endswith(".weight")
+             and not (onnx.numpy_helper.to_array(t) == 0).any()}
+    assert {f"{n}.weight" for n in left} <= dense
+    assert min(o["cosine"] for o in res.report.validation.to_dict()["outputs"].values()) >= target

@@ -55,6 +55,12 @@ class Pass:
         """A few lines for the terminal report on what the pass did, from its PassOutcome.details."""
         return []
 
+    @classmethod
+    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
+        """(node name, error it introduced) of each layer the pass compressed: what an accuracy budget may leave
+        uncompressed first (by adding the node to the pass's `exclude`). Default: none."""
+        return []
+
     def finalize(self, proto: onnx.ModelProto, outcome: "PassOutcome") -> None:
         """Called in place on the final model once every pass has run (e.g. how weights are stored in the file,
         which later passes must not see); record what was done in `outcome`. Default: nothing."""

@@ -323,6 +323,10 @@ class Lowrank(Pass):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
+    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
+        return [(r["node"], r.get("rel_err", r.get("weight_rel_err", 0.0))) for r in details.get("layers", [])]
+
+    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         rows = details.get("layers") or []
         lines = [f"{details['method']} SVD, {details['allocation']} allocation: {len(rows)} layer(s) factorized, "

@@ -108,6 +108,11 @@ class Quantize(Pass):
         return 13  # per-channel DequantizeLinear (axis) needs opset 13
 
     @classmethod
+    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
+        return [(r["node"], r.get("introduced", r["rel_l2_err"])) for r in details.get("sensitivity", [])
+                if r.get("node")]
+
+    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         lines = []
         sens = details.get("sensitivity") or []

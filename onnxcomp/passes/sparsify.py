@@ -120,6 +120,13 @@ class Sparsify(Pass):
         return self.nm_pattern or sg.SparsityPattern("unstructured")
 
     @classmethod
+    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
+        if details.get("pattern") == "channel":
+            return [(g["producer"], g.get("rel_err", 0.0)) for g in details.get("groups", []) if g.get("removed")]
+        return [(n, r["rel_err"] if r.get("rel_err") is not None else r.get("sparsity", 0.0))
+                for r in details.get("layers", []) if r.get("zeros") for n in r["nodes"]]
+
+    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         if details.get("pattern") == "channel":
             groups = details.get("groups") or []
