@@ -609,14 +609,21 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     before = sum(l.weight.size for l in layers.values())
     consts = [_new_constants(comp) for comp in comps.values()]
     after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
-    rules = [_component_rule(k, comp, model, c) for k, (comp, c) in enumerate(zip(comps.values(), consts))]
+    order = {id(n): i for i, n in enumerate(model.graph.nodes)}  # built once: rules stay linear in graph size
+    index = ir.GraphIndex(model.graph)
+    shapes: dict[tuple, list[_Component]] = {}
+    for comp, c in zip(comps.values(), consts):
+        spec = _component(comp, c, order, index)
+        shapes.setdefault(spec.signature, []).append(spec)
+    rules = [_component_rule(k, specs) for k, specs in enumerate(shapes.values())]
     stats = apply_rules(model, rules)
-    failed = [r.name for r in rules if stats.rules[r.name].applied != 1]
-    if failed:
+    done = sum(stats.rules[r.name].applied for r in rules)
+    if done != len(comps):
         from ..errors import InvalidModelError
 
-        reasons = {r: stats.rules[r].to_dict() if hasattr(stats.rules[r], "to_dict") else "" for r in failed}
-        raise InvalidModelError(f"structured pruning could not rewrite {failed}: {reasons}")
+        reasons = sorted({reason for r in rules for reason in stats.rules[r.name].rejected
+                          if "not a planned component" not in reason})
+        raise InvalidModelError(f"structured pruning rewrote {done} of {len(comps)} channel groups: {reasons[:3]}")
     return before, after
 
 
@@ -680,9 +687,26 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     return before, after
 
 
-def _component_rule(k: int, comp: list[_Group], model: ir.Model,
-                    new_const: dict[tuple[int, int], np.ndarray]) -> RewriteRule:
-    """A rule whose pattern is exactly this component's nodes and whose replacement rebuilds them smaller."""
+@dataclass
+class _Component:
+    """The nodes one rewrite replaces, their inputs from outside (pattern variables) and the outputs kept."""
+
+    seq: list[gs.Node]
+    ext: dict[int, str]  # id(outside tensor) -> variable name, in order of first use
+    outputs: list[gs.Tensor]
+    consts: dict[tuple[int, int], np.ndarray]
+
+    @property
+    def signature(self) -> tuple:
+        """Components with the same signature match the same pattern (same ops, same wiring)."""
+        pos = {id(t): (i, j) for i, n in enumerate(self.seq) for j, t in enumerate(n.outputs)}
+        wiring = tuple((n.op, n.domain or "", len(n.outputs),
+                        tuple(self.ext.get(id(t)) or pos.get(id(t)) or "" for t in n.inputs)) for n in self.seq)
+        return wiring, tuple(pos[id(t)] for t in self.outputs)
+
+
+def _component(comp: list[_Group], new_const: dict[tuple[int, int], np.ndarray], order: dict[int, int],
+               index: ir.GraphIndex) -> _Component:
     nodes: dict[int, gs.Node] = {}
     for g in comp:
         for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:
@@ -691,7 +715,6 @@ def _component_rule(k: int, comp: list[_Group], model: ir.Model,
             add = g.biases.get(c.name)
             if add is not None:
                 nodes[id(add)] = add
-    order = {id(n): i for i, n in enumerate(model.graph.nodes)}
     seq = sorted(nodes.values(), key=lambda n: order[id(n)])
     made = {id(t) for n in seq for t in n.outputs}
     ext: dict[int, str] = {}
@@ -699,23 +722,32 @@ def _component_rule(k: int, comp: list[_Group], model: ir.Model,
         for t in n.inputs:
             if t.name and id(t) not in made and id(t) not in ext:
                 ext[id(t)] = f"v{len(ext)}"
-    index = ir.GraphIndex(model.graph)
-    used_outside = [t for n in seq for t in n.outputs
-                    if t.name and (index.is_graph_output(t) or any(id(c) not in nodes for c in index.consumers(t)))]
-    var_names = list(ext.values())
+    outputs = [t for n in seq for t in n.outputs
+               if t.name and (index.is_graph_output(t) or any(id(c) not in nodes for c in index.consumers(t)))]
+    return _Component(seq, ext, outputs, new_const)
+
+
+def _component_rule(k: int, comps: list[_Component]) -> RewriteRule:
+    """One rule for components of one signature: the pattern is their common structure, the check picks the
+    planned component by its nodes, the replacement rebuilds that component with its new constants."""
+    first = comps[0]
+    var_names = list(first.ext.values())
+    root_pos = next(i for i, n in enumerate(first.seq) if any(t is first.outputs[0] for t in n.outputs))
+    by_root = {id(c.seq[root_pos]): c for c in comps}
 
     def pattern(op, *vs):
         val: dict[int, Any] = {}
         byname = dict(zip(var_names, vs))
-        for t_id, nm in ext.items():
+        for t_id, nm in first.ext.items():
             val[t_id] = byname[nm]
-        for i, n in enumerate(seq):
+        for i, n in enumerate(first.seq):
             ins = [val[id(t)] if t.name else None for t in n.inputs]
             outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _bind=f"n{i}")
             outs = outs if isinstance(outs, tuple) else (outs,)
             for t, o in zip(n.outputs, outs):
                 val[id(t)] = o
-        return tuple(val[id(t)] for t in used_outside) if len(used_outside) > 1 else val[id(used_outside[0])]
+        res = tuple(val[id(t)] for t in first.outputs)
+        return res if len(res) > 1 else res[0]
 
     pattern.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("op", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -723,19 +755,19 @@ def _component_rule(k: int, comp: list[_Group], model: ir.Model,
     pattern.__name__ = f"channel_component_{k}"
 
     def check(ctx, **b):
-        if not all(b.get(f"n{i}") is n for i, n in enumerate(seq)):
-            return fail("not the planned component")
+        comp = by_root.get(id(b.get(f"n{root_pos}")))
+        if comp is None or not all(b.get(f"n{i}") is n for i, n in enumerate(comp.seq)):
+            return fail("not a planned component")
         return True
 
     def replacement(op, **b):
-        val: dict[int, gs.Tensor] = {}
-        for t_id, nm in ext.items():
-            val[t_id] = b[nm]
-        for i, n in enumerate(seq):
+        comp = by_root[id(b[f"n{root_pos}"])]
+        val: dict[int, gs.Tensor] = {t_id: b[nm] for t_id, nm in comp.ext.items()}
+        for n in comp.seq:
             ins = []
             for j, t in enumerate(n.inputs):
-                if (id(n), j) in new_const:
-                    ins.append(op.const(new_const[(id(n), j)], name=f"{t.name}_pruned"))
+                if (id(n), j) in comp.consts:
+                    ins.append(op.const(comp.consts[(id(n), j)], name=f"{t.name}_pruned"))
                 elif not t.name:
                     ins.append(None)
                 else:
@@ -745,7 +777,7 @@ def _component_rule(k: int, comp: list[_Group], model: ir.Model,
             outs = outs if isinstance(outs, tuple) else (outs,)
             for t, o in zip(n.outputs, outs):
                 val[id(t)] = o
-        res = [val[id(t)] for t in used_outside]
+        res = [val[id(t)] for t in comp.outputs]
         return tuple(res) if len(res) > 1 else res[0]
 
     return RewriteRule(f"prune-channels-{k}", pattern, replacement, check)
