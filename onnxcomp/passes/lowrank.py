@@ -27,8 +27,8 @@ calibration data is within it; without calibration data, the weight's rel. Frobe
 r·(k+n) >= k·n is never used (the layer stays dense and the report says why).
 
 Calibration data: whiten (default true) and allocation "sensitivity" need it and raise CalibrationDataError
-without it (no silent fallback to plain SVD); ``whiten: false`` works without data (the default allocation is
-then uniform). Only main-graph layers are factorized when data is given (subgraph activations cannot be observed). With ``params_ratio`` and ``allocation: sensitivity`` the ratio is a budget for
+without it (no silent fallback to plain SVD); ``whiten: false`` works without data. The default allocation is
+uniform (``params_ratio`` per factorized layer, as the API contract says). Only main-graph layers are factorized when data is given (subgraph activations cannot be observed). With ``params_ratio`` and ``allocation: sensitivity`` the ratio is a budget for
 all candidate layers together, spent where the model's outputs suffer least: each candidate rank of each layer
 is probed end to end (``WeightProbe``: the product A·B fed in place of W) and ``allocate`` picks one per layer.
 
@@ -271,8 +271,9 @@ class Lowrank(Pass):
     params_ratio: Optional[float] = None  # target params per layer (uniform) or of all candidates (sensitivity)
     error_budget: Optional[float] = None  # per layer: smallest rank with output rel. L2 error <= this
     whiten: bool = True  # activation-whitened SVD (needs calibration data; false = plain SVD of W)
-    # how params_ratio is spread: per layer ("uniform") or by measured end-to-end sensitivity under one global
-    # budget ("sensitivity", needs calibration data); default: sensitivity when params_ratio and data are given
+    # how params_ratio is spread: per factorized layer ("uniform", the API contract's meaning and the default) or
+    # by measured end-to-end sensitivity under one global budget ("sensitivity", needs calibration data: far
+    # more accurate at the same size, see FINDINGS.md and tools/bench_lowrank.py)
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
     refit: bool = False  # least-squares refit of the second factor on the calibration activations
     ops: Optional[tuple[str, ...]] = None  # op types to factorize (default MatMul, Gemm, Conv)
@@ -347,7 +348,7 @@ class Lowrank(Pass):
         if self.whiten and not feeds:
             raise CalibrationDataError("lowrank: whitened SVD needs calibration_data (the layers' input "
                                        "statistics); give calibration feeds, or set whiten: false for plain SVD")
-        allocation = self.allocation or ("sensitivity" if rule == "params_ratio" and feeds else "uniform")
+        allocation = self.allocation or "uniform"  # API.md: params_ratio is per factorized layer unless asked
         if allocation == "sensitivity" and not feeds:
             raise CalibrationDataError("lowrank: allocation 'sensitivity' needs calibration_data (end-to-end "
                                        "probes); give calibration feeds, or use allocation: uniform")
