@@ -58,3 +58,17 @@ def test_stored_is_the_inverse_of_matrix():
                    [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     for layer in find_weight_layers(ir.Model.from_proto(m)):
         np.testing.assert_allclose(layer.stored(layer.matrix()), layer.weight, rtol=1e-6)
+
+
+def test_weights_quantized_by_an_earlier_pass_are_named_as_such():
+    from onnxcomp.passes.select import quantized_weights_note
+
+    q = numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"]), helper.make_node("MatMul", ["x", "W"], ["y"],
+                                                                                       name="mm")]
+    m = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 4])], [q, numpy_helper.from_array(np.float32(0.1), "s")])
+    rej: dict[str, str] = {}
+    assert find_weight_layers(ir.Model.from_proto(m), rejections=rej) == []
+    assert "already quantized (DequantizeLinear)" in rej["mm"]
+    assert "put sparsify/lowrank before quantize" in quantized_weights_note(rej)
+    assert quantized_weights_note({"a": "excluded by the recipe (a)"}) is None

@@ -51,7 +51,8 @@ from .. import ir
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from .base import Pass, PassContext, PassOutcome
-from .select import WeightLayer, weight_pattern2, weight_pattern3, check_exclude, check_ops, find_weight_layers
+from .select import (ALREADY_QUANTIZED, WeightLayer, check_exclude, check_ops, find_weight_layers,
+                     quantized_weights_note, weight_pattern2, weight_pattern3)
 
 _OPS = ("MatMul", "Gemm", "Conv")
 _RULE_KEYS = ("rank", "energy", "params_ratio", "error_budget")
@@ -361,6 +362,9 @@ class Lowrank(Pass):
                                    rejections=rejections)
         skipped: list[dict[str, Any]] = [{"node": k, "reason": v} for k, v in rejections.items()
                                          if not v.startswith("no match")]
+        quantized_note = quantized_weights_note(rejections)
+        if quantized_note:
+            notes.append(quantized_note)
         plan = []
         for wl in found:
             why = _unsupported(wl)
@@ -435,7 +439,8 @@ class Lowrank(Pass):
             "rewrites": stats.to_dict(),
         })
         for s in skipped:  # activation x activation MatMuls (attention) are not candidates: details only
-            if not s["reason"].startswith(("excluded", "left dense")) and "is not a constant weight" not in s["reason"]:
+            if not s["reason"].startswith(("excluded", "left dense")) and "is not a constant weight" not in s["reason"] \
+                    and ALREADY_QUANTIZED not in s["reason"]:
                 notes.append(f"{s['node']}: not factorized: {s['reason']}")
         if len(notes) > 40:
             notes[:] = notes[:40] + [f"... {len(notes) - 40} more (see details.skipped)"]

@@ -21,6 +21,13 @@ from ..rewrite.rule import onnx_dtype
 
 #: op types whose weight (input 1) these passes know how to read as a matrix
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+ALREADY_QUANTIZED = "put sparsify/lowrank before quantize in the recipe"
+
+
+def quantized_weights_note(rejections: dict[str, str]) -> Optional[str]:
+    """A note for the report when layers were skipped because an earlier pass already quantized them."""
+    n = sum(ALREADY_QUANTIZED in r for r in rejections.values())
+    return f"{n} layer(s) skipped: their weights are already quantized; {ALREADY_QUANTIZED}" if n else None
 
 
 def check_exclude(patterns: Sequence[str], where: str) -> None:
@@ -55,6 +62,8 @@ def weight_problem(node: gs.Node, w: gs.Tensor, exclude: Sequence[str], min_ndim
         return f"excluded by the recipe ({node.name})"
     v = ir.const_value(w)
     if v is None:
+        if len(w.inputs) == 1 and w.inputs[0].op in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            return f"weight '{w.name}' is already quantized ({w.inputs[0].op}): {ALREADY_QUANTIZED}"
         return f"'{w.name}' is not a constant weight"
     if v.dtype != np.float32:
         return f"weight '{w.name}' is {v.dtype}, not float32"

@@ -38,7 +38,8 @@ from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from . import sparsegpt as sg
 from .base import Pass, PassContext, PassOutcome
-from .select import WEIGHT_OPS, WeightLayer, weight_pattern2, weight_pattern3, check_exclude, check_ops, find_weight_layers
+from .select import (WEIGHT_OPS, WeightLayer, check_exclude, check_ops, find_weight_layers, quantized_weights_note,
+                     weight_pattern2, weight_pattern3)
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: sparsity ladder tried per layer by `allocation: sensitivity` (plus the requested sparsity)
@@ -174,6 +175,9 @@ class Sparsify(Pass):
                                     self.min_weight_elements, main_graph_only=method != "magnitude",
                                     rejections=rejections)
         units = _units(model, layers, rejections)
+        quantized_note = quantized_weights_note(rejections)
+        if quantized_note:
+            notes.append(quantized_note)
         details: dict[str, Any] = {"method": method, "pattern": self.pattern, "requested_sparsity": self.sparsity,
                                    "allocation": self.allocation}
         if self.method == "auto":
