@@ -143,6 +143,7 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
         could: dict = {r.name: {"nodes_removed": r.nodes_before - r.nodes_after, "ops_removed": r.ops_removed,
                                 "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
         could["sparsify_channel"] = _channel_candidates(proto)
+        could["lowrank"] = _lowrank_candidates(proto)
         if as_json:
             click.echo(json.dumps({**s, "passes": could}, indent=2))
             return
@@ -157,6 +158,11 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
                    f"block(s) for head pruning; {len(ch['not_prunable'])} layer(s) not prunable")
         for r in ch["not_prunable"][:5]:
             click.echo(f"      {r['layer']}: {r['reason']}")
+        lr = could["lowrank"]
+        click.echo(f"  lowrank: {len(lr)} MatMul/Gemm/Conv layer(s) large enough to factorize "
+                   f"({sum(r['params'] for r in lr):,} weights); a rank saves weights below k*n/(k+n):")
+        for r in lr[:5]:
+            click.echo(f"      {r['layer']}: [{r['k']} x {r['n']}], break-even rank {r['break_even_rank']}")
 
     _run(debug, go)
 
@@ -172,6 +178,22 @@ def _channel_candidates(proto) -> dict:
                         "channels": g.channels} for g in groups if g.attention is None],
             "attention_blocks": sum(g.attention is not None for g in groups),
             "not_prunable": refused}
+
+
+def _lowrank_candidates(proto) -> list:
+    """Layers the lowrank pass would consider (default min_weight_elements), with their break-even rank."""
+    from . import ir
+    from .passes.lowrank import Lowrank
+    from .passes.select import find_weight_layers
+
+    model = ir.Model.from_proto(proto)
+    rows = []
+    for layer in find_weight_layers(model, ops=("MatMul", "Gemm", "Conv"),
+                                    min_elements=Lowrank.__dataclass_fields__["min_weight_elements"].default):
+        k, n = layer.matrix().shape
+        rows.append({"layer": layer.name, "op": layer.op, "k": int(k), "n": int(n), "params": int(k * n),
+                     "break_even_rank": int(k * n // (k + n))})
+    return rows
 
 
 if __name__ == "__main__":

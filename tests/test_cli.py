@@ -26,6 +26,9 @@ def test_inspect_digits():
     assert [(g["producer"], g["channels"]) for g in ch["groups"]] == [("conv1", 16), ("conv2", 32), ("fc1", 64)]
     assert ch["not_prunable"] == [{"layer": "fc2", "reason": "channels reach the graph output 'logits'"}]
     assert "3 prunable channel group(s)" in r.stdout
+    # conv2 [32, 16, 3, 3] and fc1 [64, 512] have >= 4096 weights; break-even k*n/(k+n)
+    assert [(x["layer"], x["k"], x["n"], x["break_even_rank"]) for x in s["passes"]["lowrank"]] == [
+        ("conv2", 144, 32, 26), ("fc1", 512, 64, 56)]
 
 
 def test_compress_and_validate(tmp_path):
