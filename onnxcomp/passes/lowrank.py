@@ -44,7 +44,6 @@ from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from .. import ir
