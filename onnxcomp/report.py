@@ -148,6 +148,10 @@ class Report:
                       f"{', '.join(f'{k} {v}' for k, v in sorted(p.ops_removed.items()))} | "
                       f"{', '.join(f'{k} {v}' for k, v in sorted(p.ops_added.items()))} | "
                       f"{p.bytes_after - p.bytes_before:+,} | {p.seconds:.2f} s |")
+        for p in self.passes:  # what each pass says about its own work (notes, its summary lines)
+            lines = [*p.notes, *_pass_summary(p.name, p.details)]
+            if lines:
+                md += ["", f"### {p.name}", ""] + [f"- {line}" for line in lines]
         if self.warnings:
             md += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         md += ["", "## Recipe", "", "```json", json.dumps(self.recipe, indent=2), "```"]
@@ -228,7 +232,9 @@ def _markdown_tables_to_html(md: str) -> str:
         if in_table:
             out.append("</table>")
             in_table = False
-        if line.startswith("## "):
+        if line.startswith("### "):
+            out.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.startswith("## "):
             out.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("# "):
             out.append(f"<h1>{html.escape(line[2:])}</h1>")

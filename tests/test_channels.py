@@ -136,7 +136,7 @@ def test_obs_refit_recovers_what_plain_removal_loses_on_correlated_inputs():
     assert err_refit < 0.1 and err_refit < 0.25 * err_drop
 
 
-def test_digits_mlp_half_the_neurons_keeps_top1_with_sparsegpt_and_shrinks_the_file():
+def test_digits_mlp_half_the_neurons_keeps_top1_with_sparsegpt_and_shrinks_the_file(tmp_path):
     d = testing.digits_data()
     path = testing.digits_mlp_path()
     cal = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
@@ -148,6 +148,9 @@ def test_digits_mlp_half_the_neurons_keeps_top1_with_sparsegpt_and_shrinks_the_f
     assert got >= ref - 0.01
     assert testing.digits_top1(mag, d["x_test"], d["y_test"]) < got  # the refit is what keeps the accuracy
     assert res.report.size_ratio < 0.45
+    page = res.report.to_html(tmp_path / "r.html").read_text()  # the pass's own summary reaches the HTML report
+    assert "<h3>sparsify</h3>" in page and "2 channel group(s)" in page and "fc1: 64/128 channels kept" in page
+    assert "structured (sparsegpt)" in str(res.report)
 
 
 def test_minilm_ffn_neurons_pruned_with_refit_keep_embeddings():
