@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .. import ir
+from ..calibration import collect_statistics
 from ..errors import CalibrationDataError
 from ..rewrite import RewriteRule, apply_rules, fail
 from .base import PassContext, PassOutcome
@@ -61,13 +62,18 @@ class _Group:
         return [*self.extra, self.producer]
 
     @property
-    def pblock(self) -> int:
-        """Producer columns per channel: 1, or head_dim for attention heads."""
-        return self.block if self.attention is not None else 1
-
-    @property
     def params(self) -> int:
         return sum(l.weight.size for l in [*self.producers, *self.consumers])
+
+
+def _expand(keep: np.ndarray, block: int) -> np.ndarray:
+    """Row indices of the kept channels when each channel owns `block` consecutive rows."""
+    return (keep[:, None] * block + np.arange(block)).reshape(-1)
+
+
+def _gram_axis(g: "_Group") -> int:
+    """Axis of the consumers' input whose vectors the Gram is taken over (Conv: channels; else the last)."""
+    return 1 if g.consumers[0].op == "Conv" else -1
 
 
 def _channel_axis(layer: WeightLayer) -> int:
@@ -330,10 +336,8 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
         if ctx.calibration_data is None:
             raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
                                        "statistics); use method 'magnitude' without data")
-        from ..calibration import collect_statistics
-
         feeds = list(ctx.calibration_data)[: opts.calibration_samples]
-        axes = {g.tensor.name: (1 if g.consumers[0].op == "Conv" else -1) for g in groups}
+        axes = {g.tensor.name: _gram_axis(g) for g in groups}
         stats = collect_statistics(ctx.proto, [], feeds, providers=ctx.providers, histogram=False,
                                    gram_axes=axes, progress=ctx.progress)
 
@@ -351,7 +355,7 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
         counts, sens = _allocate(plans, method, opts, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = []
-    sequential = bool(getattr(opts, "sequential", False)) and data_aware and len(plans) > 1
+    sequential = opts.sequential and data_aware and len(plans) > 1
     sim = None
     if sequential:  # each group refitted on the activations of the model with the groups before it pruned
         sim = onnx.ModelProto()
@@ -360,17 +364,14 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
     for i, (g, mats, w, h, fixed) in enumerate(plans):
         k = counts[id(g)]
         if sim is not None and i:
-            from ..calibration import collect_statistics
-
             st = collect_statistics(sim, [], feeds, providers=ctx.providers, histogram=False,
-                                    gram_axes={g.tensor.name: 1 if g.consumers[0].op == "Conv" else -1})
+                                    gram_axes={g.tensor.name: _gram_axis(g)})
             mats, w, h, fixed = _plan(g, st.get(g.tensor.name), True)
         keep, wf = _choose(method, g, w, h, [k], opts.damping, fixed)[0]
         g.keep = keep
         g.new_consumers = _split_consumers(g, mats, wf, keep, fixed)  # type: ignore[attr-defined]
         if sim is not None:
-            _simulate(sim, g, _split_consumers(g, mats, _zero_removed(wf, keep, g.block, fixed),
-                                               np.arange(g.channels), fixed))
+            _simulate(sim, _same_shape_updates(g, wf, keep, mats, fixed))
         row = {"kind": "heads" if g.attention is not None else "channels",
                "producer": g.producer.name, "consumers": [c.name for c in g.consumers],
                "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
@@ -409,19 +410,27 @@ def _plan(g: _Group, st: Any, data_aware: bool):
     return mats, w, h, 0
 
 
-def _simulate(sim: onnx.ModelProto, g: _Group, new: dict[str, tuple[np.ndarray, Any]]) -> None:
-    """Write a group's pruning into `sim` without changing shapes (removed consumer rows zero, refit, bias)."""
-    inits = {t.name: t for t in sim.graph.initializer}
+def _same_shape_updates(g: _Group, wf: np.ndarray, keep: np.ndarray, mats: list[np.ndarray],
+                        fixed: int) -> dict[str, np.ndarray]:
+    """Tensor name -> new value of each consumer weight and bias with the group pruned *without* changing shapes
+    (removed rows zero, the rest refitted, the intercept added to the bias): what removing the channels does."""
+    new = _split_consumers(g, mats, _zero_removed(wf, keep, g.block, fixed), np.arange(g.channels), fixed)
+    out = {}
     for c in g.consumers:
         w_new, delta = new[c.name]
-        if c.w.name in inits:
-            inits[c.w.name].CopyFrom(numpy_helper.from_array(w_new.astype(np.float32), c.w.name))
+        out[c.w.name] = w_new
         bt = _bias_target(g, c)
         if delta is not None and bt is not None:
             b = bt[0].inputs[bt[1]]
-            if b.name in inits:
-                v = numpy_helper.to_array(inits[b.name]) + delta / bt[2]
-                inits[b.name].CopyFrom(numpy_helper.from_array(v.astype(np.float32), b.name))
+            out[b.name] = (ir.const_value(b) + delta / bt[2]).astype(np.float32)
+    return out
+
+
+def _simulate(sim: onnx.ModelProto, updates: dict[str, np.ndarray]) -> None:
+    """Write same-shape weight updates into the initializers of `sim`."""
+    for t in sim.graph.initializer:
+        if t.name in updates:
+            t.CopyFrom(numpy_helper.from_array(updates[t.name], t.name))
 
 
 def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
@@ -450,8 +459,7 @@ def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
 
 def _refit(w: np.ndarray, h: np.ndarray, keep: np.ndarray, block: int, fixed: int, damping: float) -> np.ndarray:
     """min ||X W - X_S W'|| over rows S (kept channels + intercept): W'_S = H_SS^-1 H_S: W, zero elsewhere."""
-    rows = np.concatenate([(keep[:, None] * block + np.arange(block)).reshape(-1),
-                           np.arange(w.shape[0] - fixed, w.shape[0])]).astype(np.int64)
+    rows = np.concatenate([_expand(keep, block), np.arange(w.shape[0] - fixed, w.shape[0])]).astype(np.int64)
     hd = h.astype(np.float64)
     lam = damping * float(np.mean(np.diag(hd))) + 1e-12
     hss = hd[np.ix_(rows, rows)] + lam * np.eye(len(rows))
@@ -462,7 +470,7 @@ def _refit(w: np.ndarray, h: np.ndarray, keep: np.ndarray, block: int, fixed: in
 
 def _split_consumers(g: _Group, mats: list[np.ndarray], wf: np.ndarray, keep: np.ndarray, fixed: int):
     """Per consumer: (new stored weight, bias delta or None) from the refitted stacked rows."""
-    rows = (keep[:, None] * g.block + np.arange(g.block)).reshape(-1)
+    rows = _expand(keep, g.block)
     out = {}
     col = 0
     for c, m in zip(g.consumers, mats):
@@ -502,16 +510,7 @@ def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
         runs = _choose(method, g, w, h, ks, opts.damping, fixed)
         opts_g = []
         for k, (keep, wf) in zip(ks, runs):
-            new = _split_consumers(g, mats, _zero_removed(wf, keep, g.block, fixed), np.arange(g.channels), fixed)
-            replace = {}
-            for c in g.consumers:
-                if c.w.name in names:
-                    replace[c.w.name] = new[c.name][0]
-                bt = _bias_target(g, c)
-                if bt is not None and new[c.name][1] is not None:
-                    b = bt[0].inputs[bt[1]]
-                    if b.name in names:
-                        replace[b.name] = (ir.const_value(b) + new[c.name][1] / bt[2]).astype(np.float32)
+            replace = {n: v for n, v in _same_shape_updates(g, wf, keep, mats, fixed).items() if n in names}
             err = probe.error(replace) if k else 0.0
             opts_g.append(((g.channels - k) * per_channel, err))
         choices[id(g)] = opts_g
@@ -524,7 +523,7 @@ def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
 
 def _zero_removed(wf: np.ndarray, keep: np.ndarray, block: int, fixed: int) -> np.ndarray:
     out = np.zeros_like(wf)
-    rows = (keep[:, None] * block + np.arange(block)).reshape(-1)
+    rows = _expand(keep, block)
     out[rows] = wf[rows]
     if fixed:
         out[-fixed:] = wf[-fixed:]
@@ -585,6 +584,8 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
 def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     """One engine rule per connected component of groups; each rebuilds its nodes with the sliced weights.
     Returns the weight counts of the layers involved, before and after."""
+    if not groups:
+        return 0, 0
     parent = {id(g): id(g) for g in groups}
 
     def find(a):
@@ -603,8 +604,6 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     comps: dict[int, list[_Group]] = {}
     for g in groups:
         comps.setdefault(find(id(g)), []).append(g)
-    if not groups:
-        return 0, 0
     layers = {id(l.node): l for g in groups for l in [g.producer, *g.consumers]}
     before = sum(l.weight.size for l in layers.values())
     consts = [_new_constants(comp) for comp in comps.values()]
@@ -666,7 +665,7 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     before = after = 0
     for g in groups:
         b = g.attention
-        cols = (g.keep[:, None] * g.block + np.arange(g.block)).reshape(-1)
+        cols = _expand(g.keep, g.block)
         p: dict[str, np.ndarray] = {"heads": np.array(len(g.keep))}
         for t in ("q", "k", "v"):
             p[f"w{t}"] = np.ascontiguousarray(ir.const_value(b[f"w{t}"])[:, cols])
