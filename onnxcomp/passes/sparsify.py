@@ -309,33 +309,21 @@ class _Unit:
 
 
 def _layout(layer: WeightLayer) -> tuple[np.ndarray, list[_Part]]:
-    """The weight as [outputs, inputs] (the reduction axis last) and how it splits into groups."""
-    w, op, attrs = layer.weight, layer.op, layer.node.attrs
-    if op == "MatMul" or (op == "Gemm" and not attrs.get("transB", 0)):
-        return np.ascontiguousarray(w.T), [_Part(slice(None), slice(None), layer.x.name, slice(None))]
-    if op == "Gemm":
-        return w, [_Part(slice(None), slice(None), layer.x.name, slice(None))]
-    g = int(attrs.get("group", 1))
-    if op == "Conv":  # [Cout, Cin/g * taps]; group i: outputs i, unfolded inputs i
-        wt = w.reshape(w.shape[0], -1)
+    """The weight as [outputs, inputs] (the reduction axis last: WeightLayer.matrix() transposed) and how it
+    splits into groups."""
+    wt = np.ascontiguousarray(layer.matrix().T)
+    whole = [_Part(slice(None), slice(None), layer.x.name, slice(None))]
+    if layer.op in ("MatMul", "Gemm"):
+        return wt, whole
+    w, g = layer.weight, int(layer.node.attrs.get("group", 1))
+    if layer.op == "Conv":  # [Cout, Cin/g * taps]; group i: outputs i, unfolded inputs i
         ro, k = wt.shape[0] // g, wt.shape[1]
         return wt, [_Part(slice(i * ro, (i + 1) * ro), slice(None), _unfold_name(layer), slice(i * k, (i + 1) * k))
                     for i in range(g)]
     # ConvTranspose [Cin, Cout/g, *k]: outputs = (Cout/g, taps), inputs = Cin split in groups
-    wt = np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
     ci = w.shape[0] // g
     return wt, [_Part(slice(None), slice(i * ci, (i + 1) * ci), layer.x.name, slice(i * ci, (i + 1) * ci))
                 for i in range(g)]
-
-
-def _from_layout(layer: WeightLayer, wt: np.ndarray) -> np.ndarray:
-    shape = layer.weight.shape
-    op, attrs = layer.op, layer.node.attrs
-    if op == "MatMul" or (op == "Gemm" and not attrs.get("transB", 0)):
-        return np.ascontiguousarray(wt.T)
-    if op in ("Gemm", "Conv"):
-        return np.ascontiguousarray(wt.reshape(shape))
-    return np.ascontiguousarray(wt.T.reshape(shape))
 
 
 def _layout_key(layer: WeightLayer) -> tuple:
@@ -487,7 +475,7 @@ def _prune(u: _Unit, method: str, pattern: sg.SparsityPattern, sparsity: float, 
             a, b = sg.error_terms(w, new, u.grams[i])
             num, den = num + a, den + b
     rel = float(np.sqrt(num / den)) if have_err and den > 0 else None
-    new_w = _from_layout(u.layer, out.astype(np.float32))
+    new_w = u.layer.stored(out.astype(np.float32).T)
     if method != "sparsegpt":  # keep the surviving weights bit-exact (no layout round trip in float64)
         new_w = np.where(new_w == 0, np.float32(0), u.layer.weight).astype(np.float32)
     return _Result(new_w, int(np.count_nonzero(new_w == 0)), rel)
