@@ -133,8 +133,8 @@ def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLa
                 return f"{n.op} '{n.name}' after a Flatten"
             if n.op in _UNARY or n.op == "BatchNormalization" or (n.op in _POOLS and axis == 1) \
                     or n.op in _BINARY:
-                for i, x in enumerate(n.inputs[1:] if n.op in _UNARY | {"BatchNormalization"} else n.inputs):
-                    i = i + 1 if n.op in _UNARY | {"BatchNormalization"} else i
+                first = 0 if n.op in _BINARY else 1  # unary ops and BN: input 0 is the channel tensor itself
+                for i, x in enumerate(n.inputs[first:], first):
                     if not x.name or id(x) in tensors:
                         continue
                     v = ir.const_value(x)
