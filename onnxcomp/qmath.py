@@ -40,6 +40,15 @@ def _sym_bounds(qt: QType) -> tuple[int, int]:
     return qt.qmin, qt.qmax
 
 
+def reduced(qt: QType) -> QType:
+    """The same type with one bit less of range (int8 -> [-64, 63], uint8 -> [0, 127]): ORT's `reduce_range`.
+
+    x86 CPUs without VNNI multiply uint8 x int8 with vpmaddubsw, which adds pairs of products in int16 and
+    saturates; with 7-bit weights every pair fits (255 * 64 * 2 < 32768)."""
+    return QType(qt.name, qt.np_dtype, qt.qmin // 2 if qt.signed else qt.qmin, (qt.qmax - 1) // 2 if qt.signed
+                 else qt.qmax // 2, qt.onnx_type)
+
+
 def activation_params(lo: float, hi: float, qdtype: str, symmetric: bool) -> tuple[np.float32, np.ndarray]:
     """Per-tensor (scale, zero_point) for a calibrated range; the range is widened to contain 0."""
     qt = QTYPES[qdtype]
@@ -57,10 +66,12 @@ def activation_params(lo: float, hi: float, qdtype: str, symmetric: bool) -> tup
     return np.float32(scale), np.asarray(zp, dtype=qt.np_dtype)
 
 
-def weight_params(w: np.ndarray, axis: int | None, qdtype: str = "int8", symmetric: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Scales and zero points of a weight, per channel along `axis` (None: per tensor). Vectorised."""
-    qt = QTYPES[qdtype]
+def weight_params(w: np.ndarray, axis: int | None, qdtype: str = "int8", symmetric: bool = True,
+                  reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points of a weight, per channel along `axis` (None: per tensor). Vectorised.
+
+    `reduce_range` uses one bit less (see `reduced`); the quantized values then stay inside that range."""
+    qt = reduced(QTYPES[qdtype]) if reduce_range else QTYPES[qdtype]
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         red = tuple(range(w.ndim))

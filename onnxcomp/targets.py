@@ -55,6 +55,9 @@ class Target:
     activation_dtype: str = "uint8"
     activation_symmetric: bool = False
     weight_dtype: str = "int8"
+    #: integer kernels (static/dynamic) get 7-bit weights: ORT CPU's uint8 x int8 kernels saturate on x86
+    #: without VNNI (AVX2), measured on MiniLM-L3 dynamic: embedding cosine 0.986 with 8-bit, 0.997 with 7-bit
+    reduce_range: bool = False
     ops: Mapping[str, OpPlacement] = field(default_factory=dict)
     #: op types never quantized, with the reason the report gives
     keep_float: Mapping[str, str] = field(default_factory=dict)
@@ -87,7 +90,7 @@ _GATHER = OpPlacement("Gather", 0, _axis0, ("static", "dynamic", "weight_only"),
 TARGETS: dict[str, Target] = {
     "ort-cpu": Target(
         "ort-cpu", ("CPUExecutionProvider",), "ONNX Runtime, CPU execution provider",
-        activation_dtype="uint8", activation_symmetric=False, weight_dtype="int8",
+        activation_dtype="uint8", activation_symmetric=False, weight_dtype="int8", reduce_range=True,
         ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
     "ort-cuda": Target(
         "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),

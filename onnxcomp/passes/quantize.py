@@ -53,6 +53,8 @@ class Quantize(Pass):
     activation_dtype: Optional[Literal["uint8", "int8", "int16"]] = None  # default: the target's
     symmetric_activations: Optional[bool] = None  # default: the target's
     symmetric_weights: bool = True
+    # 7-bit weights for the integer kernels (static/dynamic with uint8 activations); default: the target's
+    reduce_range: Optional[bool] = None
     per_channel: bool = True
     block_size: Optional[int] = None
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
@@ -142,6 +144,10 @@ class Quantize(Pass):
         act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
         plan = _Plan(set(), {}, {})
         run = _Run(self, plan)
+        run.reduce_range = (self.reduce_range if self.reduce_range is not None
+                            else target.reduce_range and (self.mode == "dynamic" or act_dtype == "uint8"))
+        if run.reduce_range and self.mode != "weight_only":
+            details["reduce_range"] = True
         rules = self._rules(run, target)
         rejections: dict[str, str] = {}
         found = find_matches(model, rules, rejections=rejections)
@@ -370,6 +376,7 @@ class _Run:
         self.q = q
         self.plan = plan
         self.mode = q.mode
+        self.reduce_range = False  # set by Quantize._quantize from the option or the target
         self.wcache: dict[tuple[int, int], tuple[gs.Tensor, np.ndarray]] = {}
         self.ccache: dict[tuple[int, bool], list[gs.Constant]] = {}
 
@@ -396,7 +403,8 @@ class _Run:
         v = np.asarray(ir.const_value(w), dtype=np.float32)
         qd = self.q.weight_dtype
         ax = axis if self.q.per_channel else None
-        scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights)
+        reduce = self.reduce_range and self.mode != "weight_only"  # weight_only has no integer kernel
+        scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights, reduce_range=reduce)
         q = qmath.quantize(v, scale, zp, ax, qd)
         attrs = {"axis": axis} if self.q.per_channel else {}
         dq = op.DequantizeLinear(op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
@@ -541,7 +549,8 @@ class _Run:
         consts = self.ccache.get(key)  # initializers shared by every node reading the same weight
         if consts is None:
             v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
-            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True)
+            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True,
+                                            reduce_range=self.reduce_range)
             q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
             consts = self.ccache[key] = [op.const(q, name=f"{w.name}_quantized"),
                                          op.const(scale, name=f"{w.name}_scale"),

@@ -1,0 +1,120 @@
+"""SHA-256 of the compressed model bytes for the bench recipes on the real fixtures: a refactoring guard.
+
+    python tools/golden_hashes.py            # compare with tests/golden/compress_hashes.json, print differences
+    python tools/golden_hashes.py --write    # (re)record the file
+    python tools/golden_hashes.py --only fast
+
+Each row compresses one fixture with one recipe (validate=False: the hash is of the model, not the report)
+on fixed calibration samples. `fast` rows are also checked by tests/test_golden.py; the rest (sensitivity
+allocation, smoothquant search on MiniLM) take minutes and are checked here. A changed hash is not a failure by
+itself: the commit that changes it says why and what it measured on the task metric.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import onnxcomp  # noqa: E402
+from onnxcomp import testing  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "compress_hashes.json"
+
+_Q = "quantize"
+_S = "sparsify"
+#: (row name, models, recipe, fast?) — the bench recipes of bench_quantize/bench_sparsify/bench_lowrank
+ROWS: list[tuple[str, tuple[str, ...], Any, bool]] = [
+    ("default", ("minilm", "digits_cnn", "digits_mlp"), None, True),
+    ("cleanup", ("minilm", "digits_cnn", "digits_mlp"), [{"type": "cleanup"}], True),
+    ("q_dynamic", ("minilm", "digits_cnn", "digits_mlp"), [{"type": _Q, "mode": "dynamic"}], True),
+    ("q_static", ("digits_cnn", "digits_mlp"), [{"type": _Q, "mode": "static"}], True),
+    ("q_static", ("minilm",), [{"type": _Q, "mode": "static"}], False),
+    ("q_static_no_smooth", ("minilm", "digits_cnn"), [{"type": _Q, "mode": "static", "smoothquant": None}], True),
+    ("q_static_percentile", ("digits_cnn",), [{"type": _Q, "mode": "static", "calibration": "percentile"}], True),
+    ("q_wo_int8", ("minilm", "digits_mlp"), [{"type": _Q, "mode": "weight_only", "weight_dtype": "int8"}], True),
+    ("q_wo_int4", ("minilm", "digits_mlp"), [{"type": _Q, "mode": "weight_only", "weight_dtype": "int4",
+                                              "block_size": 32}], True),
+    ("s_unstructured_mag_0.5", ("minilm", "digits_cnn"), [{"type": _S, "method": "magnitude", "sparsity": 0.5}],
+     True),
+    ("s_unstructured_sgpt_0.5", ("digits_cnn", "digits_mlp"), [{"type": _S, "method": "sparsegpt",
+                                                                 "sparsity": 0.5}], True),
+    ("s_2:4_wanda", ("digits_mlp",), [{"type": _S, "method": "wanda", "pattern": "2:4"}], True),
+    ("s_block_mag_0.5", ("digits_cnn",), [{"type": _S, "method": "magnitude", "pattern": "block",
+                                           "block": [1, 4], "sparsity": 0.5}], True),
+    ("s_channel_0.3", ("digits_cnn", "digits_mlp"), [{"type": _S, "pattern": "channel", "sparsity": 0.3}], True),
+    ("s_channel_0.3", ("minilm",), [{"type": _S, "pattern": "channel", "sparsity": 0.3}], False),
+    ("s_channel_0.3_sens", ("digits_cnn", "digits_mlp"), [{"type": _S, "pattern": "channel", "sparsity": 0.3,
+                                                           "allocation": "sensitivity"}], True),
+    ("s_unstructured_0.5_sens", ("digits_mlp",), [{"type": _S, "method": "sparsegpt", "sparsity": 0.5,
+                                                   "allocation": "sensitivity"}], True),
+    ("s_mag_0.8_storage+cleanup", ("minilm",), [{"type": _S, "method": "magnitude", "sparsity": 0.8,
+                                                 "storage": "auto"}, {"type": "cleanup"}], True),
+    ("lr_plain_p0.5", ("digits_mlp", "digits_cnn"), [{"type": "lowrank", "whiten": False, "params_ratio": 0.5,
+                                                      "speed_check": False}], True),
+    ("lr_whitened_e0.99", ("digits_mlp",), [{"type": "lowrank", "energy": 0.99, "speed_check": False}], True),
+    ("lr_whitened_p0.5", ("minilm",), [{"type": "lowrank", "params_ratio": 0.5, "speed_check": False}], False),
+    ("lr_sens_p0.5", ("digits_mlp",), [{"type": "lowrank", "params_ratio": 0.5, "allocation": "sensitivity",
+                                        "speed_check": False}], True),
+    ("lr_sens_p0.75+q", ("digits_cnn",), [{"type": "lowrank", "params_ratio": 0.75, "allocation": "sensitivity",
+                                           "speed_check": False}, {"type": _Q, "mode": "dynamic"}], True),
+    ("channel+static", ("digits_cnn",), [{"type": _S, "pattern": "channel", "sparsity": 0.3},
+                                         {"type": _Q, "mode": "static"}], True),
+]
+
+
+def setup(model: str) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """The fixture's path and its fixed calibration feeds (the benchmarks' calibration split)."""
+    if model == "minilm":
+        return testing.minilm_path(), testing.minilm_feeds(32, start=200)
+    path = testing.digits_mlp_path() if model == "digits_mlp" else testing.digits_cnn_path()
+    d = testing.digits_data()
+    x = d["x_calib_flat" if model == "digits_mlp" else "x_calib"]
+    return path, [{"input": x[i:i + 20].astype(np.float32)} for i in range(0, min(len(x), 200), 20)]
+
+
+def row_hash(model: str, recipe: Any) -> str:
+    path, calib = setup(model)
+    res = onnxcomp.compress(path, recipe, calibration_data=calib, progress=False, validate=False)
+    return hashlib.sha256(res.model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def rows(only: str = "all") -> list[tuple[str, Any]]:
+    """(key 'row/model', recipe) of the chosen rows."""
+    return [(f"{name}/{m}", recipe) for name, models, recipe, fast in ROWS for m in models
+            if only == "all" or (only == "fast") == fast]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write", action="store_true", help="record the hashes into tests/golden/")
+    ap.add_argument("--only", choices=["all", "fast", "slow"], default="all")
+    args = ap.parse_args(argv)
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    fast = {k for k, _ in rows("fast")}
+    changed = 0
+    for key, recipe in rows(args.only):
+        t0 = time.perf_counter()
+        h = row_hash(key.split("/")[-1], recipe)
+        old = golden.get(key, {}).get("sha256")
+        mark = "same" if old == h else ("new" if old is None else "CHANGED")
+        changed += mark == "CHANGED"
+        print(f"{mark:8s} {key:40s} {h[:16]}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if args.write:
+            golden[key] = {"sha256": h, "fast": key in fast}
+    if args.write:
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(dict(sorted(golden.items())), indent=1) + "\n")
+    return 1 if changed and not args.write else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
