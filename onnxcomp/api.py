@@ -13,16 +13,16 @@ import numpy as np
 import onnx
 
 from . import ir
+from .budget import back_off
 from .errors import AccuracyBudgetError
-from .passes import PassContext, PassManager
+from .passes import PassContext
+from .passes.base import Progress
+from .pipeline import Pipeline
 from .recipe import Recipe
 from .report import Report
 from .summary import summarize
 from .targets import TARGETS
 
-
-#: rounds of accuracy-budget back-off (each leaves the most sensitive quarter of quantized layers in float)
-MAX_BACKOFF_STEPS = 8
 
 #: latency ratio above which the report warns that the result is slower than the input (timing noise ~3-5%)
 SLOWER_THAN_INPUT = 1.05
@@ -66,11 +66,12 @@ def compress(
     calibration_data: Any = None,
     validation_data: Any = None,
     providers: Optional[Sequence[str]] = None,
-    progress: bool = True,
+    progress: Union[bool, Progress] = True,
     validate: bool = True,
 ) -> CompressionResult:
-    """Compress `model` with `recipe` (default: the output-preserving cleanup) and report what it cost.
+    """Compress `model` with `recipe` (default: cleanup + dynamic int8) and report what it cost.
 
+    `progress`: True shows bars on a terminal (per pass and per long step); a callable gets (step, done, total).
     Raises typed onnxcomp errors for bad input (InvalidModelError, RecipeError, CalibrationDataError, ...)
     and AccuracyBudgetError (with `.result` attached) when the recipe's accuracy_budget is not met.
     """
@@ -86,62 +87,40 @@ def compress(
     calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
     valid = (load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib)
     provs = list(providers) if providers else _default_providers(rec.target)
-    show = progress and sys.stderr.isatty()
+    bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
     ctx = PassContext(calibration_data=calib, validation_data=valid, providers=provs, target=rec.target,
-                      progress=show)
+                      progress=bars if bars is not None else (progress if callable(progress) else None))
     bad = _nonfinite_weights(proto)
     if bad:
-        ctx.warnings.append(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
+        ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
     before = summarize(proto)
+    pipeline = Pipeline(ctx)
     passes = list(rec.passes)
-    out, records = _run_passes(proto, passes, ctx, show)
-    vreport = None
-    if validate:
-        vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
-    backoff: list[dict[str, Any]] = []
-    if vreport is not None and rec.accuracy_budget is not None:
-        # back off: leave the most sensitive compressed layers (by the error each pass says it introduced)
-        # untouched until every output meets the budget
-        viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
-        while viol and len(backoff) < MAX_BACKOFF_STEPS:
-            step = _next_backoff(records, passes)
-            if not step:
-                break
-            names = [n for i in sorted(step) for n in step[i]]
-            passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(step[i])) if i in step else p
-                      for i, p in enumerate(passes)]
-            ctx.warnings = [w for w in ctx.warnings if "produced an invalid model" in w]
-            out, records = _run_passes(proto, passes, ctx, show)
-            vreport = _validate(proto, out, inputs=valid, providers=provs, latency=False)
-            viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
-            outs = vreport.to_dict()["outputs"]
-            backoff.append({"left_float": names, "violations": len(viol),
-                            "worst_cosine": min((o["cosine"] for o in outs.values()), default=None)})
-        if backoff:  # the back-off rounds skipped timing: time the model that is returned once
+    try:
+        out, records = pipeline.run(proto, passes)
+        vreport, rounds = None, []
+        if validate:
             vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
-            rec = dataclasses.replace(rec, passes=tuple(passes))  # the recipe that was really applied
-    if vreport is not None and vreport.latency_ratio is not None and vreport.latency_ratio > SLOWER_THAN_INPUT:
-        kinds = {p.name for p in rec.passes}
-        hints = []
-        if "quantize" in kinds:
-            hints.append("the integer kernels do not pay off for this model/target: try another quantize mode, "
-                         "or raise quantize.min_weight_elements")
-        if "sparsify" in kinds:
-            hints.append("zeros in dense weights do not run faster in ONNX Runtime: sparsify pattern 'channel' "
-                         "removes whole channels")
-        if "lowrank" in kinds:
-            hints.append("keep lowrank.speed_check on, or factorize fewer layers")
-        ctx.warnings.append(
-            f"the compressed model ran SLOWER than the input: latency ratio {vreport.latency_ratio:.2f} on "
-            f"{', '.join(vreport.providers)} (median of interleaved runs)" + (f"; {'; '.join(hints)}" if hints else ""))
+        if vreport is not None and rec.accuracy_budget is not None:
+            done = back_off(rec.accuracy_budget, passes, out, records, vreport,
+                            run=lambda ps: pipeline.run(proto, ps),
+                            check=lambda m: _validate(proto, m, inputs=valid, providers=provs, latency=False))
+            out, records, vreport, rounds = done.model, done.records, done.validation, done.rounds
+            if rounds:  # the back-off rounds skipped timing: time the model that is returned once
+                vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
+                rec = dataclasses.replace(rec, passes=tuple(done.passes))  # the recipe that was really applied
+    finally:
+        if bars is not None:
+            bars.close()
+    _warn_if_slower(vreport, rec, ctx)
     budget = None
     if rec.accuracy_budget is not None:
         if vreport is None:
-            ctx.warnings.append("accuracy_budget given but validate=False: the budget was not checked")
+            ctx.warn("accuracy_budget given but validate=False: the budget was not checked")
         else:
-            viol = rec.accuracy_budget.violations(vreport.to_dict()["outputs"])
+            viol = rec.accuracy_budget.violations(vreport.outputs)
             budget = {"bounds": rec.accuracy_budget.to_dict(), "met": not viol, "violations": viol,
-                      "backoff": backoff}
+                      "backoff": [r.to_dict() for r in rounds]}
     report = Report(source=source, recipe=rec.to_dict(), before=before, after=summarize(out), passes=records,
                     validation=vreport, budget=budget, warnings=list(ctx.warnings),
                     seconds=time.perf_counter() - t0)
@@ -153,39 +132,36 @@ def compress(
     return result
 
 
-def _run_passes(proto: onnx.ModelProto, passes: list, ctx: PassContext, show: bool):
-    """Run the passes in order (one manager per pass so a progress bar can tick); check the result."""
-    bar = None
-    if show and passes:
+def _warn_if_slower(vreport, rec: Recipe, ctx: PassContext) -> None:
+    """A result slower than its input gets a warning with each pass's hint on what to change."""
+    if vreport is None or vreport.latency_ratio is None or vreport.latency_ratio <= SLOWER_THAN_INPUT:
+        return
+    hints = list(dict.fromkeys(p.slower_hint for p in rec.passes if p.slower_hint))
+    ctx.warn(f"the compressed model ran SLOWER than the input: latency ratio {vreport.latency_ratio:.2f} on "
+             f"{', '.join(vreport.providers)} (median of interleaved runs)" + (f"; {'; '.join(hints)}" if hints else ""))
+
+
+class _TerminalProgress:
+    """Progress on a terminal: one tqdm bar per step (a pass, calibration, sensitivity probes, ...)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._step = None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(passes), desc="onnxcomp", unit="pass", file=sys.stderr)
-    out, records = proto, []
-    for p in passes:
-        out, recs = PassManager([p], ctx).run(out)
-        records.extend(recs)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    ir.check_proto(out, full=True, what="compressed model")
-    return out, records
+        if step != self._step:
+            self.close()
+            self._step = step
+            self._bar = tqdm(total=total, desc=step, file=sys.stderr, leave=False)
+        self._bar.n = done
+        self._bar.refresh()
 
-
-def _next_backoff(records: list, passes: list) -> dict[int, list[str]]:
-    """The next layers to leave uncompressed, by pass index: the most sensitive quarter of the layers the passes
-    still compress, ranked by the error each layer introduced (Pass.backoff_candidates)."""
-    rows = []
-    for i, (p, rec) in enumerate(zip(passes, records)):
-        if rec.status != "ok" or not hasattr(p, "exclude"):
-            continue
-        excluded = set(p.exclude)
-        rows += [(err, i, node) for node, err in type(p).backoff_candidates(rec.details) if node not in excluded]
-    rows.sort(key=lambda r: -r[0])
-    out: dict[int, list[str]] = {}
-    for _, i, node in rows[: max(1, len(rows) // 4)] if rows else []:
-        out.setdefault(i, []).append(node)
-    return out
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = self._step = None
 
 
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],

@@ -133,13 +133,14 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
 
     def go() -> None:
         from . import ir
-        from .passes import Cleanup, PassContext, PassManager
+        from .passes import Cleanup
+        from .pipeline import Pipeline
         from .summary import format_summary, summarize
 
         proto = ir.load_proto(model)
         ir.check_proto(proto, full=False, what=model)
         s = summarize(proto)
-        _, recs = PassManager([Cleanup()], PassContext()).run(proto)
+        _, recs = Pipeline().run(proto, [Cleanup()])
         could: dict = {r.name: {"nodes_removed": r.nodes_before - r.nodes_after, "ops_removed": r.ops_removed,
                                 "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
         could["sparsify_channel"] = _channel_candidates(proto)

@@ -4,20 +4,21 @@ Parsing is strict: unknown keys or values raise RecipeError naming the key and l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import yaml
 
 from .errors import RecipeError
 from .passes import REGISTRY, Pass
 from .targets import TARGETS
+from .validation.numerics import OutputError
 
-#: pass types in the recipe format (API.md) that this version does not provide yet
-PLANNED_PASSES: tuple[str, ...] = ()
 _TOP_KEYS = ("passes", "accuracy_budget", "target")
 _BUDGET_KEYS = ("cosine", "max_abs_err", "rel_l2_err")
 
@@ -30,16 +31,16 @@ class AccuracyBudget:
     max_abs_err: Optional[float] = None
     rel_l2_err: Optional[float] = None
 
-    def violations(self, outputs: dict[str, dict[str, float]]) -> list[str]:
-        """Human-readable list of (output, metric) pairs outside the budget."""
+    def violations(self, outputs: Mapping[str, OutputError]) -> list[str]:
+        """Human-readable list of (output, metric) pairs outside the budget (NaN never meets a bound)."""
         out = []
         for name, m in outputs.items():
-            if self.cosine is not None and not (m["cosine"] >= self.cosine):
-                out.append(f"{name}: cosine {m['cosine']:.6f} < {self.cosine}")
-            if self.max_abs_err is not None and not (m["max_abs_err"] <= self.max_abs_err):
-                out.append(f"{name}: max_abs_err {m['max_abs_err']:.3g} > {self.max_abs_err}")
-            if self.rel_l2_err is not None and not (m["rel_l2_err"] <= self.rel_l2_err):
-                out.append(f"{name}: rel_l2_err {m['rel_l2_err']:.3g} > {self.rel_l2_err}")
+            if self.cosine is not None and not (m.cosine >= self.cosine):
+                out.append(f"{name}: cosine {m.cosine:.6f} < {self.cosine}")
+            if self.max_abs_err is not None and not (m.max_abs_err <= self.max_abs_err):
+                out.append(f"{name}: max_abs_err {m.max_abs_err:.3g} > {self.max_abs_err}")
+            if self.rel_l2_err is not None and not (m.rel_l2_err <= self.rel_l2_err):
+                out.append(f"{name}: rel_l2_err {m.rel_l2_err:.3g} > {self.rel_l2_err}")
         return out
 
     def to_dict(self) -> dict[str, float]:
@@ -124,12 +125,69 @@ def _parse_pass(p: Any, where: str) -> Pass:
         raise RecipeError(f"{where}: missing 'type'; valid types: {sorted(REGISTRY)}")
     kind = p["type"]
     if kind not in REGISTRY:
-        if kind in PLANNED_PASSES:
-            raise RecipeError(f"{where}: pass type {kind!r} is part of the recipe format but not available in this "
-                              f"version of onnxcomp; available types: {sorted(REGISTRY)}")
         raise RecipeError(f"{where}: unknown pass type {kind!r}; valid types: {sorted(REGISTRY)}")
     opts = {k: v for k, v in p.items() if k != "type"}
-    return REGISTRY[kind].from_options(opts, where)
+    return build_pass(REGISTRY[kind], opts, where)
+
+
+def build_pass(cls: type[Pass], opts: dict[str, Any], where: str) -> Pass:
+    """The pass `cls` from a recipe dict; unknown keys and ill-typed values are RecipeErrors naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(opts) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown} for pass '{cls.name}'; valid keys: "
+                          f"{sorted(fields) or '(none)'}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}") for k, v in opts.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+def _coerce(v: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return v
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if v is None and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(v, a, where)
+            except RecipeError as e:
+                errs.append(str(e))
+        raise RecipeError(errs[0] if errs else f"{where}: invalid value {v!r}")
+    if origin is typing.Literal:
+        if v not in args:
+            raise RecipeError(f"{where}: invalid value {v!r}; valid values: {list(args)}")
+        return v
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {v!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(x, inner, where) for x in v)
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise RecipeError(f"{where}: expected true/false, got {v!r}")
+        return v
+    if hint is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RecipeError(f"{where}: expected an integer, got {v!r}")
+        return v
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {v!r}")
+        return float(v)
+    if hint is str:
+        if not isinstance(v, str):
+            raise RecipeError(f"{where}: expected a string, got {v!r}")
+        return v
+    return v
+
 
 
 def _parse_budget(b: Any, where: str) -> Optional[AccuracyBudget]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .passes import PassRecord
+from .pipeline import PassRecord
 from .summary import human_bytes
 
 

@@ -17,8 +17,7 @@ from tests.graphs import make_model, vi
 
 def _prune(proto: onnx.ModelProto, feeds=None, **opts):
     model = ir.Model.from_proto(proto)
-    out = prune_channels(model, PassContext(calibration_data=feeds, proto=proto),
-                         Sparsify(pattern="channel", **opts))
+    out = prune_channels(model, proto, PassContext(calibration_data=feeds), Sparsify(pattern="channel", **opts))
     result = model.to_proto()
     onnx.checker.check_model(result, full_check=True)
     return result, out

@@ -1,6 +1,6 @@
 """The cleanup pass: no-op nodes, dead code and duplicated initializers go; no output value changes.
 
-Each tiny model is run through `PassManager([Cleanup()])`; the result must pass onnx.checker (full check),
+Each tiny model is run through `Pipeline().run(proto, [Cleanup()])`; the result must pass onnx.checker (full check),
 keep its graph input and output names, have fewer nodes or initializers, and give bit-identical outputs in
 ONNX Runtime on the same random feeds. The real fixtures (digits MLP/CNN, MiniLM) are checked the same
 way on real inputs, within 1e-6.
@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import testing as fx
-from onnxcomp.passes import Cleanup, PassManager
+from onnxcomp.passes import Cleanup
+from onnxcomp.pipeline import Pipeline
 from tests.graphs import const, make_model, random_feeds, vi
 
 F = TensorProto.FLOAT
@@ -24,7 +25,7 @@ F = TensorProto.FLOAT
 
 def cleanup(proto: onnx.ModelProto, **opts):
     before = proto.SerializeToString()
-    out, records = PassManager([Cleanup(**opts)]).run(proto)
+    out, records = Pipeline().run(proto, [Cleanup(**opts)])
     assert proto.SerializeToString() == before, "the input model was modified"
     (rec,) = records
     assert rec.status == "ok", rec.status

@@ -4,7 +4,7 @@ so the time ratio between sizes measures scaling rather than a different workloa
 
     python tools/bench_weight_passes.py [--blocks 100 400 1600]
 
-Channel pruning runs on its own (the pass body); sparsify and lowrank run through the PassManager (import, pass,
+Channel pruning runs on its own (the pass body); sparsify and lowrank run through the Pipeline (import, pass,
 export, full onnx.checker). Prints seconds per size and the ratio to the previous size (4x the blocks: ~4x is
 linear). Not run by CI: times are for comparing sizes in one run, never for asserting.
 """
@@ -22,7 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from onnxcomp import ir  # noqa: E402
-from onnxcomp.passes import PassContext, PassManager  # noqa: E402
+from onnxcomp.passes import PassContext  # noqa: E402
+from onnxcomp.pipeline import Pipeline  # noqa: E402
 from onnxcomp.passes.channels import prune_channels  # noqa: E402
 from onnxcomp.passes.lowrank import Lowrank  # noqa: E402
 from onnxcomp.passes.sparsify import Sparsify  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
 def _channel(proto: onnx.ModelProto) -> float:
     model = ir.Model.from_proto(proto)
     t0 = time.perf_counter()
-    out = prune_channels(model, PassContext(proto=proto), Sparsify(pattern="channel", method="magnitude",
+    out = prune_channels(model, proto, PassContext(), Sparsify(pattern="channel", method="magnitude",
                                                                     sparsity=0.5))
     dt = time.perf_counter() - t0
     assert len(out.details["groups"]) == sum(n.op == "Relu" for n in model.graph.nodes)
@@ -75,7 +76,7 @@ def _channel(proto: onnx.ModelProto) -> float:
 
 def _managed(proto: onnx.ModelProto, p) -> float:
     t0 = time.perf_counter()
-    _, recs = PassManager([p], PassContext()).run(proto)
+    _, recs = Pipeline().run(proto, [p])
     dt = time.perf_counter() - t0
     assert recs[0].status == "ok", recs[0].status
     return dt

@@ -9,11 +9,14 @@ lo, hi = compute_range(stats["h"], "percentile", qdtype="uint8")          # lo <
 """
 from __future__ import annotations
 
+from .cache import StatisticsCache, model_digest
 from .collect import collect_statistics
 from .observers import TensorObserver, TensorStats, stats_from_arrays
 from .ranges import QDTYPE_RANGES, RANGE_METHODS, compute_range
 
 __all__ = [
+    "StatisticsCache",
+    "model_digest",
     "collect_statistics",
     "compute_range",
     "RANGE_METHODS",

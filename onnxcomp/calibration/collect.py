@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -64,7 +64,7 @@ def collect_statistics(
     bins: int = 2048,
     channel_axes: Mapping[str, int] | None = None,
     gram_axes: Mapping[str, int] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[str, int, int], None] = False,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensor_names`` (plus the keys of ``channel_axes``) over ``feeds``; see the module doc.
 
@@ -74,7 +74,8 @@ def collect_statistics(
     ``channel_axes[name] = axis`` (negative allowed) keeps the per-channel max ``|x|`` along that axis.
     ``gram_axes[name] = axis`` keeps ``TensorStats.gram`` (float64 ``X^T X``, the vectors along ``axis``, every
     other axis flattened into rows) and ``gram_rows``.
-    ``progress`` shows a tqdm bar over the samples of each pass. Returns ``{name: TensorStats}`` for the
+    ``progress`` shows a tqdm bar over the samples of each pass (True) or reports them to a callback
+    ``(step, done, total)``. Returns ``{name: TensorStats}`` for the
     float tensors among the requested ones.
     """
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
@@ -239,9 +240,19 @@ def _open_session(model: onnx.ModelProto, outputs: Sequence[str], providers):
     return sess, fetch, dtypes
 
 
-def _progress(items: list, enabled: bool, desc: str):
+def _progress(items: list, enabled: Any, desc: str):
+    """The items, reported one by one: to a callback (step, done, total), or on a tqdm bar when True."""
     if not enabled:
         return items
+    if callable(enabled):
+        return _reported(items, enabled, desc)
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="sample", leave=False)
+
+
+def _reported(items: list, callback: Callable[[str, int, int], None], desc: str):
+    for i, item in enumerate(items):
+        callback(desc, i, len(items))
+        yield item
+    callback(desc, len(items), len(items))

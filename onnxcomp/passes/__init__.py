@@ -1,7 +1,7 @@
 """Compression passes, one module each, registered explicitly here (no import side effects)."""
 from __future__ import annotations
 
-from .base import Pass, PassContext, PassManager, PassOutcome, PassRecord
+from .base import LayerChange, Pass, PassContext, PassOutcome
 from .cleanup import Cleanup
 from .lowrank import Lowrank
 from .quantize import Quantize
@@ -15,4 +15,4 @@ REGISTRY: dict[str, type[Pass]] = {
     Sparsify.name: Sparsify,
 }
 
-__all__ = ["Pass", "PassContext", "PassManager", "PassOutcome", "PassRecord", "Cleanup", "Lowrank", "Quantize", "Sparsify", "REGISTRY"]
+__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Cleanup", "Lowrank", "Quantize", "Sparsify", "REGISTRY"]

@@ -27,10 +27,9 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .. import ir
-from ..calibration import collect_statistics
 from ..errors import CalibrationDataError
 from ..rewrite import RewriteRule, apply_rules, fail
-from .base import PassContext, PassOutcome
+from .base import LayerChange, PassContext, PassOutcome
 from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
 
 _UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu",
@@ -313,8 +312,9 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
 
 
 # -------------------------------------------------------------------------------------------- the pass part
-def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
-    """Remove channels of every prunable group (see the module doc); `opts` is the Sparsify pass's options."""
+def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, opts: Any) -> PassOutcome:
+    """Remove channels of every prunable group (see the module doc) of `model` (`source` is the same model as a
+    ModelProto, for calibration); `opts` is the Sparsify pass's options."""
     notes: list[str] = []
     method = opts.method
     if method == "auto":
@@ -338,8 +338,7 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
                                        "statistics); use method 'magnitude' without data")
         feeds = list(ctx.calibration_data)[: opts.calibration_samples]
         axes = {g.tensor.name: _gram_axis(g) for g in groups}
-        stats = collect_statistics(ctx.proto, [], feeds, providers=ctx.providers, histogram=False,
-                                   gram_axes=axes, progress=ctx.progress)
+        stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
 
     plans = []
     for g in groups:
@@ -352,20 +351,19 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
                             g.channels) for g in groups}
     sens = {}
     if opts.allocation == "sensitivity" and data_aware:
-        counts, sens = _allocate(plans, method, opts, ctx, feeds)
+        counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = []
     sequential = opts.sequential and data_aware and len(plans) > 1
     sim = None
     if sequential:  # each group refitted on the activations of the model with the groups before it pruned
         sim = onnx.ModelProto()
-        sim.CopyFrom(ctx.proto)
+        sim.CopyFrom(source)
         details["sequential"] = True
     for i, (g, mats, w, h, fixed) in enumerate(plans):
         k = counts[id(g)]
         if sim is not None and i:
-            st = collect_statistics(sim, [], feeds, providers=ctx.providers, histogram=False,
-                                    gram_axes={g.tensor.name: _gram_axis(g)})
+            st = ctx.collect(sim, [], feeds, histogram=False, gram_axes={g.tensor.name: _gram_axis(g)})
             mats, w, h, fixed = _plan(g, st.get(g.tensor.name), True)
         keep, wf = _choose(method, g, w, h, [k], opts.damping, fixed)[0]
         g.keep = keep
@@ -392,7 +390,8 @@ def prune_channels(model: ir.Model, ctx: PassContext, opts: Any) -> PassOutcome:
     notes.append(f"structured: {len(rows)} group(s), {details['params_removed']} weights removed "
                  f"({100.0 * (total_b - total_a) / max(1, total_b):.1f}% of their layers); {len(refused)} layer(s) "
                  "not prunable")
-    return PassOutcome(details=details, notes=notes)
+    layers = [LayerChange(r["producer"], r.get("rel_err", 0.0)) for r in rows if r["removed"]]
+    return PassOutcome(details=details, notes=notes, layers=layers)
 
 
 def _plan(g: _Group, st: Any, data_aware: bool):
@@ -487,7 +486,7 @@ def _split_consumers(g: _Group, mats: list[np.ndarray], wf: np.ndarray, keep: np
     return out
 
 
-def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
+def _allocate(plans, method: str, opts: Any, source: onnx.ModelProto, ctx: PassContext, feeds):
     """Channels per group from measured end-to-end sensitivity: each group at each level is probed by zeroing
     its removed consumer rows (what removing the channels does) with the refit applied, in one session."""
     from .sensitivity import WeightProbe, allocate
@@ -499,9 +498,9 @@ def _allocate(plans, method: str, opts: Any, ctx: PassContext, feeds):
             bt = _bias_target(g, c)
             if bt is not None:
                 names.append(bt[0].inputs[bt[1]].name)
-    inits = {t.name for t in ctx.proto.graph.initializer}
+    inits = {t.name for t in source.graph.initializer}
     names = sorted(set(n for n in names if n in inits))
-    probe = WeightProbe(ctx.proto, names, feeds[:16], ctx.providers)
+    probe = WeightProbe(source, names, feeds[:16], ctx.providers)
     choices, level_counts, sens = {}, {}, {}
     budget = 0.0
     for g, mats, w, h, fixed in plans:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
@@ -153,11 +154,10 @@ class Cleanup(Pass):
     """Remove Identity/no-op Cast/Dropout, fold constant Transposes, drop dead nodes and duplicate initializers."""
 
     name: ClassVar[str] = "cleanup"
-    description: ClassVar[str] = "remove no-op nodes, dead code and duplicated initializers (outputs unchanged)"
     dedupe: bool = True
     fold_transpose: bool = True
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+    def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         rules = [r for r in cleanup_rules() if self.fold_transpose or r.name != "fold-constant-transpose"]
         stats = apply_rules(model, rules)
         dead = remove_dead_nodes(model.graph)

@@ -49,7 +49,7 @@ from onnx import TensorProto, helper
 from .. import ir
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
-from .base import Pass, PassContext, PassOutcome
+from .base import LayerChange, Pass, PassContext, PassOutcome
 from .select import (ALREADY_QUANTIZED, WeightLayer, check_exclude, check_ops, find_weight_layers,
                      quantized_weights_note, weight_pattern2, weight_pattern3)
 
@@ -264,7 +264,7 @@ class Lowrank(Pass):
     """Factorize MatMul/Gemm/Conv weights into two thinner ops (plain or activation-whitened truncated SVD)."""
 
     name: ClassVar[str] = "lowrank"
-    description: ClassVar[str] = "low-rank factorization of MatMul/Gemm/Conv weights (whitened SVD)"
+    slower_hint: ClassVar[str] = "keep lowrank.speed_check on, or factorize fewer layers"
     # rank rule: exactly one of these four (none given: params_ratio 0.5)
     rank: Optional[int] = None  # fixed rank of every factorized layer
     energy: Optional[float] = None  # keep this fraction of the squared singular values (whitened when whitening)
@@ -324,10 +324,6 @@ class Lowrank(Pass):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
-        return [(r["node"], r.get("rel_err", r.get("weight_rel_err", 0.0))) for r in details.get("layers", [])]
-
-    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         rows = details.get("layers") or []
         lines = [f"{details['method']} SVD, {details['allocation']} allocation: {len(rows)} layer(s) factorized, "
@@ -341,7 +337,7 @@ class Lowrank(Pass):
                 f"{r.get('rel_err', r.get('weight_rel_err', 0.0)):.3g})" for r in worst))
         return lines
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+    def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         notes: list[str] = []
         rule, value = self.rule
         feeds = None if ctx.calibration_data is None else list(ctx.calibration_data)[: self.calibration_samples]
@@ -373,7 +369,7 @@ class Lowrank(Pass):
             w = wl.weight
             kron = int(np.prod(w.shape[2:])) if wl.op == "Conv" else 1
             plan.append(_Layer(wl, wl.matrix().astype(np.float64), kron))
-        grams, rows = self._grams(plan, ctx, feeds) if feeds else ({}, None)
+        grams, rows = self._grams(plan, source, ctx, feeds) if feeds else ({}, None)
         if feeds and not self.whiten and not self.refit:
             notes.append("plain SVD: calibration data used only to report layer output errors")
         speed_rows = self.speed_rows or (int(round(rows)) if rows else _DEFAULT_SPEED_ROWS)
@@ -393,7 +389,7 @@ class Lowrank(Pass):
                 notes.append(f"speed check timed at {speed_rows} rows (no calibration data to take the size from)")
         live = [lay for lay in plan if lay.ranks and not lay.skip]
         if allocation == "sensitivity":
-            details["budget"] = self._allocate(live, ctx, feeds, value, notes)
+            details["budget"] = self._allocate(live, source, ctx, feeds, value, notes)
         else:
             for lay in live:
                 lay.rank = lay.ranks[0]
@@ -443,20 +439,20 @@ class Lowrank(Pass):
                 notes.append(f"{s['node']}: not factorized: {s['reason']}")
         if len(notes) > 40:
             notes[:] = notes[:40] + [f"... {len(notes) - 40} more (see details.skipped)"]
-        return PassOutcome(details=details, notes=notes)
+        layers = [LayerChange(r["node"], r.get("rel_err", r.get("weight_rel_err", 0.0)),
+                              bytes_saved=4 * (r["params_before"] - r["params_after"])) for r in rows_out]
+        return PassOutcome(details=details, notes=notes, layers=layers)
 
     # ------------------------------------------------------------------------------------------
-    def _grams(self, plan: list[_Layer], ctx: PassContext, feeds: list) -> tuple[dict[str, np.ndarray], float]:
+    def _grams(self, plan: list[_Layer], source: onnx.ModelProto, ctx: PassContext, feeds: list
+               ) -> tuple[dict[str, np.ndarray], float]:
         """Input Gram per activation tensor (Conv: over input channels) and the average rows per feed."""
-        from ..calibration import collect_statistics
-
         axes = {}
         for lay in plan:
             axes[lay.layer.x.name] = 1 if lay.layer.op == "Conv" else -1
         if not axes:
             return {}, 0.0
-        stats = collect_statistics(ctx.proto, [], feeds, providers=ctx.providers, histogram=False, gram_axes=axes,
-                                   progress=ctx.progress)
+        stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
         grams = {n: st.gram for n, st in stats.items() if st.gram is not None and st.gram_rows}
         mm = [st.gram_rows for n, st in stats.items() if axes.get(n) == -1 and st.gram_rows]
         return grams, (float(np.mean(mm)) / len(feeds) if mm else 0.0)
@@ -481,13 +477,13 @@ class Lowrank(Pass):
                             f"({p:.4f} ms vs {d:.4f} ms dense, {rows} rows)")
             lay.ranks = kept
 
-    def _allocate(self, live: list[_Layer], ctx: PassContext, feeds: list, ratio: float,
+    def _allocate(self, live: list[_Layer], source: onnx.ModelProto, ctx: PassContext, feeds: list, ratio: float,
                   notes: list[str]) -> dict[str, Any]:
         """Pick one rank (or dense) per layer so that the candidates' params fit ratio·dense, least end-to-end
         error first (errors probed per layer and rank, taken as additive)."""
         from .sensitivity import WeightProbe, allocate
 
-        inits = {t.name for t in ctx.proto.graph.initializer}
+        inits = {t.name for t in source.graph.initializer}
         users: dict[str, int] = {}
         for lay in live:
             users[lay.layer.w.name] = users.get(lay.layer.w.name, 0) + 1
@@ -498,7 +494,7 @@ class Lowrank(Pass):
                 notes.append(f"{lay.layer.name}: weight shared or not an initializer; uniform rank {lay.rank}")
         choices: dict[str, list[tuple[float, float]]] = {}
         if probed:
-            probe = WeightProbe(ctx.proto, [lay.layer.w.name for lay in probed], feeds[: self.sensitivity_samples],
+            probe = WeightProbe(source, [lay.layer.w.name for lay in probed], feeds[: self.sensitivity_samples],
                                 ctx.providers)
             for lay in probed:
                 opts = [(float(lay.dense_params), 0.0)]

@@ -25,7 +25,7 @@ from ..rewrite import RewriteRule, apply_rules, fail, find_matches
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
-from .base import Pass, PassContext, PassOutcome
+from .base import LayerChange, Pass, PassContext, PassOutcome
 from .select import check_exclude, is_excluded, weight_problem
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -47,7 +47,8 @@ class Quantize(Pass):
     """Insert integer quantization (static QDQ, dynamic, or weight-only) where the target has fast kernels."""
 
     name: ClassVar[str] = "quantize"
-    description: ClassVar[str] = "int8 quantization: static QDQ, dynamic, or weight-only"
+    slower_hint: ClassVar[str] = ("the integer kernels do not pay off for this model/target: try another quantize "
+                                  "mode, or raise quantize.min_weight_elements")
     mode: Literal["static", "dynamic", "weight_only"] = "static"
     weight_dtype: Literal["int8", "uint8", "int4", "uint4"] = "int8"
     activation_dtype: Optional[Literal["uint8", "int8", "int16"]] = None  # default: the target's
@@ -110,11 +111,6 @@ class Quantize(Pass):
         return 13  # per-channel DequantizeLinear (axis) needs opset 13
 
     @classmethod
-    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
-        return [(r["node"], r.get("introduced", r["rel_l2_err"])) for r in details.get("sensitivity", [])
-                if r.get("node")]
-
-    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         lines = []
         sens = details.get("sensitivity") or []
@@ -127,19 +123,24 @@ class Quantize(Pass):
         return lines
 
     # ------------------------------------------------------------------------------------------
-    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+    def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         target = TARGETS[ctx.target]
         notes: list[str] = []
         details: dict[str, Any] = {"mode": self.mode, "target": target.name, "weight_dtype": self.weight_dtype}
-        source = ctx.proto
+        calibrated = source
         if self.mode == "static" and self.smoothquant is not None:
-            self._smooth(model, ctx, target, notes, details)
-            source = model.to_proto()  # calibrate the smoothed (float-equivalent) graph
-        return self._quantize(model, source, ctx, target, notes, details, sensitivity=self.sensitivity)
+            self._smooth(model, source, ctx, target, notes, details)
+            calibrated = model.to_proto()  # calibrate the smoothed (float-equivalent) graph
+        out = self._quantize(model, calibrated, ctx, target, notes, details,
+                             reference=source if self.sensitivity else None)
+        out.layers = [LayerChange(r["node"], r.get("introduced", r["rel_l2_err"]))
+                      for r in details.get("sensitivity", []) if r.get("node")]
+        return out
 
     def _quantize(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target,
-                  notes: list[str], details: dict[str, Any], sensitivity: bool) -> PassOutcome:
-        """Plan (find where rules apply), calibrate `source` for static mode, rewrite, report."""
+                  notes: list[str], details: dict[str, Any], reference: Optional[onnx.ModelProto]) -> PassOutcome:
+        """Plan (find where rules apply), calibrate `source` for static mode, rewrite, report; with a float
+        `reference`, also measure each quantized layer's error against it (sensitivity)."""
         act_dtype = self.activation_dtype or target.activation_dtype
         act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
         plan = _Plan(set(), {}, {})
@@ -187,8 +188,8 @@ class Quantize(Pass):
                 quantized[r.name] = stats.rules[r.name].applied
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
-        if sensitivity and quantized:
-            details["sensitivity"] = self._sensitivity(model, layer_outputs, layer_input, ctx, notes)
+        if reference is not None and quantized:
+            details["sensitivity"] = self._sensitivity(model, reference, layer_outputs, layer_input, ctx, notes)
             for row in details["sensitivity"]:
                 row["node"] = layer_node.get(row["tensor"], "")
         return PassOutcome(details=details, notes=notes)
@@ -196,11 +197,10 @@ class Quantize(Pass):
     # -- SmoothQuant ----------------------------------------------------------------------------
     _ALPHAS: ClassVar[tuple[float, ...]] = (0.5, 0.65, 0.8, 0.9)
 
-    def _smooth(self, model: ir.Model, ctx: PassContext, target: Target, notes: list[str],
+    def _smooth(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target, notes: list[str],
                 details: dict[str, Any]) -> None:
         """Rewrite `model` (exactly, in float) so activation outliers move into the weights; with "auto",
         pick the alpha whose quantized model departs least from the float one on calibration data."""
-        from ..calibration import collect_statistics
         from ..validation.layers import compare_tensors
 
         if ctx.calibration_data is None:
@@ -216,8 +216,7 @@ class Quantize(Pass):
         if not weights:
             notes.append("smoothquant: no MatMul with a constant weight to smooth")
             return
-        stats = collect_statistics(ctx.proto, sorted(weights), feeds, providers=ctx.providers, histogram=False,
-                                   channel_axes={n: -1 for n in weights})
+        stats = ctx.collect(source, sorted(weights), feeds, histogram=False, channel_axes={n: -1 for n in weights})
         amax_w = {n: np.max([np.abs(w).max(axis=1) for w in ws], axis=0) for n, ws in weights.items()}
         amax_x = {n: st.channel_absmax for n, st in stats.items() if st.channel_absmax is not None}
 
@@ -235,14 +234,14 @@ class Quantize(Pass):
 
         alphas = self._ALPHAS if self.smoothquant == "auto" else (float(self.smoothquant),)
         if len(alphas) > 1:
-            outs = [o.name for o in ctx.proto.graph.output]
+            outs = [o.name for o in source.graph.output]
             scores = {}
             for a in alphas:
-                trial = ir.Model.from_proto(ctx.proto)
+                trial = ir.Model.from_proto(source)
                 _apply_smoothing(trial, scales(a))
                 probe = trial.to_proto()
-                self._quantize(trial, probe, ctx, target, [], {}, sensitivity=False)
-                errs = compare_tensors(ctx.proto, trial.to_proto(), outs, feeds[:16], providers=ctx.providers)
+                self._quantize(trial, probe, ctx, target, [], {}, reference=None)
+                errs = compare_tensors(source, trial.to_proto(), outs, feeds[:16], providers=ctx.providers)
                 rel = [e.rel_l2_err for e in errs.values() if e.exact_match is None]
                 scores[a] = float(np.mean(rel)) if rel else float("inf")
             best = min(scores, key=scores.get)
@@ -263,8 +262,8 @@ class Quantize(Pass):
             return fail("activation is not float32")
         return True
 
-    def _sensitivity(self, model: ir.Model, names: list[str], inputs: dict[str, str], ctx: PassContext,
-                     notes: list[str]) -> list[dict[str, Any]]:
+    def _sensitivity(self, model: ir.Model, reference: onnx.ModelProto, names: list[str], inputs: dict[str, str],
+                     ctx: PassContext, notes: list[str]) -> list[dict[str, Any]]:
         """Per quantized layer: error of its output vs the float model on calibration data, and the part of it
         the layer introduced (output error minus the error its input already carried), worst first."""
         from ..validation.layers import compare_tensors
@@ -273,10 +272,10 @@ class Quantize(Pass):
         if not feeds:
             from ..data import generate_feeds, input_specs
 
-            feeds = generate_feeds(ctx.proto, input_specs(ctx.proto), n=8)
+            feeds = generate_feeds(reference, input_specs(reference), n=8)
             notes.append("per-layer sensitivity measured on generated inputs (no calibration/validation data)")
         wanted = sorted(set(names) | {inputs[n] for n in names if n in inputs})
-        errs = compare_tensors(ctx.proto, model.to_proto(), wanted, list(feeds)[:16], providers=ctx.providers)
+        errs = compare_tensors(reference, model.to_proto(), wanted, list(feeds)[:16], providers=ctx.providers)
         rows = []
         for n in names:
             e = errs.get(n)
@@ -308,15 +307,14 @@ class Quantize(Pass):
 
     def _calibrate(self, plan: _Plan, source: onnx.ModelProto, ctx: PassContext, act_dtype: str, act_sym: bool,
                    notes: list[str]) -> None:
-        from ..calibration import collect_statistics, compute_range
+        from ..calibration import compute_range
 
         if ctx.calibration_data is None:
             raise CalibrationDataError("quantize mode 'static' needs calibration_data (activation ranges); "
                                        "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
         feeds = list(ctx.calibration_data)[: self.calibration_samples]
-        stats = collect_statistics(source, sorted(plan.activations), feeds, providers=ctx.providers,
-                                   histogram=self.calibration != "minmax" or any("calibration" in o for o in self.overrides.values()),
-                                   progress=ctx.progress)
+        histogram = self.calibration != "minmax" or any("calibration" in o for o in self.overrides.values())
+        stats = ctx.collect(source, sorted(plan.activations), feeds, histogram=histogram)
         for name in sorted(plan.activations):
             st = stats.get(name)
             if st is None:

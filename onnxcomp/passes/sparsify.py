@@ -37,7 +37,7 @@ from .. import ir, storage
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from . import sparsegpt as sg
-from .base import Pass, PassContext, PassOutcome
+from .base import LayerChange, Pass, PassContext, PassOutcome
 from .select import (WEIGHT_OPS, WeightLayer, check_exclude, check_ops, find_weight_layers, quantized_weights_note,
                      weight_pattern2, weight_pattern3)
 
@@ -52,7 +52,8 @@ class Sparsify(Pass):
     """Prune weights to a sparsity pattern by magnitude, Wanda or SparseGPT (with reconstruction)."""
 
     name: ClassVar[str] = "sparsify"
-    description: ClassVar[str] = "weight sparsity: unstructured, N:M, block, or structured channels"
+    slower_hint: ClassVar[str] = ("zeros in dense weights do not run faster in ONNX Runtime: sparsify pattern "
+                                  "'channel' removes whole channels")
     method: Literal["auto", "magnitude", "wanda", "sparsegpt"] = "auto"
     pattern: Any = "unstructured"  # unstructured | "N:M" (keep N of every M inputs) | block | channel
     sparsity: Optional[float] = None  # fraction of weights zeroed; default 0.5 (N:M: 1 - N/M)
@@ -121,13 +122,6 @@ class Sparsify(Pass):
         return self.nm_pattern or sg.SparsityPattern("unstructured")
 
     @classmethod
-    def backoff_candidates(cls, details: dict[str, Any]) -> list[tuple[str, float]]:
-        if details.get("pattern") == "channel":
-            return [(g["producer"], g.get("rel_err", 0.0)) for g in details.get("groups", []) if g.get("removed")]
-        return [(n, r["rel_err"] if r.get("rel_err") is not None else r.get("sparsity", 0.0))
-                for r in details.get("layers", []) if r.get("zeros") for n in r["nodes"]]
-
-    @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
         if details.get("pattern") == "channel":
             groups = details.get("groups") or []
@@ -155,11 +149,11 @@ class Sparsify(Pass):
         return lines
 
     # ------------------------------------------------------------------------------------------
-    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+    def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         if self.pattern == "channel":
             from .channels import prune_channels
 
-            return prune_channels(model, ctx, self)
+            return prune_channels(model, source, ctx, self)
         method = self.method
         if method == "auto":
             method = "sparsegpt" if ctx.calibration_data else "magnitude"
@@ -183,15 +177,15 @@ class Sparsify(Pass):
         if self.method == "auto":
             notes.append(f"method auto -> {method} ({'calibration data given' if feeds else 'no calibration data'})")
         if feeds:
-            _second_moments(units, ctx, feeds)
+            _second_moments(units, source, ctx, feeds)
         levels = {u.name: self.sparsity for u in units}
         if self.allocation == "sensitivity" and units:
-            levels = self._allocate(units, ctx, feeds, method, pattern, details, notes)
+            levels = self._allocate(units, source, ctx, feeds, method, pattern, details, notes)
         staged = _stages(model, units) if self.sequential and method != "magnitude" else []
         done: dict[str, np.ndarray] = {}
         for k, stage in enumerate(staged):
             if k:  # inputs of this depth as the already-pruned layers before it produce them
-                _second_moments(stage, ctx, feeds, done)
+                _second_moments(stage, source, ctx, feeds, done)
             for u in stage:
                 u.result = _prune(u, method, pattern, levels[u.name], self.damping)
                 done[u.name] = u.result.weight
@@ -201,21 +195,24 @@ class Sparsify(Pass):
             if u.result is None:
                 u.result = _prune(u, method, pattern, levels[u.name], self.damping)
         _rewrite(model, [u for u in units if u.result is not None])
-        details.update(_summary(units, rejections, ctx))
-        return PassOutcome(details=details, notes=notes)
+        details.update(_summary(units, rejections, source))
+        changed = [u for u in units if u.result is not None and u.result.zeros]
+        layers = [LayerChange(layer.name, u.result.rel_err if u.result.rel_err is not None else u.result.zeros /
+                              max(u.size, 1)) for u in changed for layer in u.layers]
+        return PassOutcome(details=details, notes=notes, layers=layers)
 
-    def _allocate(self, units: list["_Unit"], ctx: PassContext, feeds: list, method: str,
+    def _allocate(self, units: list["_Unit"], source: onnx.ModelProto, ctx: PassContext, feeds: list, method: str,
                   pattern: sg.SparsityPattern, details: dict[str, Any], notes: list[str]) -> dict[str, float]:
         """Per layer, the sparsity that reaches the global budget (kept weights) with the least output error."""
         from .sensitivity import WeightProbe, allocate
 
-        inits = {t.name for t in ctx.proto.graph.initializer}
+        inits = {t.name for t in source.graph.initializer}
         probed = [u for u in units if u.name in inits and u.in_main_graph]
         fixed = [u for u in units if u not in probed]
         if fixed:
             notes.append(f"{len(fixed)} weight(s) not probed (not main-graph initializers): uniform sparsity")
         ladder = sorted(set(_LEVELS) | {round(self.sparsity, 6)})
-        probe = WeightProbe(ctx.proto, [u.name for u in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers)
+        probe = WeightProbe(source, [u.name for u in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers)
         choices: dict[str, list[tuple[float, float]]] = {}
         for u in probed:
             opts = []
@@ -399,14 +396,12 @@ def _stages(model: ir.Model, units: list[_Unit]) -> list[list[_Unit]]:
     return [out[k] for k in sorted(out)]
 
 
-def _second_moments(units: list[_Unit], ctx: PassContext, feeds: list,
+def _second_moments(units: list[_Unit], source: onnx.ModelProto, ctx: PassContext, feeds: list,
                     pruned: Optional[dict[str, np.ndarray]] = None) -> None:
     """X^T X of each part's input, from one streaming calibration run over a private copy of the model in which
     the weights in `pruned` (name -> new value) are already replaced."""
-    from ..calibration import collect_statistics
-
     probe = onnx.ModelProto()
-    probe.CopyFrom(ctx.proto)
+    probe.CopyFrom(source)
     for t in probe.graph.initializer if pruned else ():
         if t.name in pruned:
             t.CopyFrom(onnx.numpy_helper.from_array(pruned[t.name], t.name))
@@ -424,8 +419,7 @@ def _second_moments(units: list[_Unit], ctx: PassContext, feeds: list,
                 axes[layer.x.name] = 1 if layer.op == "ConvTranspose" else -1
     if not axes:
         return
-    stats = collect_statistics(probe, [], feeds, providers=ctx.providers, histogram=False, gram_axes=axes,
-                               progress=ctx.progress)
+    stats = ctx.collect(probe, [], feeds, histogram=False, gram_axes=axes)
     for u in units:
         u.grams.clear()
         u.hinv.clear()
@@ -509,7 +503,7 @@ def _rewrite(model: ir.Model, units: list[_Unit]) -> None:
             c.name = name
 
 
-def _summary(units: list[_Unit], rejections: dict[str, str], ctx: PassContext) -> dict[str, Any]:
+def _summary(units: list[_Unit], rejections: dict[str, str], source: onnx.ModelProto) -> dict[str, Any]:
     rows = []
     total = zeros = zeros_before = 0
     for u in units:
@@ -521,7 +515,7 @@ def _summary(units: list[_Unit], rejections: dict[str, str], ctx: PassContext) -
         rows.append({"weight": u.name, "nodes": [layer.name for layer in u.layers], "op": u.layer.op,
                      "shape": list(u.layer.weight.shape), "sparsity": r.zeros / max(u.size, 1),
                      "zeros": r.zeros, "rel_err": r.rel_err})
-    size_before = ir.proto_size(ctx.proto)
+    size_before = ir.proto_size(source)
     return {
         "layers": rows,
         "sparsity": zeros / total if total else 0.0,
@@ -530,5 +524,5 @@ def _summary(units: list[_Unit], rejections: dict[str, str], ctx: PassContext) -
         "bytes_zeroed": 4 * (zeros - zeros_before),
         "left_dense": [{"node": n, "reason": why} for n, why in sorted(rejections.items())][:500],
         "sparsified_weights": [u.name for u in units],
-        "size": {"file_bytes_before": size_before, "gzip_bytes_before": storage.compressed_size(ctx.proto)},
+        "size": {"file_bytes_before": size_before, "gzip_bytes_before": storage.compressed_size(source)},
     }

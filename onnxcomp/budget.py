@@ -1,0 +1,80 @@
+"""Accuracy budget back-off: leave the layers that introduced the most error uncompressed until the budget holds.
+
+Each round takes the typed LayerChange records the weight passes returned, ranks the layers they still
+compress by the output error each introduced, adds the worst quarter to their pass's `exclude`, and runs the
+recipe again through the same Pipeline (which re-runs only the passes whose options or input changed).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import onnx
+
+from .passes.base import Pass
+from .pipeline import PassRecord
+from .recipe import AccuracyBudget
+
+#: rounds of back-off (each leaves the most sensitive quarter of the compressed layers uncompressed)
+MAX_ROUNDS = 8
+
+
+@dataclass(frozen=True)
+class BackoffRound:
+    """One round: the layers it left uncompressed and how far the result then was from the budget."""
+
+    left_float: tuple[str, ...]
+    violations: int
+    worst_cosine: Optional[float]
+
+    def to_dict(self) -> dict:
+        return {"left_float": list(self.left_float), "violations": self.violations, "worst_cosine": self.worst_cosine}
+
+
+@dataclass
+class BackoffResult:
+    """Where back-off ended: the passes really applied, their output, records, validation, and the rounds."""
+
+    passes: list[Pass]
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    validation: object  # onnxcomp.validation.ValidationReport
+    rounds: list[BackoffRound] = field(default_factory=list)
+
+
+def next_backoff(passes: list[Pass], records: list[PassRecord]) -> dict[int, list[str]]:
+    """The next layers to leave uncompressed, by pass index: the most sensitive quarter (at least one) of the
+    layers the passes still compress, ranked by the error each introduced."""
+    rows = []
+    for i, (p, rec) in enumerate(zip(passes, records)):
+        if rec.status != "ok" or not hasattr(p, "exclude"):
+            continue
+        excluded = set(p.exclude)
+        rows += [(lay.error, i, lay.node) for lay in rec.layers if lay.node not in excluded]
+    rows.sort(key=lambda r: -r[0])
+    out: dict[int, list[str]] = {}
+    for _, i, node in rows[: max(1, len(rows) // 4)]:
+        out.setdefault(i, []).append(node)
+    return out
+
+
+def back_off(budget: AccuracyBudget, passes: list[Pass], model: onnx.ModelProto, records: list[PassRecord],
+             validation, run: Callable[[list[Pass]], tuple[onnx.ModelProto, list[PassRecord]]],
+             check: Callable[[onnx.ModelProto], object], max_rounds: int = MAX_ROUNDS) -> BackoffResult:
+    """Back off from (`passes`, their `model`/`records`/`validation`) until `budget` holds, nothing is left to
+    give back, or `max_rounds` rounds ran. `run(passes)` compresses again; `check(model)` validates."""
+    result = BackoffResult(list(passes), model, records, validation)
+    viol = budget.violations(validation.outputs)
+    while viol and len(result.rounds) < max_rounds:
+        step = next_backoff(result.passes, result.records)
+        if not step:
+            break
+        result.passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(step[i])) if i in step else p
+                         for i, p in enumerate(result.passes)]
+        result.model, result.records = run(result.passes)
+        result.validation = check(result.model)
+        viol = budget.violations(result.validation.outputs)
+        worst = min((o.cosine for o in result.validation.outputs.values()), default=None)
+        result.rounds.append(BackoffRound(tuple(n for i in sorted(step) for n in step[i]), len(viol), worst))
+    return result

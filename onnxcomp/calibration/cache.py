@@ -1,0 +1,62 @@
+"""Statistics collected once per compression: `collect_statistics` memoized by model bytes, request and samples.
+
+Every pass of a recipe and every accuracy-budget back-off round asks through one cache, so a pass whose input
+model did not change (the first pass of each back-off round, a pass after an unchanged one) does not run its
+calibration again. The key is exact: the SHA-256 of the model's bytes, the tensors and options asked for, and
+the identity of the sample dicts (kept alive by the cache, so an id is never reused while it is a key).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .collect import collect_statistics
+from .observers import TensorStats
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model's deterministic serialization: equal digests mean the same model."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _frozen(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return tuple(sorted((str(k), _frozen(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class StatisticsCache:
+    """`collect(model, names, feeds, **options)` returns what `collect_statistics` would, computed once.
+
+    A request is answered from an earlier one on the same model and samples with the same options whose tensors
+    (and channel/Gram axes) include it: a back-off round that excludes layers asks for fewer tensors."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple, list[tuple[set, dict, dict, list, dict[str, TensorStats]]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def collect(self, model: onnx.ModelProto, tensor_names: Sequence[str], feeds: Sequence[Mapping[str, Any]],
+                progress: Any = False, channel_axes: Mapping[str, int] | None = None,
+                gram_axes: Mapping[str, int] | None = None, **options: Any) -> dict[str, TensorStats]:
+        feeds = list(feeds)
+        caxes, gaxes = dict(channel_axes or {}), dict(gram_axes or {})
+        wanted = set(tensor_names) | set(caxes) | set(gaxes)
+        key = (model_digest(model), tuple(id(f) for f in feeds), _frozen(options))
+        for names, c, g, _, stats in self._memo.get(key, []):
+            if wanted <= names and all(c.get(n) == a for n, a in caxes.items()) \
+                    and all(g.get(n) == a for n, a in gaxes.items()):
+                self.hits += 1
+                return {n: st for n, st in stats.items() if n in wanted}
+        self.misses += 1
+        stats = collect_statistics(model, tensor_names, feeds, progress=progress, channel_axes=caxes,
+                                   gram_axes=gaxes, **options)
+        self._memo.setdefault(key, []).append((wanted, caxes, gaxes, feeds, stats))  # feeds kept: ids stay unique
+        return stats

@@ -1,0 +1,169 @@
+"""One pipeline: a recipe's passes run in order as one plan, each output checked, `finalize` once at the end.
+
+Per pass: upgrade the opset it needs, import, run, export, `onnx.checker` (full check). A pass whose output
+fails the check is rolled back (the previous model is kept) with a warning, so one bad pass never costs the
+user the model. After the last pass each pass's `finalize` hook runs once, on the final model (how weights are
+stored in the file, which later passes must not see). A pass run is memoized by (its options, the digest of
+its input model) for the whole compression, so an accuracy-budget round re-runs only the passes whose options
+or input changed; statistics are shared through the context's cache.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import onnx
+
+from . import ir
+from .calibration import model_digest
+from .errors import InvalidModelError, UnsupportedModelError
+from .passes.base import LayerChange, Pass, PassContext, PassOutcome
+
+
+@dataclass
+class PassRecord:
+    """What one pass changed: node/initializer counts by op, bytes, time, its own details and layer changes."""
+
+    name: str
+    options: dict[str, Any]
+    status: str  # "ok" | "rolled back: <reason>"
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    ops_added: dict[str, int]
+    ops_removed: dict[str, int]
+    initializers_added: int
+    initializers_removed: int
+    bytes_before: int
+    bytes_after: int
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    layers: list[LayerChange] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Ran:
+    """A memoized pass run: its output model, record and the warnings it raised."""
+
+    output: onnx.ModelProto
+    record: PassRecord
+    warnings: list[str]
+
+
+class Pipeline:
+    """Runs passes in order on a ModelProto (never modified), checking the model after each; see module doc."""
+
+    def __init__(self, ctx: Optional[PassContext] = None):
+        self.ctx = ctx or PassContext()
+        self._memo: dict[tuple[str, str], _Ran] = {}
+        self._previous: dict[tuple[str, str], _Ran] = {}
+        self.reused = 0  # pass runs answered from the memo (the tests and the report read it)
+
+    def run(self, proto: onnx.ModelProto, passes: list[Pass]) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        records: list[PassRecord] = []
+        current = proto
+        self._previous, self._memo = self._memo, {}  # keep only what this run uses (memory stays one round)
+        for i, p in enumerate(passes):
+            self._tick(f"pass {i + 1}/{len(passes)}: {p.name}", i, len(passes))
+            current, rec = self._run_pass(p, current)
+            records.append(rec)
+        self._tick("passes", len(passes), len(passes))
+        return self._finalize(current, passes, records), records
+
+    def _tick(self, step: str, done: int, total: int) -> None:
+        if self.ctx.progress is not None:
+            self.ctx.progress(step, done, total)
+
+    def _run_pass(self, p: Pass, current: onnx.ModelProto) -> tuple[onnx.ModelProto, PassRecord]:
+        key = (json.dumps(p.to_dict(), sort_keys=True, default=repr), model_digest(current))
+        ran = self._memo.get(key) or self._previous.get(key)
+        if ran is None:
+            warnings_before = len(self.ctx.warnings)
+            out, rec = self._execute(p, current)
+            ran = self._memo[key] = _Ran(out, copy.deepcopy(rec), self.ctx.warnings[warnings_before:])
+        else:
+            self.reused += 1
+            self._memo[key] = ran
+            for w in ran.warnings:
+                self.ctx.warn(w)
+        return ran.output, copy.deepcopy(ran.record)
+
+    def _execute(self, p: Pass, current: onnx.ModelProto) -> tuple[onnx.ModelProto, PassRecord]:
+        t0 = time.perf_counter()
+        before_hist, before_inits = _histogram(current), _init_names(current)
+        notes: list[str] = []
+        source = _upgrade_opset(current, p.min_opset(), notes)
+        model = ir.Model.from_proto(source)
+        outcome = p.run(model, source, self.ctx)
+        outcome.notes[:0] = notes
+        candidate = model.to_proto()
+        status = "ok"
+        try:
+            ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")
+        except InvalidModelError as e:
+            status = f"rolled back: {e}"
+            self.ctx.warn(f"pass '{p.name}' produced an invalid model and was rolled back: {e}")
+            candidate, outcome.layers = current, []
+        after_hist, after_inits = _histogram(candidate), _init_names(candidate)
+        rec = PassRecord(
+            name=p.name, options=p.options(), status=status, seconds=time.perf_counter() - t0,
+            nodes_before=sum(before_hist.values()), nodes_after=sum(after_hist.values()),
+            ops_added=dict(after_hist - before_hist), ops_removed=dict(before_hist - after_hist),
+            initializers_added=len(after_inits - before_inits), initializers_removed=len(before_inits - after_inits),
+            bytes_before=ir.proto_size(current), bytes_after=ir.proto_size(candidate),
+            details=outcome.details, notes=outcome.notes, layers=list(outcome.layers))
+        return candidate, rec
+
+    def _finalize(self, current: onnx.ModelProto, passes: list[Pass], records: list[PassRecord]) -> onnx.ModelProto:
+        """Each pass's finalize hook, once, in recipe order, on the final model (checked; skipped if it breaks it)."""
+        for p, rec in zip(passes, records):
+            if type(p).finalize is Pass.finalize or rec.status != "ok":
+                continue
+            final = onnx.ModelProto()
+            final.CopyFrom(current)
+            outcome = PassOutcome(details=rec.details, notes=rec.notes)
+            p.finalize(final, outcome)
+            try:
+                ir.check_proto(final, full=True, what=f"final step of pass '{p.name}'")
+            except InvalidModelError as e:
+                self.ctx.warn(f"final step of pass '{p.name}' produced an invalid model; skipped: {e}")
+                continue
+            rec.bytes_after = ir.proto_size(final)
+            current = final
+        return current
+
+
+def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]) -> onnx.ModelProto:
+    """Convert to the opset a pass needs with onnx.version_converter (outputs unchanged), or raise why not."""
+    have = {o.domain: o.version for o in proto.opset_import}.get("", None)
+    if need is None or have is None or have >= need:
+        return proto
+    from onnx import version_converter
+
+    try:
+        out = version_converter.convert_version(proto, need)
+        ir.check_proto(out, full=True, what=f"model converted to opset {need}")
+    except Exception as e:  # the converter raises several types; all mean "cannot convert"
+        raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "
+                                    f"onnx.version_converter could not convert it: {str(e).splitlines()[0][:200]}"
+                                    ) from None
+    notes.append(f"model converted from opset {have} to {need} with onnx.version_converter "
+                 "(needed for per-channel quantization axes)")
+    return out
+
+
+def _histogram(m: onnx.ModelProto) -> Counter:
+    return Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for g in ir.iter_graph_protos(m.graph)
+                   for n in g.node)
+
+
+def _init_names(m: onnx.ModelProto) -> set[str]:
+    return {t.name for g in ir.iter_graph_protos(m.graph) for t in g.initializer}
