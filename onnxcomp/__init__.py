@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from .api import CompressionResult, compress, validate
-from .errors import (AccuracyBudgetError, CalibrationDataError, InvalidModelError, OnnxCompError, RecipeError,
-                     RewriteError, UnsupportedModelError)
+from .errors import (AccuracyBudgetError, CalibrationDataError, InternalError, InvalidModelError, OnnxCompError,
+                     RecipeError, RewriteError, UnsupportedModelError)
 from .recipe import AccuracyBudget, Recipe
 from .report import Report
 
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "compress", "validate", "CompressionResult", "Recipe", "AccuracyBudget", "Report",
     "OnnxCompError", "InvalidModelError", "UnsupportedModelError", "RecipeError", "CalibrationDataError",
-    "RewriteError", "AccuracyBudgetError", "__version__",
+    "RewriteError", "AccuracyBudgetError", "InternalError", "__version__",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .errors import AccuracyBudgetError, OnnxCompError
+from .errors import AccuracyBudgetError, InternalError, OnnxCompError
 
 
 def _run(debug: bool, fn: Callable[[], Any]) -> None:
@@ -19,7 +19,8 @@ def _run(debug: bool, fn: Callable[[], Any]) -> None:
     except OnnxCompError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        hint = " (run with --debug for the traceback)" if isinstance(e, InternalError) and not debug else ""
+        click.echo(f"error: {e}{hint}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -38,13 +39,13 @@ def _write_report(report: Any, path: Optional[str]) -> None:
     if p.suffix.lower() in (".html", ".htm"):
         report.to_html(p)
     elif p.suffix.lower() == ".json":
-        from .ir import _atomic_write
+        from .ir import atomic_write
 
-        _atomic_write(p, report.to_json().encode())
+        atomic_write(p, report.to_json().encode())
     elif p.suffix.lower() == ".md":
-        from .ir import _atomic_write
+        from .ir import atomic_write
 
-        _atomic_write(p, report.to_markdown().encode())
+        atomic_write(p, report.to_markdown().encode())
     else:
         raise click.BadParameter("report must end in .html, .json or .md", param_hint="--report")
     click.echo(f"report written to {p}")
@@ -171,7 +172,7 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
 def _channel_candidates(proto) -> dict:
     """Structured-pruning groups sparsify(pattern: channel) would find, without changing anything."""
     from . import ir
-    from .passes.channels import find_groups
+    from .algorithms.channels import find_groups
 
     model = ir.Model.from_proto(proto)
     groups, refused = find_groups(model, heads=True)
@@ -184,13 +185,13 @@ def _channel_candidates(proto) -> dict:
 def _lowrank_candidates(proto) -> list:
     """Layers the lowrank pass would consider (default min_weight_elements), with their break-even rank."""
     from . import ir
+    from .algorithms.select import find_weight_layers
     from .passes.lowrank import Lowrank
-    from .passes.select import find_weight_layers
 
     model = ir.Model.from_proto(proto)
     rows = []
     for layer in find_weight_layers(model, ops=("MatMul", "Gemm", "Conv"),
-                                    min_elements=Lowrank.__dataclass_fields__["min_weight_elements"].default):
+                                    min_elements=Lowrank().min_weight_elements):
         k, n = layer.matrix().shape
         rows.append({"layer": layer.name, "op": layer.op, "k": int(k), "n": int(n), "params": int(k * n),
                      "break_even_rank": int(k * n // (k + n))})

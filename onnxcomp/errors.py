@@ -34,6 +34,12 @@ class AccuracyBudgetError(OnnxCompError):
     exit_code = 1
 
 
+class InternalError(OnnxCompError):
+    """A fault inside onnxcomp, not in the input: the message says it is a bug and where (pass, step)."""
+
+    exit_code = 3
+
+
 __all__ = [
     "OnnxCompError",
     "InvalidModelError",
@@ -42,4 +48,5 @@ __all__ = [
     "CalibrationDataError",
     "RewriteError",
     "AccuracyBudgetError",
+    "InternalError",
 ]

@@ -20,8 +20,7 @@ from typing import Any, Optional
 import onnx
 
 from . import ir
-from .calibration import model_digest
-from .errors import InvalidModelError, UnsupportedModelError
+from .errors import InternalError, InvalidModelError, OnnxCompError, UnsupportedModelError
 from .passes.base import LayerChange, Pass, PassContext, PassOutcome
 
 
@@ -44,6 +43,7 @@ class PassRecord:
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     layers: list[LayerChange] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # the pass's own short account (Pass.summarize)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,18 +76,26 @@ class Pipeline:
             current, rec = self._run_pass(p, current)
             records.append(rec)
         self._tick("passes", len(passes), len(passes))
-        return self._finalize(current, passes, records), records
+        final = self._finalize(current, passes, records)
+        for p, rec in zip(passes, records):
+            rec.summary = _guarded(p, "summarize", lambda: list(type(p).summarize(rec.details)))
+        return final, records
 
     def _tick(self, step: str, done: int, total: int) -> None:
         if self.ctx.progress is not None:
             self.ctx.progress(step, done, total)
 
     def _run_pass(self, p: Pass, current: onnx.ModelProto) -> tuple[onnx.ModelProto, PassRecord]:
-        key = (json.dumps(p.to_dict(), sort_keys=True, default=repr), model_digest(current))
+        digest = self.ctx.statistics.digest(current)
+        key = (json.dumps(p.to_dict(), sort_keys=True, default=repr), digest)
         ran = self._memo.get(key) or self._previous.get(key)
         if ran is None:
             warnings_before = len(self.ctx.warnings)
-            out, rec = self._execute(p, current)
+            self.ctx.statistics.pin(current, digest)  # passes read their source, never modify it
+            try:
+                out, rec = self._execute(p, current)
+            finally:
+                self.ctx.statistics.unpin(current)
             ran = self._memo[key] = _Ran(out, copy.deepcopy(rec), self.ctx.warnings[warnings_before:])
         else:
             self.reused += 1
@@ -102,7 +110,7 @@ class Pipeline:
         notes: list[str] = []
         source = _upgrade_opset(current, p.min_opset(), notes)
         model = ir.Model.from_proto(source)
-        outcome = p.run(model, source, self.ctx)
+        outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
         outcome.notes[:0] = notes
         candidate = model.to_proto()
         status = "ok"
@@ -130,7 +138,7 @@ class Pipeline:
             final = onnx.ModelProto()
             final.CopyFrom(current)
             outcome = PassOutcome(details=rec.details, notes=rec.notes)
-            p.finalize(final, outcome)
+            _guarded(p, "finalize", lambda: p.finalize(final, outcome))
             try:
                 ir.check_proto(final, full=True, what=f"final step of pass '{p.name}'")
             except InvalidModelError as e:
@@ -139,6 +147,16 @@ class Pipeline:
             rec.bytes_after = ir.proto_size(final)
             current = final
         return current
+
+
+def _guarded(p: Pass, step: str, call):
+    """Run one step of a pass; an exception that is not one of onnxcomp's typed errors is a bug of ours."""
+    try:
+        return call()
+    except OnnxCompError:
+        raise
+    except Exception as e:
+        raise InternalError(f"bug in onnxcomp: pass '{p.name}' ({step}) raised {type(e).__name__}: {e}") from e
 
 
 def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]) -> onnx.ModelProto:

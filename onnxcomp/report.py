@@ -116,7 +116,7 @@ class Report:
                          f"{human_bytes(p.bytes_after - p.bytes_before)}, {p.seconds:.2f} s")
             for n in p.notes:
                 lines.append(f"        note: {n}")
-            for line in _pass_summary(p.name, p.details):
+            for line in p.summary:
                 lines.append(f"        {line}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
@@ -149,7 +149,7 @@ class Report:
                       f"{', '.join(f'{k} {v}' for k, v in sorted(p.ops_added.items()))} | "
                       f"{p.bytes_after - p.bytes_before:+,} | {p.seconds:.2f} s |")
         for p in self.passes:  # what each pass says about its own work (notes, its summary lines)
-            lines = [*p.notes, *_pass_summary(p.name, p.details)]
+            lines = [*p.notes, *p.summary]
             if lines:
                 md += ["", f"### {p.name}", ""] + [f"- {line}" for line in lines]
         if self.warnings:
@@ -194,7 +194,7 @@ class Report:
 
     def to_html(self, path: str | os.PathLike) -> Path:
         """Write a self-contained HTML report (tables + inline SVG chart), atomically."""
-        from .ir import _atomic_write
+        from .ir import atomic_write
 
         body = _markdown_tables_to_html(self.to_markdown())
         page = ("<!doctype html><html><head><meta charset='utf-8'><title>onnxcomp report</title><style>"
@@ -204,7 +204,7 @@ class Report:
                 "</style></head><body>" + self._chart_svg() + body + "</body></html>")
         p = Path(os.fspath(path))
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(p, page.encode())
+        atomic_write(p, page.encode())
         return p
 
 
@@ -245,16 +245,3 @@ def _markdown_tables_to_html(md: str) -> str:
     if in_table:
         out.append("</table>")
     return "\n".join(out)
-
-
-def _pass_summary(name: str, details: dict[str, Any]) -> list[str]:
-    """The pass's own short account of its details (Pass.summarize); nothing for unknown or failing passes."""
-    from .passes import REGISTRY
-
-    cls = REGISTRY.get(name)
-    if cls is None:
-        return []
-    try:
-        return list(cls.summarize(details))
-    except (KeyError, TypeError, ValueError, IndexError):  # details of another version: the JSON has them all
-        return []

@@ -4,7 +4,7 @@ Passes read these tables instead of branching on provider names. A row says, for
 quantization modes the target has fast kernels for, where the weight is and its per-channel axis, and
 whether the output must be quantized too for the runtime to fuse an integer kernel (ORT CPU fuses
 DQ->Conv->Q into QLinearConv only with the output quantized; a MatMul fuses into MatMulIntegerToFloat with
-its inputs quantized and its output left in float, which FINDINGS.md measured as the accurate choice).
+its inputs quantized and its output left in float, measured as the accurate choice on MiniLM-L3 by tools/bench_quantize.py).
 """
 from __future__ import annotations
 
@@ -35,11 +35,9 @@ class OpPlacement:
     """How one op type is quantized on a target."""
 
     op: str
-    weight_input: int  # index of the weight (constant) input
     weight_axis: Callable[[Attrs, int], int]  # output-channel axis of the weight, for per-channel scales
     modes: tuple[str, ...]  # quantization modes with a fast kernel on this target
     quantize_output: bool = False  # static: Q/DQ on the output too (needed for a fused integer kernel)
-    note: str = ""
     #: modes that work but have no fused kernel (weights dequantized every run: smaller, not faster);
     #: used only when the recipe names the op in `ops`
     size_only_modes: tuple[str, ...] = ()
@@ -51,10 +49,8 @@ class Target:
 
     name: str
     providers: tuple[str, ...]
-    description: str
     activation_dtype: str = "uint8"
     activation_symmetric: bool = False
-    weight_dtype: str = "int8"
     #: integer kernels (static/dynamic) get 7-bit weights: ORT CPU's uint8 x int8 kernels saturate on x86
     #: without VNNI (AVX2), measured on MiniLM-L3 dynamic: embedding cosine 0.986 with 8-bit, 0.997 with 7-bit
     reduce_range: bool = False
@@ -76,30 +72,29 @@ _KEEP_FLOAT = {
     "Where": "mask arithmetic", "Equal": "mask arithmetic", "Cast": "type conversion",
 }
 
-_MATMUL = OpPlacement("MatMul", 1, _last_axis, ("static", "dynamic", "weight_only"),
-                      note="inputs quantized, output float: fuses into MatMulIntegerToFloat")
-_GEMM = OpPlacement("Gemm", 1, _gemm_axis, ("static", "dynamic"), size_only_modes=("weight_only",),
-                    note="inputs quantized (QGemm); bias kept float")
-_CONV = OpPlacement("Conv", 1, _axis0, ("static",), quantize_output=True, size_only_modes=("weight_only",),
-                    note="inputs, int32 bias and output (after its Relu) quantized: fuses into QLinearConv")
-_CONVT = OpPlacement("ConvTranspose", 1, _axis1, (), size_only_modes=("weight_only",),
-                     note="weights only (output channels on axis 1)")
-_GATHER = OpPlacement("Gather", 0, _axis0, ("static", "dynamic", "weight_only"),
-                      note="embedding table stored int8 row-wise, rows dequantized after the lookup")
+# inputs quantized, output float: fuses into MatMulIntegerToFloat
+_MATMUL = OpPlacement("MatMul", _last_axis, ("static", "dynamic", "weight_only"))
+# inputs quantized (QGemm); bias kept float
+_GEMM = OpPlacement("Gemm", _gemm_axis, ("static", "dynamic"), size_only_modes=("weight_only",))
+# inputs, int32 bias and output (after its Relu) quantized: fuses into QLinearConv
+_CONV = OpPlacement("Conv", _axis0, ("static",), quantize_output=True, size_only_modes=("weight_only",))
+# weights only (output channels on axis 1)
+_CONVT = OpPlacement("ConvTranspose", _axis1, (), size_only_modes=("weight_only",))
+# embedding table stored int8 row-wise, rows dequantized after the lookup (weight is input 0)
+_GATHER = OpPlacement("Gather", _axis0, ("static", "dynamic", "weight_only"))
 
 TARGETS: dict[str, Target] = {
     "ort-cpu": Target(
-        "ort-cpu", ("CPUExecutionProvider",), "ONNX Runtime, CPU execution provider",
-        activation_dtype="uint8", activation_symmetric=False, weight_dtype="int8", reduce_range=True,
+        "ort-cpu", ("CPUExecutionProvider",),  # ONNX Runtime, CPU execution provider
+        activation_dtype="uint8", activation_symmetric=False, reduce_range=True,
         ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
     "ort-cuda": Target(
-        "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),
-        "ONNX Runtime, CUDA execution provider (falls back to CPU where no GPU)",
-        activation_dtype="int8", activation_symmetric=True, weight_dtype="int8",
+        "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),  # falls back to CPU where no GPU
+        activation_dtype="int8", activation_symmetric=True,
         ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
     "tensorrt": Target(
         "tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-        "TensorRT via ONNX Runtime's TensorRT execution provider (symmetric int8 only)",
-        activation_dtype="int8", activation_symmetric=True, weight_dtype="int8",
+        # TensorRT via ONNX Runtime's TensorRT execution provider (symmetric int8 only)
+        activation_dtype="int8", activation_symmetric=True,
         ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT)}, keep_float=_KEEP_FLOAT),
 }

@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 import onnxcomp
 from onnxcomp import ir, testing
 from onnxcomp.passes.base import PassContext
-from onnxcomp.passes.channels import _obs_prune, prune_channels
+from onnxcomp.algorithms.channels import _obs_prune, prune_channels
 from onnxcomp.passes.sparsify import Sparsify
 from tests.graphs import make_model, vi
 

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import ir
 from onnxcomp.errors import InvalidModelError
+from onnxcomp.rewrite import GraphIndex
 from onnxcomp.testing import digits_mlp_path, session
 
 F = TensorProto.FLOAT
@@ -309,7 +310,7 @@ def test_replace_all_uses_with_5k_consumers():
     graph, src, readers, twice = _fanout(5000)
     new = gs.Variable("new", np.float32, [2])
     gs.Node("Abs", "new_src", inputs=[graph.inputs[0]], outputs=[new])
-    index = ir.GraphIndex(graph)
+    index = GraphIndex(graph)
     index.replace_all_uses(src.outputs[0], new)
     old = src.outputs[0]
     assert len(old.outputs) == 0 and index.consumers(old) == []
@@ -325,7 +326,7 @@ def test_remove_many_consumers_then_replace_and_commit():
     old = src.outputs[0]
     gone = readers[::2]
     graph.outputs = [old]  # the removed readers' outputs are no longer graph outputs
-    index = ir.GraphIndex(graph)
+    index = GraphIndex(graph)
     for r in gone:
         index.remove_node(r)
     kept = readers[1::2]
@@ -348,7 +349,7 @@ def test_remove_dead_walks_producers_and_keeps_graph_outputs():
     n2 = gs.Node("Abs", "n2", inputs=[t[1]], outputs=[t[2]])  # dead chain n1 -> n2
     n3 = gs.Node("Exp", "n3", inputs=[t[0]], outputs=[t[3]])  # graph output
     graph = gs.Graph(nodes=[n0, n1, n2, n3], inputs=[x], outputs=[t[3]])
-    index = ir.GraphIndex(graph)
+    index = GraphIndex(graph)
     removed = index.remove_dead([n2])
     assert [n.name for n in removed] == ["n2", "n1"]
     index.commit()
@@ -357,7 +358,7 @@ def test_remove_dead_walks_producers_and_keeps_graph_outputs():
 
 def test_fresh_names_avoid_initializer_and_tensor_names():
     m = ir.Model.from_proto(small_model())
-    index = ir.GraphIndex(m.graph)
+    index = GraphIndex(m.graph)
     assert index.fresh_name("W") != "W"  # an initializer
     assert index.fresh_name("m") != "m"  # a node output
     assert index.fresh_name("x") != "x"  # a graph input

@@ -6,7 +6,7 @@ import pytest
 
 import onnxcomp
 from onnxcomp import ir, testing
-from onnxcomp.validation import session as vsession
+from onnxcomp.runtime import session as vsession
 
 
 @pytest.fixture

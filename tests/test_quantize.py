@@ -394,3 +394,61 @@ def test_reduce_range_follows_the_target(mode, target, option, limit):
     assert np.abs(q).max() == limit  # the per-channel absmax lands exactly on the bound of the range used
     if limit == 63:  # 7-bit weights are accurate on every x86 CPU (8-bit ones measured 5% rel. error on AVX2)
         _close_to_float(m, res.model, feeds[0], rtol=0.03)
+
+
+# ------------------------------------------------------------------------------------ smoothquant: statistics once
+def _smoothable():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    m = make_model([helper.make_node("Mul", ["x", "half"], ["xh"], name="pre"),
+                    helper.make_node("MatMul", ["xh", "W"], ["y"], name="mm")], [vi("x", [4, 64])], [vi("y", [4, 32])],
+                   [const("W", w), const("half", np.full(64, 0.7, np.float32))])
+    spread = np.exp(rng.standard_normal(64)).astype(np.float32) * 3  # outlier channels for SmoothQuant to move
+    feeds = [{"x": (rng.standard_normal((4, 64)) * spread).astype(np.float32)} for _ in range(8)]
+    return m, feeds
+
+
+def test_smoothquant_search_calibrates_once_and_derived_ranges_are_exact():
+    from onnxcomp import ir
+    from onnxcomp.calibration import collect_statistics
+    from onnxcomp.passes import PassContext, Quantize
+    from onnxcomp.passes.quantize import _smoothed_stats
+    from onnxcomp.pipeline import Pipeline
+
+    m, feeds = _smoothable()
+    ctx = PassContext(calibration_data=feeds)
+    out, recs = Pipeline(ctx).run(m, [Quantize(mode="static", min_weight_elements=0, sensitivity=False)])
+    assert len(recs[0].details["smoothquant_search"]) == 4 and recs[0].details["ranges"]
+    assert ctx.statistics.misses == 2  # channel ranges for the scales + the activations, for 4 trials and the result
+    # the derived min/max of a smoothed tensor are those ORT computes on the smoothed model itself
+    model = ir.Model.from_proto(m)
+    from onnxcomp.passes.quantize import _apply_smoothing
+
+    assert _apply_smoothing(model, {"xh": np.linspace(0.5, 4, 64).astype(np.float32)}) == 1
+    smoothed = next(n.inputs[0].name for n in model.graph.nodes if n.op == "MatMul")
+    derived = _smoothed_stats(model, [smoothed], m, PassContext(calibration_data=feeds), feeds)
+    real = collect_statistics(model.to_proto(), [smoothed], feeds, histogram=False)[smoothed]
+    assert (derived[smoothed].min, derived[smoothed].max) == (real.min, real.max)
+    assert derived[smoothed].count == real.count and derived[smoothed].zeros == real.zeros
+
+
+def test_placement_table_decides_whether_conv_output_is_quantized(monkeypatch):
+    """targets.py is the one place that decides: with quantize_output off for Conv, its output stays float."""
+    import dataclasses
+
+    from onnxcomp import targets
+
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib"][i:i + 20].astype(np.float32)} for i in range(0, 100, 20)]
+    path = testing.digits_cnn_path()
+
+    on = _q(path, {"mode": "static", "sensitivity": False}, calib, validate=False)
+    cpu = targets.TARGETS["ort-cpu"]
+    off_conv = dataclasses.replace(cpu.ops["Conv"], quantize_output=False)
+    monkeypatch.setitem(targets.TARGETS, "ort-cpu", dataclasses.replace(cpu, ops={**cpu.ops, "Conv": off_conv}))
+    off = _q(path, {"mode": "static", "sensitivity": False}, calib, validate=False)
+    n_q = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph.node)  # noqa: E731
+    assert n_q(off.model) < n_q(on.model)  # the Conv (+Relu) outputs lost their Q/DQ
+    assert off.report.passes[0].details["quantized"] and on.report.passes[0].details["quantized"]
+    on_ranges, off_ranges = on.report.passes[0].details["ranges"], off.report.passes[0].details["ranges"]
+    assert set(off_ranges) < set(on_ranges)  # and were not calibrated

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from onnxcomp import Recipe, RecipeError
-from onnxcomp.passes import Cleanup
+from onnxcomp.passes import Cleanup, Quantize
 
 
 def test_default_recipe_is_cleanup_then_dynamic_quantization():
@@ -14,14 +14,17 @@ def test_default_recipe_is_cleanup_then_dynamic_quantization():
     assert r.target == "ort-cpu"
 
 
-@pytest.mark.parametrize("src", [
-    {"passes": [{"type": "cleanup", "dedupe": False}], "target": "ort-cpu"},
-    [{"type": "cleanup", "dedupe": False}],
-    ["cleanup"],
+@pytest.mark.parametrize("src,want", [
+    ({"passes": [{"type": "cleanup", "dedupe": False}], "target": "ort-cpu"}, Cleanup(dedupe=False)),
+    ([{"type": "cleanup", "dedupe": False}], Cleanup(dedupe=False)),
+    (["cleanup"], Cleanup()),
+    ([{"type": "quantize", "mode": "weight_only", "exclude": ["a", "b.*"]}],
+     Quantize(mode="weight_only", exclude=("a", "b.*"))),
 ])
-def test_parse_forms(src):
+def test_parse_forms(src, want):
     r = Recipe.parse(src)
-    assert isinstance(r.passes[0], Cleanup)
+    assert r == Recipe(passes=(want,), target="ort-cpu")  # every form gives the same typed recipe
+    assert Recipe.parse(r.to_dict()) == r  # and round-trips
 
 
 def test_yaml_and_json_files_round_trip(tmp_path):

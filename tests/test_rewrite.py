@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import ir
 from onnxcomp.passes.cleanup import cleanup_rules, remove_identity_rule
-from onnxcomp.rewrite import AttrVar, RewriteRule, RuleSet, apply_rules, fail
+from onnxcomp.rewrite import AttrVar, GraphIndex, RewriteRule, RuleSet, apply_rules, fail
 from onnxcomp.rewrite.rules import matmul_add_to_gemm_rule
 from onnxcomp.testing import session
 from tests.graphs import const, make_model, random_feeds, vi
@@ -676,7 +676,7 @@ def test_graph_index_readded_node_is_a_live_consumer():
     p = gs.Node("Relu", "p", inputs=[x], outputs=[a])
     c = gs.Node("Neg", "c", inputs=[a], outputs=[y])
     graph = gs.Graph(nodes=[p, c], inputs=[x], outputs=[y])
-    index = ir.GraphIndex(graph)
+    index = GraphIndex(graph)
     index.remove_node(c)
     assert index.consumers(a) == []
     c.inputs.append(a)

@@ -1,4 +1,4 @@
-"""passes.select: which weight layers a pass sees (constant float32 weights, ops/exclude), and their matrices."""
+"""algorithms.select: which weight layers a pass sees (constant float32 weights, ops/exclude), and their matrices."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from onnx import helper, numpy_helper
 
 from onnxcomp import ir
 from onnxcomp.errors import RecipeError
-from onnxcomp.passes.select import check_exclude, check_ops, find_weight_layers
+from onnxcomp.algorithms.select import check_exclude, check_ops, find_weight_layers
 from tests.graphs import make_model, vi
 
 
@@ -61,7 +61,7 @@ def test_stored_is_the_inverse_of_matrix():
 
 
 def test_weights_quantized_by_an_earlier_pass_are_named_as_such():
-    from onnxcomp.passes.select import quantized_weights_note
+    from onnxcomp.algorithms.select import quantized_weights_note
 
     q = numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")
     nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"]), helper.make_node("MatMul", ["x", "W"], ["y"],

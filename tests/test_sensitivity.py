@@ -1,10 +1,10 @@
-"""passes.sensitivity: end-to-end output error of weight changes in one session, and budget allocation."""
+"""algorithms.sensitivity: end-to-end output error of weight changes in one session, and budget allocation."""
 from __future__ import annotations
 
 import numpy as np
 from onnx import helper, numpy_helper
 
-from onnxcomp.passes.sensitivity import WeightProbe, allocate
+from onnxcomp.algorithms.sensitivity import WeightProbe, allocate
 from tests.graphs import make_model, vi
 
 

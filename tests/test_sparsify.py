@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 import onnxcomp
 from onnxcomp import storage, testing
 from onnxcomp.errors import CalibrationDataError, RecipeError
-from onnxcomp.passes import sparsegpt as sg
+from onnxcomp.algorithms import sparsegpt as sg
 from onnxcomp.recipe import Recipe
 from tests.graphs import const, make_model, vi
 
@@ -291,7 +291,21 @@ def test_sensitivity_allocation_meets_budget_with_less_error_than_uniform():
     assert err(out["sensitivity"][0].model) < err(out["uniform"][0].model)
 
 
-def test_channel_pattern_dispatches_to_channels_module():
-    pytest.importorskip("onnxcomp.passes.channels")
+def test_channel_pattern_dispatches_to_channels_module(monkeypatch):
+    """pattern: channel runs the structured pruning (algorithms.channels.prune_channels) with this pass's options,
+    and its outcome is the pass's; the unstructured path is not taken."""
+    from onnxcomp.algorithms import channels
+
     p = Recipe.parse([{"type": "sparsify", "pattern": "channel", "sparsity": 0.25}]).passes[0]
-    assert p.pattern == "channel"
+    seen = []
+    real = channels.prune_channels
+
+    def spy(model, source, ctx, opts):
+        seen.append(opts)
+        return real(model, source, ctx, opts)
+
+    monkeypatch.setattr(channels, "prune_channels", spy)
+    res = onnxcomp.compress(testing.digits_mlp_path(), [p.to_dict()], progress=False, validate=False)
+    assert seen == [p]
+    details = res.report.passes[0].details
+    assert details["pattern"] == "channel" and details["groups"] and details["params_removed"] > 0

@@ -15,10 +15,11 @@ from onnx import numpy_helper
 
 from onnxcomp import testing as fx
 from onnxcomp.errors import CalibrationDataError, InvalidModelError
-from onnxcomp.validation import OutputError, ValidationReport, make_session, validate
-from onnxcomp.validation.latency import measure_latency
+from onnxcomp.runtime import make_session
+from onnxcomp.validation import OutputError, ValidationReport, validate
+from onnxcomp.runtime import measure_latency
 from onnxcomp.validation.numerics import OutputAccumulator
-from onnxcomp.validation.session import run_session
+from onnxcomp.runtime import run_session
 
 API_OUTPUT_KEYS = {"max_abs_err", "mean_abs_err", "rel_l2_err", "cosine"}
 QUICK = dict(warmup=1, runs=5)  # latency settings that keep tests fast
@@ -260,7 +261,7 @@ def test_float16_candidate_gets_cast_feeds() -> None:
 
 
 def test_sessions_for_big_or_external_data_models(tmp_path, monkeypatch) -> None:
-    from onnxcomp.validation import session as session_mod
+    from onnxcomp.runtime import session as session_mod
 
     p = tmp_path / "ext.onnx"
     onnx.save(_mlp(), str(p), save_as_external_data=True, location="ext.data", size_threshold=0)
@@ -281,11 +282,15 @@ def test_sessions_for_big_or_external_data_models(tmp_path, monkeypatch) -> None
 def test_providers_unavailable_are_skipped_with_a_note() -> None:
     wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     made = make_session(_mlp(), wanted)
-    assert "CPUExecutionProvider" in made.providers
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # a GPU machine: CUDA really used, no note
+        assert made.providers[0] == "CUDAExecutionProvider" and not any("CUDA" in n for n in made.notes)
+    else:
         assert made.providers == ["CPUExecutionProvider"] and any("CUDAExecutionProvider" in n for n in made.notes)
-        rep = validate(_mlp(), _mlp(), _feeds(1), providers=["CUDAExecutionProvider"], latency=False)
-        assert rep.providers == ["CPUExecutionProvider"] and any("CUDA" in n for n in rep.notes)
+    # a provider no ORT build has: skipped with a note on every machine, and the validator says so too
+    made = make_session(_mlp(), ["NoSuchExecutionProvider"])
+    assert made.providers == ["CPUExecutionProvider"] and any("NoSuchExecutionProvider" in n for n in made.notes)
+    rep = validate(_mlp(), _mlp(), _feeds(1), providers=["NoSuchExecutionProvider"], latency=False)
+    assert rep.providers == ["CPUExecutionProvider"] and any("NoSuchExecutionProvider" in n for n in rep.notes)
 
 
 def test_latency_runs_and_budget() -> None:

@@ -16,7 +16,7 @@ Budgets: ``p0.75``/``p0.5`` = params_ratio per layer (allocation uniform), ``e0.
 ``+s`` = with the pass's speed check on, ``+q`` = followed by ``quantize mode: dynamic``; ``q-only`` is
 ``quantize mode: dynamic`` alone.
 
-Latency: ``onnxcomp.validation.latency.measure_latency`` (interleaved with fp32 in this process, medians),
+Latency: ``onnxcomp.runtime.measure_latency`` (interleaved with fp32 in this process, medians),
 batch 1: ``lat`` on 32 evaluation sentences unpadded (digits: 32 single images), ``lat128`` (MiniLM) on 32
 sentences padded to 128 tokens; sessions with ``--threads`` intra-op threads (default 1). The pass's own speed check (skip layers whose factorized pair is not
 faster) is off unless ``--speed-check``: it times tiny models and is noisy on a loaded machine. Ratios come from
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import onnxcomp  # noqa: E402
 from onnxcomp import testing  # noqa: E402
-from onnxcomp.validation.latency import measure_latency  # noqa: E402
+from onnxcomp.runtime import measure_latency  # noqa: E402
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "p0.75": {"params_ratio": 0.75, "allocation": "uniform"},

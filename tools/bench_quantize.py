@@ -10,7 +10,7 @@ One table per model. Rows = methods; columns = size ratio (file bytes vs the fp3
   (``onnxcomp.testing.minilm_metrics``) on the first 200 sentences (the 100 paraphrase pairs), batch 1, unpadded.
 * digits CNN / MLP: top-1 on the 500 test images, and its difference from fp32 in points.
 
-Latency is ``onnxcomp.validation.latency.measure_latency``: each candidate is timed interleaved with the fp32
+Latency is ``onnxcomp.runtime.measure_latency``: each candidate is timed interleaved with the fp32
 model in this process (pairs alternate which runs first, medians compared), each session built once and reused.
 The seq-32/seq-128 feeds are the evaluation sentences right-padded (or truncated) to that length.
 
@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import onnxcomp  # noqa: E402
 from onnxcomp import testing  # noqa: E402
-from onnxcomp.validation.latency import measure_latency  # noqa: E402
+from onnxcomp.runtime import measure_latency  # noqa: E402
 
 import ort_baselines as ob  # noqa: E402
 

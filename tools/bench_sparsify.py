@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     if "channel" in args.patterns:
         import importlib.util
 
-        if importlib.util.find_spec("onnxcomp.passes.channels") is None:
+        if importlib.util.find_spec("onnxcomp.algorithms.channels") is None:
             print("note: pattern 'channel' skipped (onnxcomp/passes/channels.py not present)")
             args.patterns = [p for p in args.patterns if p != "channel"]
     t_start = time.perf_counter()

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from onnxcomp import ir  # noqa: E402
 from onnxcomp.passes import PassContext  # noqa: E402
 from onnxcomp.pipeline import Pipeline  # noqa: E402
-from onnxcomp.passes.channels import prune_channels  # noqa: E402
+from onnxcomp.algorithms.channels import prune_channels  # noqa: E402
 from onnxcomp.passes.lowrank import Lowrank  # noqa: E402
 from onnxcomp.passes.sparsify import Sparsify  # noqa: E402
 

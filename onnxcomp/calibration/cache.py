@@ -40,8 +40,21 @@ class StatisticsCache:
 
     def __init__(self) -> None:
         self._memo: dict[tuple, list[tuple[set, dict, dict, list, dict[str, TensorStats]]]] = {}
+        self._pinned: dict[int, tuple[onnx.ModelProto, str]] = {}
         self.hits = 0
         self.misses = 0
+
+    def pin(self, model: onnx.ModelProto, digest: str) -> None:
+        """Record the digest of a model that is not modified any more (a pass's source), so that the many
+        requests on it do not serialize it again; the model stays referenced, so its id is not reused."""
+        self._pinned[id(model)] = (model, digest)
+
+    def unpin(self, model: onnx.ModelProto) -> None:
+        self._pinned.pop(id(model), None)
+
+    def digest(self, model: onnx.ModelProto) -> str:
+        hit = self._pinned.get(id(model))
+        return hit[1] if hit is not None and hit[0] is model else model_digest(model)
 
     def collect(self, model: onnx.ModelProto, tensor_names: Sequence[str], feeds: Sequence[Mapping[str, Any]],
                 progress: Any = False, channel_axes: Mapping[str, int] | None = None,
@@ -49,7 +62,7 @@ class StatisticsCache:
         feeds = list(feeds)
         caxes, gaxes = dict(channel_axes or {}), dict(gram_axes or {})
         wanted = set(tensor_names) | set(caxes) | set(gaxes)
-        key = (model_digest(model), tuple(id(f) for f in feeds), _frozen(options))
+        key = (self.digest(model), tuple(id(f) for f in feeds), _frozen(options))
         for names, c, g, _, stats in self._memo.get(key, []):
             if wanted <= names and all(c.get(n) == a for n, a in caxes.items()) \
                     and all(g.get(n) == a for n, a in gaxes.items()):

@@ -34,7 +34,8 @@ from onnx import numpy_helper
 from ..errors import CalibrationDataError, RecipeError
 from ..ir import load_proto
 from ..storage import sparse_value
-from ..validation.session import make_session, run_session
+from ..runtime import make_session, run_session
+from ..runtime.outputs import CAST_SUFFIX, with_outputs
 from .observers import TensorObserver, TensorStats, is_float_dtype
 
 __all__ = ["collect_statistics"]
@@ -47,7 +48,6 @@ _ORT_FLOAT_TYPES = {
     "tensor(double)": np.dtype(np.float64),
 }
 _ORT_BF16 = "tensor(bfloat16)"
-_CAST_SUFFIX = "::onnxcomp_calib_f32"
 
 
 def _bf16_dtype() -> np.dtype:
@@ -201,24 +201,6 @@ def _initializer_value(t: Any) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: Sequence[str] = ()) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``outputs`` (untyped: ORT infers the types at load), plus
-    a float32 Cast of each name in ``casts`` (bfloat16 tensors, which ORT cannot hand to numpy)."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
-    for name in outputs:
-        if name not in existing and name not in casts:
-            aug.graph.output.add().name = name
-    for name in casts:
-        out = name + _CAST_SUFFIX
-        aug.graph.node.append(
-            onnx.helper.make_node("Cast", [name], [out], name=out, to=onnx.TensorProto.FLOAT)
-        )
-        aug.graph.output.add().name = out
-    return aug
-
-
 def _open_session(model: onnx.ModelProto, outputs: Sequence[str], providers):
     """The session, [(name, ORT output name)] of the float tensors to fetch, and their dtypes."""
     made = make_session(with_outputs(model, outputs), providers, name="calibration model")
@@ -232,7 +214,7 @@ def _open_session(model: onnx.ModelProto, outputs: Sequence[str], providers):
     fetch, dtypes = [], {}
     for name in outputs:
         if name in bf16:
-            fetch.append((name, name + _CAST_SUFFIX))
+            fetch.append((name, name + CAST_SUFFIX))
             dtypes[name] = _bf16_dtype()
         elif types.get(name) in _ORT_FLOAT_TYPES:
             fetch.append((name, name))

@@ -71,6 +71,9 @@ class TensorStats:
     gram: np.ndarray | None = None  # float64 [d, d] = sum over rows x of x^T x (the Gram axis as the vector)
     gram_rows: int = 0
     gram_sum: np.ndarray | None = None  # float64 [d]: sum of the rows (with gram_rows, their mean)
+    #: with a channel axis: finite min / max per channel (+inf / -inf where a channel had no finite value)
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
 
     @property
     def second_moment(self) -> np.ndarray | None:
@@ -123,6 +126,8 @@ class TensorObserver:
         self._min = math.inf
         self._max = -math.inf
         self._chan: np.ndarray | None = None
+        self._chan_min: np.ndarray | None = None
+        self._chan_max: np.ndarray | None = None
         self._hist: np.ndarray | None = None
         self._edges: np.ndarray | None = None
         self._range: tuple[float, float] | None = None
@@ -213,12 +218,17 @@ class TensorObserver:
                 f"tensor '{self.name}': channel axis {self.channel_axis} has {n} channels in sample {sample} "
                 f"but {len(self._chan)} in earlier samples (shape {list(a.shape)})"
             )
-        mag = np.abs(a)
-        if finite is not None:
-            mag[~finite] = 0
         others = tuple(i for i in range(a.ndim) if i != axis)
-        cm = np.max(mag, axis=others, initial=0).astype(np.float64) if others else mag.astype(np.float64)
-        self._chan = cm if self._chan is None else np.maximum(self._chan, cm)
+        lo = np.min(a if finite is None else np.where(finite, a, np.inf), axis=others, initial=np.inf)
+        hi = np.max(a if finite is None else np.where(finite, a, -np.inf), axis=others, initial=-np.inf)
+        lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+        cm = np.maximum(np.maximum(-lo, hi), 0.0)  # max |x| (0 for a channel with no finite value)
+        if self._chan is None:
+            self._chan, self._chan_min, self._chan_max = cm, lo, hi
+        else:
+            self._chan = np.maximum(self._chan, cm)
+            self._chan_min = np.minimum(self._chan_min, lo)
+            self._chan_max = np.maximum(self._chan_max, hi)
 
     # ---------------------------------------------------------------------------------------- pass 2
     def start_histogram(self, bins: int) -> None:
@@ -264,6 +274,8 @@ class TensorObserver:
             hist=None if self._hist is None else self._hist.copy(),
             hist_edges=None if self._edges is None else self._edges.copy(),
             channel_absmax=None if self._chan is None else self._chan.copy(),
+            channel_min=None if self._chan_min is None else self._chan_min.copy(),
+            channel_max=None if self._chan_max is None else self._chan_max.copy(),
             zeros=self.zeros,
             gram=None if self._gram is None else self._gram.copy(),
             gram_rows=self._gram_rows,

@@ -8,62 +8,15 @@ The pipeline (`onnxcomp.pipeline`) runs passes, checks and records them.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import onnx
 
 from .. import ir
-from ..calibration import StatisticsCache
+from ..context import LayerChange, PassContext, PassOutcome, Progress
 
-#: progress callback: (step name, done, total), e.g. ("calibration: ranges", 3, 32)
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class PassContext:
-    """Facts shared by every pass of one compression (data, providers, target), the statistics they collected
-    (reused across passes and back-off rounds), the warnings they raised, and the progress callback."""
-
-    calibration_data: Any = None
-    validation_data: Any = None  # feeds the result is validated on (sensitivity may use them)
-    providers: Optional[list[str]] = None
-    target: str = "ort-cpu"
-    progress: Optional[Progress] = None
-    warnings: list[str] = field(default_factory=list)
-    statistics: StatisticsCache = field(default_factory=StatisticsCache)
-
-    def warn(self, text: str) -> None:
-        """Add a warning once (the same text from a later back-off round is not repeated)."""
-        if text not in self.warnings:
-            self.warnings.append(text)
-
-    def collect(self, model: onnx.ModelProto, tensor_names, feeds, **kwargs):
-        """`calibration.collect_statistics` through this compression's cache (same model, request and samples:
-        collected once)."""
-        return self.statistics.collect(model, tensor_names, feeds, providers=self.providers,
-                                       progress=self.progress, **kwargs)
-
-
-@dataclass(frozen=True)
-class LayerChange:
-    """One layer a weight pass compressed: the node an accuracy budget may leave uncompressed (via the pass's
-    `exclude`), the relative output error it introduced, and what it saved where the pass knows."""
-
-    node: str
-    error: float
-    bytes_saved: Optional[int] = None
-    seconds_saved: Optional[float] = None
-
-
-@dataclass
-class PassOutcome:
-    """What a pass says about its own work: details and notes for the report, the layers it compressed."""
-
-    details: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    layers: list[LayerChange] = field(default_factory=list)
-
+__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Progress"]
 
 @dataclass(frozen=True)
 class Pass:

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..rewrite import RewriteRule, RuleSet, apply_rules, fail
+from ..rewrite import GraphIndex, RewriteRule, RuleSet, apply_rules, fail
 from ..rewrite.rule import onnx_dtype
 from .base import Pass, PassContext, PassOutcome
 
@@ -106,7 +106,7 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
     """Drop nodes (in this graph and its subgraphs) whose outputs nobody reads."""
     total = 0
     for g in list(ir.iter_graphs(graph)):
-        index = ir.GraphIndex(g)
+        index = GraphIndex(g)
         removed = index.remove_dead(list(g.nodes)[::-1])
         if removed:
             index.commit()
@@ -119,7 +119,7 @@ def dedupe_initializers(graph: gs.Graph) -> tuple[int, int]:
     at one copy, then drop the Constant nodes left unread; returns (tensors merged, bytes saved)."""
     merged = saved = 0
     for g in list(ir.iter_graphs(graph)):
-        index = ir.GraphIndex(g)
+        index = GraphIndex(g)
         first: dict[tuple, gs.Tensor] = {}
         seen: set[int] = set()
         dropped: list[gs.Node] = []

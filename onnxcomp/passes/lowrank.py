@@ -12,7 +12,7 @@ How W is factorized (numpy, float64, vectorised per layer):
 * whitened (default, needs calibration data): with the input Gram H = XᵀX of the layer's activations
   (streamed by ``collect_statistics``) and its damped Cholesky factor L Lᵀ = H + λ·mean(diag H)·I, the SVD of
   LᵀW = UΣVᵀ gives A = L⁻ᵀU_rΣ_r^½, B = Σ_r^½V_rᵀ: the rank-r product closest to W *in the layer's output on
-  the calibration data* (FINDINGS.md: 3–7x less layer error than plain SVD). Conv layers are whitened by the
+  the calibration data* (3–7x less layer error than plain SVD on MiniLM-L3, tools/bench_lowrank.py). Conv layers are whitened by the
   input-channel Gram (H ≈ G_c ⊗ I over kernel positions; spatial correlation is ignored);
 * ``refit``: B re-solved by least squares on the calibration activations, B = (AᵀHA)⁻¹AᵀHW.
 
@@ -50,7 +50,7 @@ from .. import ir
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from .base import LayerChange, Pass, PassContext, PassOutcome
-from .select import (ALREADY_QUANTIZED, WeightLayer, check_exclude, check_ops, find_weight_layers,
+from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_exclude, check_ops, find_weight_layers,
                      quantized_weights_note, weight_pattern2, weight_pattern3)
 
 _OPS = ("MatMul", "Gemm", "Conv")
@@ -95,7 +95,7 @@ class Spectrum:
 def damped_cholesky(h: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     """Lower Cholesky factor of H + damping·mean(diag H)·I (dead inputs get a unit diagonal), and the diagonal
     that was added; the damping grows tenfold until H is numerically positive definite."""
-    from .sparsegpt import damped_hessian
+    from ..algorithms.sparsegpt import damped_hessian
 
     for attempt in range(8):
         hd = damped_hessian(h, damping * 10 ** attempt)
@@ -210,8 +210,7 @@ def _speed_model(op: str, k: int, n: int, r: Optional[int], rows: int, conv: Opt
 def pair_speed(op: str, k: int, n: int, r: int, rows: int, providers: Any = None, conv: Optional[dict] = None,
                budget_s: float = 0.05) -> tuple[float, float]:
     """(dense ms, factorized pair ms) per run of one layer shape, median of interleaved runs; cached per shape."""
-    from ..validation.latency import measure_latency
-    from ..validation.session import make_session
+    from ..runtime import make_session, measure_latency
 
     key = (op, k, n, r, rows, repr(conv), repr(providers))
     hit = _SPEED_CACHE.get(key)
@@ -273,7 +272,7 @@ class Lowrank(Pass):
     whiten: bool = True  # activation-whitened SVD (needs calibration data; false = plain SVD of W)
     # how params_ratio is spread: per factorized layer ("uniform", the API contract's meaning and the default) or
     # by measured end-to-end sensitivity under one global budget ("sensitivity", needs calibration data: far
-    # more accurate at the same size, see FINDINGS.md and tools/bench_lowrank.py)
+    # more accurate at the same size, see tools/bench_lowrank.py)
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
     refit: bool = False  # least-squares refit of the second factor on the calibration activations
     ops: Optional[tuple[str, ...]] = None  # op types to factorize (default MatMul, Gemm, Conv)
@@ -344,7 +343,7 @@ class Lowrank(Pass):
         if self.whiten and not feeds:
             raise CalibrationDataError("lowrank: whitened SVD needs calibration_data (the layers' input "
                                        "statistics); give calibration feeds, or set whiten: false for plain SVD")
-        allocation = self.allocation or "uniform"  # API.md: params_ratio is per factorized layer unless asked
+        allocation = self.allocation or "uniform"  # the public contract: params_ratio is per factorized layer unless asked
         if allocation == "sensitivity" and not feeds:
             raise CalibrationDataError("lowrank: allocation 'sensitivity' needs calibration_data (end-to-end "
                                        "probes); give calibration feeds, or use allocation: uniform")
@@ -481,7 +480,7 @@ class Lowrank(Pass):
                   notes: list[str]) -> dict[str, Any]:
         """Pick one rank (or dense) per layer so that the candidates' params fit ratio·dense, least end-to-end
         error first (errors probed per layer and rank, taken as additive)."""
-        from .sensitivity import WeightProbe, allocate
+        from ..algorithms.sensitivity import WeightProbe, allocate
 
         inits = {t.name for t in source.graph.initializer}
         users: dict[str, int] = {}

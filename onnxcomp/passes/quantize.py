@@ -6,7 +6,7 @@ Modes (all as rewrite rules on the engine; placement from the target's table in 
   the lookup. Needs no calibration data.
 - dynamic: MatMul (+ its bias Add) -> ORT's DynamicQuantizeMatMul (activations quantized at run time).
 - static: Q/DQ on activations from calibrated ranges + per-channel weights. MatMul/Gemm get their
-  *inputs* quantized (fused into MatMulIntegerToFloat, output stays float, see FINDINGS.md); Conv gets
+  *inputs* quantized (fused into MatMulIntegerToFloat, output stays float: the accurate choice in tools/bench_quantize.py); Conv gets
   inputs, an int32 bias and its output (after a following Relu) quantized so ORT fuses QLinearConv.
 One Q/DQ pair per activation tensor is shared by all its quantized consumers.
 """
@@ -15,18 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, qmath
 from ..errors import CalibrationDataError, RecipeError
-from ..rewrite import RewriteRule, apply_rules, fail, find_matches
+from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
+from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
 from .base import LayerChange, Pass, PassContext, PassOutcome
-from .select import check_exclude, is_excluded, weight_problem
+from ..algorithms.select import check_exclude, is_excluded, weight_problem
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
@@ -127,24 +130,25 @@ class Quantize(Pass):
         target = TARGETS[ctx.target]
         notes: list[str] = []
         details: dict[str, Any] = {"mode": self.mode, "target": target.name, "weight_dtype": self.weight_dtype}
-        calibrated = source
+        tables: dict[str, tuple] = {}  # quantized embedding tables, shared by the smoothquant trials and the result
         if self.mode == "static" and self.smoothquant is not None:
-            self._smooth(model, source, ctx, target, notes, details)
-            calibrated = model.to_proto()  # calibrate the smoothed (float-equivalent) graph
-        out = self._quantize(model, calibrated, ctx, target, notes, details,
-                             reference=source if self.sensitivity else None)
+            self._smooth(model, source, ctx, target, notes, details, tables)
+        out = self._quantize(model, source, ctx, target, notes, details,
+                             reference=source if self.sensitivity else None, tables=tables)
         out.layers = [LayerChange(r["node"], r.get("introduced", r["rel_l2_err"]))
                       for r in details.get("sensitivity", []) if r.get("node")]
         return out
 
     def _quantize(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target,
-                  notes: list[str], details: dict[str, Any], reference: Optional[onnx.ModelProto]) -> PassOutcome:
-        """Plan (find where rules apply), calibrate `source` for static mode, rewrite, report; with a float
-        `reference`, also measure each quantized layer's error against it (sensitivity)."""
+                  notes: list[str], details: dict[str, Any], reference: Optional[onnx.ModelProto],
+                  tables: Optional[dict] = None) -> PassOutcome:
+        """Plan (find where rules apply), calibrate for static mode (`source` is the float model `model` was
+        imported from, before any smoothing), rewrite, report; with a float `reference`, also measure each
+        quantized layer's error against it (sensitivity). `tables` caches quantized embedding tables."""
         act_dtype = self.activation_dtype or target.activation_dtype
         act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
         plan = _Plan(set(), {}, {})
-        run = _Run(self, plan)
+        run = _Run(self, plan, tables)
         run.reduce_range = (self.reduce_range if self.reduce_range is not None
                             else target.reduce_range and (self.mode == "dynamic" or act_dtype == "uint8"))
         if run.reduce_range and self.mode != "weight_only":
@@ -160,9 +164,9 @@ class Quantize(Pass):
                        if isinstance(f.match.bindings.get("x"), gs.Tensor)}
         if self.mode == "static":
             for f in found:
-                plan.activations.update(t.name for t in _activation_tensors(f) if t.name in observable)
+                plan.activations.update(t.name for t in _activation_tensors(f, target) if t.name in observable)
             if plan.activations:
-                self._calibrate(plan, source, ctx, act_dtype, act_sym, notes)
+                self._calibrate(plan, model, source, ctx, act_dtype, act_sym, notes)
             plan.calibrated = True
             details["activation_dtype"] = act_dtype
             details["calibration"] = self.calibration
@@ -198,15 +202,15 @@ class Quantize(Pass):
     _ALPHAS: ClassVar[tuple[float, ...]] = (0.5, 0.65, 0.8, 0.9)
 
     def _smooth(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target, notes: list[str],
-                details: dict[str, Any]) -> None:
+                details: dict[str, Any], tables: dict) -> None:
         """Rewrite `model` (exactly, in float) so activation outliers move into the weights; with "auto",
         pick the alpha whose quantized model departs least from the float one on calibration data."""
-        from ..validation.layers import compare_tensors
+        from ..validation.layers import compare_to, reference_values
 
         if ctx.calibration_data is None:
             raise CalibrationDataError("smoothquant needs calibration_data (per-channel activation ranges)")
         feeds = list(ctx.calibration_data)[: self.calibration_samples]
-        found = find_matches(model, [RewriteRule("smooth-probe", _matmul_pattern, _passthrough_x, self._smooth_ok)])
+        found = find_matches(model, [query("smooth-probe", _matmul_pattern, self._smooth_ok)])
         weights: dict[str, list[np.ndarray]] = {}
         for f in found:
             b = f.match.bindings
@@ -234,14 +238,14 @@ class Quantize(Pass):
 
         alphas = self._ALPHAS if self.smoothquant == "auto" else (float(self.smoothquant),)
         if len(alphas) > 1:
-            outs = [o.name for o in source.graph.output]
+            ref = reference_values(source, [o.name for o in source.graph.output], feeds[:16], ctx.providers)
             scores = {}
-            for a in alphas:
-                trial = ir.Model.from_proto(source)
+            shaped = ir.shape_inferred(source)
+            for a in alphas:  # statistics, shapes, reference outputs and embedding tables are shared by the trials
+                trial = ir.Model.from_proto(source, inferred=shaped)
                 _apply_smoothing(trial, scales(a))
-                probe = trial.to_proto()
-                self._quantize(trial, probe, ctx, target, [], {}, reference=None)
-                errs = compare_tensors(source, trial.to_proto(), outs, feeds[:16], providers=ctx.providers)
+                self._quantize(trial, source, ctx, target, [], {}, reference=None, tables=tables)
+                errs = compare_to(ref, trial.to_proto(), feeds[:16], providers=ctx.providers)
                 rel = [e.rel_l2_err for e in errs.values() if e.exact_match is None]
                 scores[a] = float(np.mean(rel)) if rel else float("inf")
             best = min(scores, key=scores.get)
@@ -305,8 +309,8 @@ class Quantize(Pass):
     def _excluded(self, node: gs.Node) -> bool:
         return is_excluded(node, self.exclude)
 
-    def _calibrate(self, plan: _Plan, source: onnx.ModelProto, ctx: PassContext, act_dtype: str, act_sym: bool,
-                   notes: list[str]) -> None:
+    def _calibrate(self, plan: _Plan, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, act_dtype: str,
+                   act_sym: bool, notes: list[str]) -> None:
         from ..calibration import compute_range
 
         if ctx.calibration_data is None:
@@ -314,7 +318,10 @@ class Quantize(Pass):
                                        "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
         feeds = list(ctx.calibration_data)[: self.calibration_samples]
         histogram = self.calibration != "minmax" or any("calibration" in o for o in self.overrides.values())
-        stats = ctx.collect(source, sorted(plan.activations), feeds, histogram=histogram)
+        stats = None if histogram else _smoothed_stats(model, sorted(plan.activations), source, ctx, feeds)
+        if stats is None:  # calibrate the model as it is (smoothed: exported once for ORT)
+            current = source if plan.activations <= _observable(source) else model.to_proto()
+            stats = ctx.collect(current, sorted(plan.activations), feeds, histogram=histogram)
         for name in sorted(plan.activations):
             st = stats.get(name)
             if st is None:
@@ -363,15 +370,16 @@ class Quantize(Pass):
             for op in ("MatMul", "Gemm"):
                 if op in ops:
                     rules += _static_input_rules(run, target.ops[op])
-            if "Conv" in ops:
+            if "Conv" in ops:  # the table says whether its output is quantized too (QLinearConv needs it)
                 rules += _static_conv_rules(run, target.ops["Conv"])
         return rules
 
 class _Run:
     """One application of a Quantize pass: its options plus the plan (calibrated parameters) the rules read."""
 
-    def __init__(self, q: "Quantize", plan: _Plan):
+    def __init__(self, q: "Quantize", plan: _Plan, tables: Optional[dict] = None):
         self.q = q
+        self.tables = {} if tables is None else tables  # embedding table name -> (q, scale): same in every trial
         self.plan = plan
         self.mode = q.mode
         self.reduce_range = False  # set by Quantize._quantize from the option or the target
@@ -444,9 +452,12 @@ class _Run:
         return True
 
     def _gather_replacement(self, op, w, idx, node):
-        v = np.asarray(ir.const_value(w), dtype=np.float32)
-        scale, zp = qmath.weight_params(v, 0, "int8", True)
-        q = qmath.quantize(v, scale, zp, 0, "int8")
+        hit = self.tables.get(w.name)
+        if hit is None or hit[0].shape != tuple(w.shape):
+            v = np.asarray(ir.const_value(w), dtype=np.float32)
+            scale, zp = qmath.weight_params(v, 0, "int8", True)
+            hit = self.tables[w.name] = (qmath.quantize(v, scale, zp, 0, "int8"), scale)
+        q, scale = hit
         rows = op.Gather(op.const(q, name=f"{w.name}_quantized"), idx, axis=0)
         row_scale = op.Gather(op.const(scale, name=f"{w.name}_row_scale"), idx, axis=0)
         scale_b = op.Unsqueeze(row_scale, op.const(np.array([-1], np.int64), name=f"{w.name}_unsqueeze_axes"))
@@ -619,10 +630,6 @@ def _main_graph_tensors(graph: gs.Graph) -> set[str]:
     return names
 
 
-def _passthrough_x(op, x, **_: Any):
-    return x
-
-
 def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
     """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W) for every x in `scales` (one Mul per x, shared)."""
 
@@ -652,21 +659,67 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
     return stats.rules["smooth-matmul"].applied
 
 
+def _observable(proto: onnx.ModelProto) -> set[str]:
+    """What calibration can observe in the main graph: what ORT can return, and the initializers."""
+    return observable_tensors(proto) | {t.name for t in proto.graph.initializer}
+
+
+def _smoothed_stats(model: ir.Model, names: list[str], source: onnx.ModelProto, ctx: PassContext,
+                    feeds: list) -> Optional[dict[str, Any]]:
+    """Min/max statistics of `names` in the smoothed `model`, from one calibration of its float `source`.
+
+    Smoothing is exact in real arithmetic, so a tensor both models have is taken from `source` (the two differ
+    by float rounding only, downstream of a smoothed MatMul). A smoothed tensor is Mul(u, c), c a constant vector
+    along the last axis and u a tensor of `source`: its min/max are those of u_j * c_j at u's per-channel
+    min/max (float rounding is monotone), its counts those of u. So every smoothquant trial and the result
+    reuse one calibration run. None when a tensor is neither (then the caller calibrates `model` itself)."""
+    from ..calibration import TensorStats
+
+    have = _observable(source)
+    tensors = model.graph.tensors()
+    plain, smoothed = [], {}
+    for n in names:
+        if n in have:
+            plain.append(n)
+            continue
+        t = tensors.get(n)
+        mul = t.inputs[0] if t is not None and len(t.inputs) == 1 else None
+        if mul is None or mul.op != "Mul" or len(mul.inputs) != 2 or mul.inputs[0].name not in have:
+            return None
+        c = ir.const_value(mul.inputs[1])
+        if c is None or c.ndim != 1 or c.dtype != np.float32:
+            return None
+        smoothed[n] = (mul.inputs[0].name, c)
+    users = sorted({u for u, _ in smoothed.values()})
+    stats = ctx.collect(source, sorted(set(plain) | set(users)), feeds, histogram=False,
+                        channel_axes={u: -1 for u in users})
+    out = {n: stats[n] for n in plain if n in stats}
+    for n, (u, c) in smoothed.items():
+        su = stats.get(u)
+        if su is None or su.channel_min is None or su.channel_min.shape != c.shape:
+            return None
+        ok = su.channel_min <= su.channel_max  # channels with a finite value
+        ends = np.stack([su.channel_min[ok].astype(np.float32) * c[ok], su.channel_max[ok].astype(np.float32) * c[ok]])
+        lo, hi = (float(ends.min()), float(ends.max())) if ends.size else (math.nan, math.nan)
+        out[n] = TensorStats(n, su.dtype, su.count, su.samples, lo, hi, su.nonfinite, zeros=su.zeros)
+    return out
+
+
 def _is_dq(t: gs.Tensor) -> bool:
     return len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear"
 
 
-def _activation_tensors(found) -> list[gs.Tensor]:
+def _activation_tensors(found, target: Target) -> list[gs.Tensor]:
+    """The activations a static match quantizes: its input, and its output where the target's table says so."""
     b = found.match.bindings
     out = []
     x = b.get("x")
     if isinstance(x, gs.Tensor) and not _is_dq(x):
         out.append(x)
-    y = b.get("_output_range")
-    if y is None and found.rule.name.startswith("static-conv"):
-        y = found.match.outputs[0]
-    if isinstance(y, gs.Tensor):
-        out.append(y)
+    node = b.get("node")
+    place = target.ops.get(node.op) if isinstance(node, gs.Node) else None
+    if place is not None and place.quantize_output:
+        out.append(found.match.outputs[0])
     return out
 
 
@@ -800,13 +853,14 @@ def _static_conv_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
             out_name = (node.outputs[0].outputs[0].outputs[0].name if with_relu else node.outputs[0].name)
             if with_relu:
                 y = op.Relu(y)
-            if out_name not in q.plan.params:
+            if not place.quantize_output or out_name not in q.plan.params:
                 return y
             return q._qdq_output(op, y, out_name)
 
         def chk(ctx, x, w, node, b=None):
             r = check(ctx, x, w, node, b, with_relu)
-            if r and not with_relu and node.outputs[0].name not in q.plan.params and q.plan.params:
+            if r and place.quantize_output and not with_relu and node.outputs[0].name not in q.plan.params \
+                    and q.plan.params:
                 return fail(f"no calibrated range for the output '{node.outputs[0].name}'")
             return r
 

@@ -5,7 +5,7 @@ Criteria (see sparsegpt.py for the math, on weights in [outputs, inputs] layout)
 - magnitude: |W|, lowest per layer. Needs no data.
 - wanda: |W_ij| * ||x_j|| compared within each output (Sun et al. 2023); input norms from calibration data.
 - sparsegpt: OBS mask selection plus a least-squares update of the kept weights against the input second
-  moment X^T X (Frantar & Alistarh 2023): the largest accuracy gain measured (FINDINGS.md).
+  moment X^T X (Frantar & Alistarh 2023): the largest accuracy gain measured (tools/bench_sparsify.py).
 - auto (default): sparsegpt with calibration data, magnitude without (the report says which).
 
 The input second moments come from one streaming calibration run (`collect_statistics(gram_axes=...)`). For a
@@ -36,9 +36,9 @@ import onnx_graphsurgeon as gs
 from .. import ir, storage
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
-from . import sparsegpt as sg
+from ..algorithms import sparsegpt as sg
 from .base import LayerChange, Pass, PassContext, PassOutcome
-from .select import (WEIGHT_OPS, WeightLayer, check_exclude, check_ops, find_weight_layers, quantized_weights_note,
+from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_exclude, check_ops, find_weight_layers, quantized_weights_note,
                      weight_pattern2, weight_pattern3)
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -151,7 +151,7 @@ class Sparsify(Pass):
     # ------------------------------------------------------------------------------------------
     def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         if self.pattern == "channel":
-            from .channels import prune_channels
+            from ..algorithms.channels import prune_channels
 
             return prune_channels(model, source, ctx, self)
         method = self.method
@@ -204,7 +204,7 @@ class Sparsify(Pass):
     def _allocate(self, units: list["_Unit"], source: onnx.ModelProto, ctx: PassContext, feeds: list, method: str,
                   pattern: sg.SparsityPattern, details: dict[str, Any], notes: list[str]) -> dict[str, float]:
         """Per layer, the sparsity that reaches the global budget (kept weights) with the least output error."""
-        from .sensitivity import WeightProbe, allocate
+        from ..algorithms.sensitivity import WeightProbe, allocate
 
         inits = {t.name for t in source.graph.initializer}
         probed = [u for u in units if u.name in inits and u.in_main_graph]

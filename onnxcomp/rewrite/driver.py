@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import GraphIndex, Model, gc_paused, iter_graphs, remove_from
+from ..ir import Model, gc_paused, iter_graphs
+from .index import GraphIndex, remove_from
 from .matcher import Matcher
-from .rule import GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
+from .rule import DEFAULT_OPSET, GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
 
 _MAX_ALTERNATIVES = 8  # matches tried per root when checks reject the first ones
 _SIBLING_LIMIT = 16  # re-queue siblings of removed nodes only for tensors with few readers
@@ -130,7 +131,7 @@ class RewriteDriver:
         rule's check and the type checks is committed; otherwise the last reason is recorded."""
         st = self.stats.rules[rule.name]
         st.tried += 1
-        matcher = Matcher(rule.pattern, index, self.opsets.get("", 21))
+        matcher = Matcher(rule.pattern, index, self.opsets.get("", DEFAULT_OPSET))
         reason = None
         for k, m in enumerate(matcher.matches(node)):
             if k >= _MAX_ALTERNATIVES:
@@ -373,6 +374,9 @@ def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Option
                 ) -> RewriteStats:
     """Apply rules to a fixpoint over the model; returns per-rule statistics (see RewriteStats.explain)."""
     rs = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+    queries = [r.name for r in rs if r.replacement_fn is None]
+    if queries:
+        raise ValueError(f"apply_rules: {queries} are queries (no replacement); use find_matches")
     if opsets is None:
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
     return RewriteDriver(rs, opsets).run(model)
@@ -404,7 +408,7 @@ def find_matches(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optio
         for node in list(g.nodes):
             reason = None
             for rule in rs.for_op(node.op):
-                matcher = Matcher(rule.pattern, index, opsets.get("", 21))
+                matcher = Matcher(rule.pattern, index, opsets.get("", DEFAULT_OPSET))
                 hit = False
                 for k, m in enumerate(matcher.matches(node)):
                     if k >= _MAX_ALTERNATIVES:

@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import GraphIndex, const_value
+from ..ir import const_value
+from .rule import DEFAULT_OPSET
+from .index import GraphIndex
 from .pattern import AttrVar, ConstPattern, NodeOutput, NodePattern, Pattern, ValuePattern, Var, norm_domain
 
 
@@ -25,12 +27,6 @@ class Match:
     bindings: dict[str, Any]
     nodes: list[gs.Node]
     outputs: list[gs.Tensor]
-
-
-class MatchFailure(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 _MISSING = object()
@@ -101,7 +97,7 @@ class Matcher:
     of the attempt that got furthest.
     """
 
-    def __init__(self, pattern: Pattern, index: GraphIndex, opset: int = 21):
+    def __init__(self, pattern: Pattern, index: GraphIndex, opset: int = DEFAULT_OPSET):
         self.p = pattern
         self.index = index
         self.opset = opset
@@ -123,12 +119,6 @@ class Matcher:
                 nodes = [st.nodes[id(n)] for n in self.p.nodes]
                 outputs = [st.nodes[id(o.node)].outputs[o.index] for o in self.p.outputs]
                 yield Match(dict(st.bindings), nodes, outputs)
-
-    def match(self, root: gs.Node) -> Match:
-        """The first match at `root`, or MatchFailure with the reason of the furthest attempt."""
-        for m in self.matches(root):
-            return m
-        raise MatchFailure(self.reason)
 
     # -- matching a value position -------------------------------------------------------------
     def _value(self, pv: Optional[ValuePattern], t: Optional[gs.Tensor], st: _State) -> Iterator[None]:

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import GraphIndex, const_value
+from ..ir import const_value
+from .index import GraphIndex
 from .pattern import Pattern
 
 
@@ -54,7 +55,7 @@ class RewriteContext:
 
     @property
     def opset(self) -> int:
-        return self.opsets.get("", 1)
+        return self.opsets.get("", DEFAULT_OPSET)
 
     @staticmethod
     def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
@@ -109,14 +110,18 @@ class GraphBuilder:
 
 CheckFn = Callable[..., Any]
 
+#: default-domain opset assumed when a model does not say (the engine's one default: matcher, driver, context)
+DEFAULT_OPSET = 21
+
 
 @dataclass
 class RewriteRule:
-    """A named pattern → replacement, optionally guarded by a check that explains its refusals."""
+    """A named pattern → replacement, optionally guarded by a check that explains its refusals. Without a
+    replacement it is a query (see `query`): `find_matches` reports where it matches, `apply_rules` refuses it."""
 
     name: str
     pattern_fn: Callable[..., Any]
-    replacement_fn: Callable[..., Any]
+    replacement_fn: Optional[Callable[..., Any]]
     check_fn: Optional[CheckFn] = None
     pattern: Pattern = field(init=False)
 
@@ -134,6 +139,11 @@ class RewriteRule:
         if isinstance(r, MatchResult):
             return r
         return MatchResult() if r else MatchResult.fail("check returned False")
+
+
+def query(name: str, pattern_fn: Callable[..., Any], check_fn: Optional[CheckFn] = None) -> RewriteRule:
+    """A pattern with a check and no replacement, for `find_matches` (planning: where would this apply?)."""
+    return RewriteRule(name, pattern_fn, None, check_fn)
 
 
 class RuleSet:

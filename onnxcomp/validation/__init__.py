@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .numerics import OutputError
-from .session import make_session
 from .validator import ValidationReport, validate
 
-__all__ = ["validate", "ValidationReport", "OutputError", "make_session"]
+__all__ = ["validate", "ValidationReport", "OutputError"]

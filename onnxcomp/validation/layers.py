@@ -5,46 +5,63 @@ Both models are copied with the tensors added as graph outputs; errors accumulat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 
 from .numerics import OutputAccumulator, OutputError
-from .session import make_session, run_session
+from ..runtime import make_session, observable_tensors, run_session, with_outputs
+
+
+@dataclass
+class ReferenceValues:
+    """A reference model's values of some tensors on some feeds, computed once to compare many candidates."""
+
+    names: list[str]
+    values: list[list[np.ndarray]]  # per feed, per name
+
+
+def reference_values(reference: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                     providers: Optional[Sequence[str]] = None, max_samples: int = 16) -> ReferenceValues:
+    """Run `reference` once over the feeds, keeping the values of the `names` it can return."""
+    names = [n for n in names if n in observable_tensors(reference)]
+    if not names:
+        return ReferenceValues([], [])
+    sess = make_session(with_outputs(reference, names), providers, name="reference (layers)").session
+    have = {o.name for o in sess.get_outputs()}
+    names = [n for n in names if n in have]
+    inputs = {i.name for i in sess.get_inputs()}
+    values = [run_session(sess, {k: v for k, v in feed.items() if k in inputs}, names, name="reference", sample=i)
+              for i, feed in enumerate(list(feeds)[:max_samples])] if names else []
+    return ReferenceValues(names, values)
+
+
+def compare_to(ref: ReferenceValues, candidate: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+               providers: Optional[Sequence[str]] = None) -> dict[str, OutputError]:
+    """Per tensor of `ref` that `candidate` also has: max/mean abs, relative L2 and cosine over the same feeds."""
+    names = [n for n in ref.names if n in observable_tensors(candidate)]
+    if not names:
+        return {}
+    cand = make_session(with_outputs(candidate, names), providers, name="candidate (layers)").session
+    have = {o.name for o in cand.get_outputs()}
+    common = [n for n in names if n in have]
+    if not common:
+        return {}
+    accs = {n: OutputAccumulator(n) for n in common}
+    pos = {n: i for i, n in enumerate(ref.names)}
+    inputs = {i.name for i in cand.get_inputs()}
+    for i, (feed, r) in enumerate(zip(feeds, ref.values)):
+        c = run_session(cand, {k: v for k, v in feed.items() if k in inputs}, common, name="candidate", sample=i)
+        for n, b in zip(common, c):
+            accs[n].update(r[pos[n]], b)
+    return {n: acc.result() for n, acc in accs.items()}
 
 
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: Sequence[str],
                     feeds: Sequence[Mapping[str, np.ndarray]], providers: Optional[Sequence[str]] = None,
                     max_samples: int = 16) -> dict[str, OutputError]:
     """Per tensor name present in both models: max/mean abs, relative L2 and cosine over the feeds."""
-    from ..calibration.collect import with_outputs
-
-    names = [n for n in names if n in _observable(reference) and n in _observable(candidate)]
-    if not names:
-        return {}
-    ref = make_session(with_outputs(reference, names), providers, name="reference (layers)").session
-    cand = make_session(with_outputs(candidate, names), providers, name="candidate (layers)").session
-    have_r = {o.name for o in ref.get_outputs()}
-    have_c = {o.name for o in cand.get_outputs()}
-    common = [n for n in names if n in have_r and n in have_c]
-    if not common:
-        return {}
-    accs = {n: OutputAccumulator(n) for n in common}
-    ref_inputs = {i.name for i in ref.get_inputs()}
-    cand_inputs = {i.name for i in cand.get_inputs()}
-    for i, feed in enumerate(list(feeds)[:max_samples]):
-        r = run_session(ref, {k: v for k, v in feed.items() if k in ref_inputs}, common, name="reference", sample=i)
-        c = run_session(cand, {k: v for k, v in feed.items() if k in cand_inputs}, common, name="candidate",
-                        sample=i)
-        for n, a, b in zip(common, r, c):
-            accs[n].update(a, b)
-    return {n: acc.result() for n, acc in accs.items()}
-
-
-def _observable(model: onnx.ModelProto) -> set[str]:
-    """Tensors of the main graph ORT can return: graph inputs and node outputs."""
-    names = {i.name for i in model.graph.input}
-    for n in model.graph.node:
-        names.update(n.output)
-    return names
+    names = [n for n in names if n in observable_tensors(candidate)]
+    return compare_to(reference_values(reference, names, feeds, providers, max_samples), candidate, feeds, providers)

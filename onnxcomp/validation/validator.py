@@ -13,9 +13,8 @@ import onnx
 from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
 from ..errors import CalibrationDataError, InvalidModelError, OnnxCompError
 from ..ir import load_proto, proto_size
-from .latency import measure_latency
 from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
-from .session import ProviderLike, make_session, run_session
+from ..runtime import ProviderLike, make_session, measure_latency, run_session
 
 __all__ = ["ValidationReport", "validate", "GENERATED_SAMPLES"]
 

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from ..errors import CalibrationDataError, InvalidModelError
-from ..ir import TWO_GB, proto_size, save_proto
+from ..ir import TWO_GB, save_proto
 
 __all__ = ["MadeSession", "make_session", "run_session", "ort_message"]
 
@@ -97,10 +98,17 @@ def make_session(
     keep_alive = None
     if isinstance(model, onnx.ModelProto):
         label = name or "model"
-        big = proto_size(model) >= TWO_GB
-        if big or _has_external_data(model):
+        src: Union[str, bytes, None] = None
+        if not _has_external_data(model):
+            try:  # the bytes ORT reads; their length says whether the model fits in memory (<2 GB)
+                src = model.SerializeToString()
+            except (ValueError, EncodeError):  # protobuf cannot serialize a message over 2 GB
+                src = None
+            if src is not None and len(src) >= TWO_GB:
+                src = None
+        if src is None:
             if path is not None:
-                src: Union[str, bytes] = os.fspath(path)
+                src = os.fspath(path)
             elif _has_external_data(model):
                 raise InvalidModelError(
                     f"{label}: the ModelProto references external data that is not loaded; pass the model's path"
@@ -108,8 +116,6 @@ def make_session(
             else:
                 keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
                 src = str(save_proto(model, Path(keep_alive.name) / "model.onnx", external_data=True))
-        else:
-            src = model.SerializeToString()
     elif isinstance(model, (bytes, bytearray)):
         label = name or "model"
         src = bytes(model)

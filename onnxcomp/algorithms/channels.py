@@ -28,8 +28,8 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..errors import CalibrationDataError
-from ..rewrite import RewriteRule, apply_rules, fail
-from .base import LayerChange, PassContext, PassOutcome
+from ..rewrite import GraphIndex, RewriteRule, apply_rules, fail
+from ..context import LayerChange, PassContext, PassOutcome
 from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
 
 _UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu",
@@ -92,7 +92,7 @@ def _rank(t: gs.Tensor) -> Optional[int]:
     return len(t.shape) if getattr(t, "shape", None) is not None else None
 
 
-def _trace(layer: WeightLayer, index: ir.GraphIndex, by_node: dict[int, WeightLayer],
+def _trace(layer: WeightLayer, index: GraphIndex, by_node: dict[int, WeightLayer],
            order: dict[int, int]) -> _Group | str:
     """The group rooted at `layer`, or why its channels cannot be removed (`order`: node id -> graph position)."""
     if layer.op == "Conv" and layer.node.attrs.get("group", 1) != 1:
@@ -287,7 +287,7 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
     notes = [] if notes is None else notes
     layers = find_weight_layers(model, ops=_CHANNEL_OPS, main_graph_only=True)
     by_node = {id(l.node): l for l in layers}
-    index = ir.GraphIndex(model.graph)
+    index = GraphIndex(model.graph)
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}
     groups: list[_Group] = []
     refused: list[dict[str, str]] = []
@@ -608,7 +608,7 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     consts = [_new_constants(comp) for comp in comps.values()]
     after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}  # built once: rules stay linear in graph size
-    index = ir.GraphIndex(model.graph)
+    index = GraphIndex(model.graph)
     shapes: dict[tuple, list[_Component]] = {}
     for comp, c in zip(comps.values(), consts):
         spec = _component(comp, c, order, index)
@@ -704,7 +704,7 @@ class _Component:
 
 
 def _component(comp: list[_Group], new_const: dict[tuple[int, int], np.ndarray], order: dict[int, int],
-               index: ir.GraphIndex) -> _Component:
+               index: GraphIndex) -> _Component:
     nodes: dict[int, gs.Node] = {}
     for g in comp:
         for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:

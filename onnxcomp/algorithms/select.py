@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..errors import RecipeError
-from ..rewrite import RewriteRule, fail, find_matches
+from ..rewrite import fail, find_matches, query
 from ..rewrite.rule import onnx_dtype
 
 #: op types whose weight (input 1) these passes know how to read as a matrix
@@ -139,10 +139,6 @@ def weight_pattern3(op_type: str):
     return pattern
 
 
-def _keep(op, x, **_):  # planning only: find_matches never applies a replacement
-    return x
-
-
 def find_weight_layers(model: ir.Model, ops: Sequence[str] = WEIGHT_OPS, exclude: Sequence[str] = (),
                        min_elements: int = 0, main_graph_only: bool = False,
                        rejections: Optional[dict[str, str]] = None) -> list[WeightLayer]:
@@ -171,9 +167,9 @@ def find_weight_layers(model: ir.Model, ops: Sequence[str] = WEIGHT_OPS, exclude
 
     rules = []
     for op_type in ops:
-        rules.append(RewriteRule(f"find-{op_type.lower()}-2", weight_pattern2(op_type), _keep, check))
+        rules.append(query(f"find-{op_type.lower()}-2", weight_pattern2(op_type), check))
         if op_type != "MatMul":
-            rules.append(RewriteRule(f"find-{op_type.lower()}-3", weight_pattern3(op_type), _keep, check))
+            rules.append(query(f"find-{op_type.lower()}-3", weight_pattern3(op_type), check))
     rej: dict[str, str] = {} if rejections is None else rejections
     found = find_matches(model, rules, rejections=rej)
     seen: set[int] = set()

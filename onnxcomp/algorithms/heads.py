@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..rewrite import RewriteRule, apply_rules, fail, find_matches
+from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
 
 _PERM = [0, 2, 1, 3]
 _PERM_K = [0, 2, 3, 1]
@@ -109,14 +109,10 @@ def _check(ctx, **b):
     return True
 
 
-def _keep(op, **b):  # planning only
-    return b["ao"].outputs[0] if "ao" in b else b["mo"].outputs[0]
-
-
 def find_attention(model: ir.Model, exclusive: bool = False) -> list[dict[str, Any]]:
     """Bindings of every recognised attention block of the main graph (by default also blocks whose inside is
     read by Shape nodes: reroute_shapes fixes those)."""
-    rules = [RewriteRule(p.__name__, p, _keep, _check) for p in _PATTERNS]
+    rules = [query(p.__name__, p, _check) for p in _PATTERNS]
     out, seen = [], set()
     for f in find_matches(model, rules, exclusive=exclusive):
         if f.graph is model.graph and id(f.match.bindings["mo"]) not in seen:

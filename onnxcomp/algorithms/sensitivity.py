@@ -2,7 +2,7 @@
 
 Passes that compress each layer at a chosen level (sparsity, rank) should spend a global budget where it hurts
 the model's *outputs* least: the layer whose own error is smallest is often not the one the outputs tolerate
-best (measured on MiniLM, FINDINGS.md). :class:`WeightProbe` measures that cheaply: one ORT session in which the
+best (measured on MiniLM, tools/bench_sparsify.py --sensitivity). :class:`WeightProbe` measures that cheaply: one ORT session in which the
 probed weights are graph inputs, so trying a candidate weight is one run per feed, with no new session.
 :func:`allocate` then picks one level per layer under the budget.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..validation.session import make_session, run_session
+from ..errors import InternalError
+from ..runtime import make_session, run_session
 
 __all__ = ["WeightProbe", "allocate"]
 
@@ -48,7 +49,8 @@ class WeightProbe:
                 keep.append(t)
         missing = wanted - set(self.weights)
         if missing:
-            raise KeyError(f"not initializers of the main graph: {sorted(missing)[:5]}")
+            raise InternalError(f"bug in onnxcomp: sensitivity probe asked for weights that are not initializers of "
+                                f"the main graph: {sorted(missing)[:5]}")
         del probe.graph.initializer[:]
         probe.graph.initializer.extend(keep)
         self.session = make_session(probe, providers, name="sensitivity probe").session
@@ -67,7 +69,8 @@ class WeightProbe:
         """sum ||y' - y||^2 / sum ||y||^2 over every feed and float output (0 = identical; inf on NaN/inf)."""
         bad = [n for n in replace if n not in self.weights]
         if bad:
-            raise KeyError(f"not probed: {bad[:5]}")
+            raise InternalError(f"bug in onnxcomp: sensitivity probe asked to replace weights it does not probe: "
+                                f"{bad[:5]}")
         err = 0.0
         for feed, ref in zip(self.feeds, self.reference):
             for y, r in zip(self._run(feed, replace), ref):
