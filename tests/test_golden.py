@@ -5,14 +5,10 @@ Rows calibrated through ORT are compared only on the machine kind that recorded 
 vector ISA), since other float kernels can change their last bits; data-free rows are compared everywhere.
 """
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import golden_hashes as gh  # noqa: E402
+from tests import golden_rows as gh
 
 GOLDEN = json.loads(gh.GOLDEN.read_text())
 SAME_MACHINE = GOLDEN["_machine"] == gh.machine()
