@@ -75,61 +75,90 @@ def compress(
     Raises typed onnxcomp errors for bad input (InvalidModelError, RecipeError, CalibrationDataError, ...)
     and AccuracyBudgetError (with `.result` attached) when the recipe's accuracy_budget is not met.
     """
-    from .data import input_specs, load_feeds
-    from .validation import validate as _validate
-
     t0 = time.perf_counter()
-    rec = Recipe.parse(recipe)
-    source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
-    proto = ir.load_proto(model)
-    ir.check_proto(proto, full=False, what=f"input model {source}")
-    specs = input_specs(proto)
-    calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
-    valid = (load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib)
-    provs = list(providers) if providers else _default_providers(rec.target)
-    bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
-    ctx = PassContext(calibration_data=calib, validation_data=valid, providers=provs, target=rec.target,
-                      progress=bars if bars is not None else (progress if callable(progress) else None))
-    bad = _nonfinite_weights(proto)
-    if bad:
-        ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
-    before = summarize(proto)
-    pipeline = Pipeline(ctx)
-    passes = list(rec.passes)
+    job = _Job.prepare(model, recipe, calibration_data, validation_data, providers, progress)
     try:
-        out, records = pipeline.run(proto, passes)
-        vreport, rounds = None, []
-        if validate:
-            vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
-        if vreport is not None and rec.accuracy_budget is not None:
-            done = back_off(rec.accuracy_budget, passes, out, records, vreport,
-                            run=lambda ps: pipeline.run(proto, ps),
-                            check=lambda m: _validate(proto, m, inputs=valid, providers=provs, latency=False))
-            out, records, vreport, rounds = done.model, done.records, done.validation, done.rounds
-            if rounds:  # the back-off rounds skipped timing: time the model that is returned once
-                vreport = _validate(proto, out, inputs=valid, providers=provs, latency=True)
-                rec = dataclasses.replace(rec, passes=tuple(done.passes))  # the recipe that was really applied
+        out, records, vreport, rounds = job.run(validate)
     finally:
-        if bars is not None:
-            bars.close()
-    _warn_if_slower(vreport, rec, ctx)
-    budget = None
-    if rec.accuracy_budget is not None:
-        if vreport is None:
-            ctx.warn("accuracy_budget given but validate=False: the budget was not checked")
-        else:
-            viol = rec.accuracy_budget.violations(vreport.outputs)
-            budget = {"bounds": rec.accuracy_budget.to_dict(), "met": not viol, "violations": viol,
-                      "backoff": [r.to_dict() for r in rounds]}
-    report = Report(source=source, recipe=rec.to_dict(), before=before, after=summarize(out), passes=records,
-                    validation=vreport, budget=budget, warnings=list(ctx.warnings),
-                    seconds=time.perf_counter() - t0)
+        if isinstance(job.ctx.progress, _TerminalProgress):
+            job.ctx.progress.close()
+    _warn_if_slower(vreport, job.recipe, job.ctx)
+    budget = job.budget_summary(vreport, rounds)
+    report = Report(source=job.source, recipe=job.recipe.to_dict(), before=summarize(job.proto),
+                    after=summarize(out), passes=records, validation=vreport, budget=budget,
+                    warnings=list(job.ctx.warnings), seconds=time.perf_counter() - t0)
     result = CompressionResult(out, report)
     if budget is not None and not budget["met"]:
         err = AccuracyBudgetError("accuracy budget not met: " + "; ".join(budget["violations"]))
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+@dataclass
+class _Job:
+    """One compression: the parsed recipe, the loaded input, its checked feeds and the context of its passes."""
+
+    recipe: Recipe
+    source: str
+    proto: onnx.ModelProto
+    validation_data: Any
+    ctx: PassContext
+
+    @classmethod
+    def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress) -> "_Job":
+        """Parse and load everything (typed errors for bad input) before any work starts."""
+        from .data import input_specs, load_feeds
+
+        rec = Recipe.parse(recipe)
+        source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+        proto = ir.load_proto(model)
+        ir.check_proto(proto, full=False, what=f"input model {source}")
+        specs = input_specs(proto)
+        calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
+        valid = load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib
+        bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
+        ctx = PassContext(calibration_data=calib, validation_data=valid,
+                          providers=list(providers) if providers else _default_providers(rec.target),
+                          target=rec.target,
+                          progress=bars if bars is not None else (progress if callable(progress) else None))
+        bad = _nonfinite_weights(proto)
+        if bad:
+            ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
+        return cls(rec, source, proto, valid, ctx)
+
+    def _validate(self, candidate: onnx.ModelProto, latency: bool):
+        from .validation import validate as _validate
+
+        return _validate(self.proto, candidate, inputs=self.validation_data, providers=self.ctx.providers,
+                         latency=latency)
+
+    def run(self, validate: bool):
+        """The pipeline, validation, and back-off while the budget is not met (the recipe really applied is kept
+        in `self.recipe`). Returns (model, records, validation report or None, back-off rounds)."""
+        pipeline = Pipeline(self.ctx)
+        passes = list(self.recipe.passes)
+        out, records = pipeline.run(self.proto, passes)
+        vreport = self._validate(out, latency=True) if validate else None
+        if vreport is None or self.recipe.accuracy_budget is None:
+            return out, records, vreport, []
+        done = back_off(self.recipe.accuracy_budget, passes, out, records, vreport,
+                        run=lambda ps: pipeline.run(self.proto, ps), check=lambda m: self._validate(m, False))
+        if done.rounds:  # the back-off rounds skipped timing: time the model that is returned once
+            self.recipe = dataclasses.replace(self.recipe, passes=tuple(done.passes))
+            return done.model, done.records, self._validate(done.model, latency=True), done.rounds
+        return done.model, done.records, done.validation, done.rounds
+
+    def budget_summary(self, vreport, rounds) -> Optional[dict[str, Any]]:
+        """The report's budget section (None without a budget; a warning when it could not be checked)."""
+        if self.recipe.accuracy_budget is None:
+            return None
+        if vreport is None:
+            self.ctx.warn("accuracy_budget given but validate=False: the budget was not checked")
+            return None
+        viol = self.recipe.accuracy_budget.violations(vreport.outputs)
+        return {"bounds": self.recipe.accuracy_budget.to_dict(), "met": not viol, "violations": viol,
+                "backoff": [r.to_dict() for r in rounds]}
 
 
 def _warn_if_slower(vreport, rec: Recipe, ctx: PassContext) -> None:

@@ -242,6 +242,82 @@ def _convert(value: Any, spec: InputSpec, where: str) -> np.ndarray:
     )
 
 
+def _check_names(feed: Any, i: int, specs: Sequence[InputSpec], by_name: Mapping[str, InputSpec], what: str) -> None:
+    """Raise unless sample ``i`` is a mapping holding exactly the model's input names."""
+    expected = _names(s.name for s in specs)
+    if not isinstance(feed, Mapping):
+        raise CalibrationDataError(
+            f"{what} sample {i} is of type {type(feed).__name__}, expected a dict mapping input names "
+            f"({expected}) to numpy arrays"
+        )
+    missing = [s.name for s in specs if s.name not in feed]
+    if missing:
+        raise CalibrationDataError(
+            f"{what} sample {i} lacks input(s) {_names(missing)}; the model expects: {expected}"
+        )
+    unknown = [str(k) for k in feed if k not in by_name]
+    if unknown:
+        raise CalibrationDataError(
+            f"{what} sample {i} has unknown input name(s) {_names(unknown)}; the model's inputs are: {expected}"
+        )
+
+
+def _check_shape(arr: np.ndarray, spec: InputSpec, where: str, sym: dict[str, tuple[int, str]]) -> None:
+    """Raise on a wrong rank, a fixed dim that differs, or a symbolic dim already seen with another value;
+    ``sym`` maps each symbolic dim name of this sample to the (value, input name) where it was first seen."""
+    if spec.shape is None:
+        return
+    if arr.ndim != len(spec.shape):
+        raise CalibrationDataError(
+            f"{where}: rank is {arr.ndim} (shape {list(arr.shape)}), but the model expects rank "
+            f"{len(spec.shape)} {spec.shape_str()}"
+        )
+    for ax, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise CalibrationDataError(
+                f"{where}: dim {ax} is {got}, but the model fixes it to {want} "
+                f"(expected shape {spec.shape_str()}, got {list(arr.shape)})"
+            )
+        if isinstance(want, str) and want:
+            seen = sym.setdefault(want, (got, spec.name))
+            if seen[0] != got:
+                raise CalibrationDataError(
+                    f"{where}: dim {ax} ('{want}') is {got}, but the same dim is {seen[0]} in input "
+                    f"'{seen[1]}' of this sample"
+                )
+
+
+def _check_finite(arr: np.ndarray, where: str) -> None:
+    """Raise when a float array holds NaN/inf, naming the count and the first index."""
+    if arr.dtype.kind not in "fcV":  # V: ml_dtypes' bfloat16 / float8
+        return
+    try:
+        bad = ~np.isfinite(arr)
+    except TypeError:
+        bad = None
+    if bad is not None and bad.any():
+        idx = tuple(int(x) for x in np.argwhere(bad)[0])
+        raise CalibrationDataError(
+            f"{where}: contains {int(bad.sum())} NaN/inf value(s) (first at index {list(idx)})"
+        )
+
+
+def _check_sample(feed: Mapping[str, Any], i: int, specs: Sequence[InputSpec], what: str) -> Feed:
+    """A new dict of sample ``i``'s values, each converted and checked against its input's spec."""
+    new: Feed = {}
+    sym: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        where = f"{what} sample {i}, input '{spec.name}'"
+        if spec.elem_type == 0:  # sequence/optional/map input: passed through to ORT as given
+            new[spec.name] = feed[spec.name]
+            continue
+        arr = _convert(feed[spec.name], spec, where)
+        _check_shape(arr, spec, where, sym)
+        _check_finite(arr, where)
+        new[spec.name] = arr
+    return new
+
+
 def check_feeds(feeds: Iterable[Any], specs: Sequence[InputSpec], what: str = "calibration data") -> list[Feed]:
     """Check every sample against the model's inputs and return new dicts of arrays (inputs are not mutated).
 
@@ -253,63 +329,10 @@ def check_feeds(feeds: Iterable[Any], specs: Sequence[InputSpec], what: str = "c
     if not feeds:
         raise CalibrationDataError(f"{what} is empty: got no samples")
     by_name = {s.name: s for s in specs}
-    expected = _names(s.name for s in specs)
     out: list[Feed] = []
     for i, feed in enumerate(feeds):
-        if not isinstance(feed, Mapping):
-            raise CalibrationDataError(
-                f"{what} sample {i} is of type {type(feed).__name__}, expected a dict mapping input names "
-                f"({expected}) to numpy arrays"
-            )
-        missing = [s.name for s in specs if s.name not in feed]
-        if missing:
-            raise CalibrationDataError(
-                f"{what} sample {i} lacks input(s) {_names(missing)}; the model expects: {expected}"
-            )
-        unknown = [str(k) for k in feed if k not in by_name]
-        if unknown:
-            raise CalibrationDataError(
-                f"{what} sample {i} has unknown input name(s) {_names(unknown)}; the model's inputs are: {expected}"
-            )
-        new: Feed = {}
-        sym: dict[str, tuple[int, str]] = {}
-        for spec in specs:
-            where = f"{what} sample {i}, input '{spec.name}'"
-            if spec.elem_type == 0:  # sequence/optional/map input: passed through to ORT as given
-                new[spec.name] = feed[spec.name]
-                continue
-            arr = _convert(feed[spec.name], spec, where)
-            if spec.shape is not None:
-                if arr.ndim != len(spec.shape):
-                    raise CalibrationDataError(
-                        f"{where}: rank is {arr.ndim} (shape {list(arr.shape)}), but the model expects rank "
-                        f"{len(spec.shape)} {spec.shape_str()}"
-                    )
-                for ax, (want, got) in enumerate(zip(spec.shape, arr.shape)):
-                    if isinstance(want, int) and want > 0 and want != got:
-                        raise CalibrationDataError(
-                            f"{where}: dim {ax} is {got}, but the model fixes it to {want} "
-                            f"(expected shape {spec.shape_str()}, got {list(arr.shape)})"
-                        )
-                    if isinstance(want, str) and want:
-                        seen = sym.setdefault(want, (got, spec.name))
-                        if seen[0] != got:
-                            raise CalibrationDataError(
-                                f"{where}: dim {ax} ('{want}') is {got}, but the same dim is {seen[0]} in input "
-                                f"'{seen[1]}' of this sample"
-                            )
-            if arr.dtype.kind in "fcV":  # V: ml_dtypes' bfloat16 / float8
-                try:
-                    bad = ~np.isfinite(arr)
-                except TypeError:
-                    bad = None
-                if bad is not None and bad.any():
-                    idx = tuple(int(x) for x in np.argwhere(bad)[0])
-                    raise CalibrationDataError(
-                        f"{where}: contains {int(bad.sum())} NaN/inf value(s) (first at index {list(idx)})"
-                    )
-            new[spec.name] = arr
-        out.append(new)
+        _check_names(feed, i, specs, by_name, what)
+        out.append(_check_sample(feed, i, specs, what))
     return out
 
 

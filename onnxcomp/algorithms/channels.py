@@ -92,102 +92,186 @@ def _rank(t: gs.Tensor) -> Optional[int]:
     return len(t.shape) if getattr(t, "shape", None) is not None else None
 
 
+@dataclass
+class _Walk:
+    """The state of `_trace`'s walk from one producer's output through its channel-preserving region."""
+
+    layer: WeightLayer
+    index: GraphIndex
+    by_node: dict[int, WeightLayer]
+    order: dict[int, int]
+    c: int  # the producer's channels
+    axis: int  # the channel axis of the producer's output
+    region: list[gs.Node] = field(default_factory=list)
+    slices: dict[tuple[int, int], int] = field(default_factory=dict)
+    consumers: list[WeightLayer] = field(default_factory=list)
+    inside: set[int] = field(default_factory=set)
+    tensors: set[int] = field(default_factory=set)
+    frontier: list[gs.Tensor] = field(default_factory=list)
+    block: int = 1
+    final: Optional[gs.Tensor] = None
+
+
 def _trace(layer: WeightLayer, index: GraphIndex, by_node: dict[int, WeightLayer],
            order: dict[int, int]) -> _Group | str:
     """The group rooted at `layer`, or why its channels cannot be removed (`order`: node id -> graph position)."""
     if layer.op == "Conv" and layer.node.attrs.get("group", 1) != 1:
         return "grouped/depthwise Conv"
-    c = _channels(layer)
-    axis = _channel_axis(layer)
-    region: list[gs.Node] = []
-    slices: dict[tuple[int, int], int] = {}
-    consumers: list[WeightLayer] = []
-    inside: set[int] = set()
-    tensors = {id(layer.output)}
-    frontier = [layer.output]
-    block = 1
-    final: Optional[gs.Tensor] = None
-    while frontier:
-        t = frontier.pop()
-        if index.is_graph_output(t):
+    walk = _Walk(layer, index, by_node, order, _channels(layer), _channel_axis(layer))
+    walk.tensors.add(id(layer.output))
+    walk.frontier.append(layer.output)
+    why = _walk_region(walk) or _check_joins(walk) or _check_consumers(walk)
+    if why:
+        return why
+    walk.region.sort(key=lambda n: order.get(id(n), 0))
+    biases = _consumer_biases(walk.consumers, index)
+    return _Group(layer, walk.region, walk.consumers, walk.final, walk.c, walk.block, walk.slices, biases)
+
+
+def _walk_region(walk: _Walk) -> Optional[str]:
+    """Follow the channels until consumer layers read them; why they cannot be followed, if so."""
+    while walk.frontier:
+        t = walk.frontier.pop()
+        if walk.index.is_graph_output(t):
             return f"channels reach the graph output '{t.name}'"
-        for n in index.consumers(t):
-            if id(n) in inside:
+        for n in walk.index.consumers(t):
+            if id(n) in walk.inside:
                 continue
-            wl = by_node.get(id(n))
+            wl = walk.by_node.get(id(n))
             if wl is not None and wl.x is t:
-                if wl.op == "Conv" and (wl.node.attrs.get("group", 1) != 1 or block != 1):
-                    return f"channels reach Conv '{n.name}' with groups or after a Flatten"
-                if wl.op == "Gemm" and wl.node.attrs.get("transA", 0):
-                    return f"channels reach Gemm '{n.name}' with transA"
-                if (wl.op == "Conv") != (axis == 1 and block == 1) and not (wl.op == "Gemm" and axis == 1):
-                    return f"channel axis does not match the reduction axis of {n.op} '{n.name}'"
-                if final is not None and final is not t:
-                    return "consumers read the channels at different points of the region"
-                final = t
-                consumers.append(wl)
-                inside.add(id(n))
-                continue
-            if block != 1 and n.op not in _UNARY:
-                return f"{n.op} '{n.name}' after a Flatten"
-            if n.op in _UNARY or n.op == "BatchNormalization" or (n.op in _POOLS and axis == 1) \
-                    or n.op in _BINARY:
-                first = 0 if n.op in _BINARY else 1  # unary ops and BN: input 0 is the channel tensor itself
-                for i, x in enumerate(n.inputs[first:], first):
-                    if not x.name or id(x) in tensors:
-                        continue
-                    v = ir.const_value(x)
-                    if v is None:
-                        if n.op in _BINARY:  # the other operand may still be reached from the region, unless
-                            src = x.inputs[0] if x.inputs else None  # it is computed before the producer
-                            if src is None or order.get(id(src), -1) < order.get(id(layer.node), 0):
-                                return (f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or "
-                                        "another branch)")
-                            continue
-                        return f"{n.op} '{n.name}' has a non-constant parameter '{x.name}'"
-                    if n.op == "BatchNormalization":
-                        if v.shape != (c,):
-                            return f"BatchNormalization '{n.name}' parameter '{x.name}' is not per channel"
-                        slices[(id(n), i)] = 0
-                        continue
-                    if n.op == "PRelu" or n.op in _BINARY:
-                        r = _rank(t)
-                        if v.ndim and (axis == -1 or r is not None):
-                            ax = v.ndim - 1 if axis == -1 else axis - (r - v.ndim)
-                            if 0 <= ax < v.ndim and v.shape[ax] != 1:
-                                if v.shape[ax] != c or any(s != 1 for k, s in enumerate(v.shape) if k != ax):
-                                    return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
-                                slices[(id(n), i)] = ax
-                            elif any(s != 1 for s in v.shape):
-                                return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
-                        elif v.ndim:
-                            return f"{n.op} '{n.name}': rank of '{t.name}' unknown"
-                if n.op == "Dropout" and len(n.outputs) > 1 and index.has_consumers(n.outputs[1]):
-                    return f"Dropout '{n.name}' mask is used"
-            elif n.op == "Flatten" and axis == 1 and n.attrs.get("axis", 1) == 1 and block == 1:
-                shape = t.shape
-                if shape is None or any(not isinstance(s, int) for s in shape[2:]):
-                    return f"Flatten '{n.name}' of a tensor with unknown spatial shape"
-                block = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+                why = _add_consumer(walk, wl, n, t)
             else:
-                return f"channels reach {n.op} '{n.name}'"
-            inside.add(id(n))
-            region.append(n)
-            for o in n.outputs[:1]:
-                tensors.add(id(o))
-                frontier.append(o)
-    for n in region:  # binary ops: both operands must come from the region or be checked constants
+                why = _add_region_node(walk, n, t)
+            if why:
+                return why
+    return None
+
+
+def _add_consumer(walk: _Walk, wl: WeightLayer, n: gs.Node, t: gs.Tensor) -> Optional[str]:
+    """Take layer `wl` (reading `t` on its input) as a consumer, unless it cannot read the channels by row."""
+    if wl.op == "Conv" and (wl.node.attrs.get("group", 1) != 1 or walk.block != 1):
+        return f"channels reach Conv '{n.name}' with groups or after a Flatten"
+    if wl.op == "Gemm" and wl.node.attrs.get("transA", 0):
+        return f"channels reach Gemm '{n.name}' with transA"
+    if (wl.op == "Conv") != (walk.axis == 1 and walk.block == 1) and not (wl.op == "Gemm" and walk.axis == 1):
+        return f"channel axis does not match the reduction axis of {n.op} '{n.name}'"
+    if walk.final is not None and walk.final is not t:
+        return "consumers read the channels at different points of the region"
+    walk.final = t
+    walk.consumers.append(wl)
+    walk.inside.add(id(n))
+    return None
+
+
+def _add_region_node(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
+    """Take node `n` (reading `t`) into the region and follow its output, unless it does not preserve channels."""
+    if walk.block != 1 and n.op not in _UNARY:
+        return f"{n.op} '{n.name}' after a Flatten"
+    if n.op in _UNARY or n.op == "BatchNormalization" or (n.op in _POOLS and walk.axis == 1) \
+            or n.op in _BINARY:
+        why = _check_elementwise(walk, n, t)
+    elif n.op == "Flatten" and walk.axis == 1 and n.attrs.get("axis", 1) == 1 and walk.block == 1:
+        why = _flatten(walk, n, t)
+    else:
+        return f"channels reach {n.op} '{n.name}'"
+    if why:
+        return why
+    walk.inside.add(id(n))
+    walk.region.append(n)
+    for o in n.outputs[:1]:
+        walk.tensors.add(id(o))
+        walk.frontier.append(o)
+    return None
+
+
+def _check_elementwise(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
+    """Check the other inputs of a per-channel node `n` (recording the constants to slice); why it mixes, if so."""
+    first = 0 if n.op in _BINARY else 1  # unary ops and BN: input 0 is the channel tensor itself
+    for i, x in enumerate(n.inputs[first:], first):
+        if not x.name or id(x) in walk.tensors:
+            continue
+        v = ir.const_value(x)
+        why = _other_operand(walk, n, x) if v is None else _const_operand(walk, n, i, x, v, t)
+        if why:
+            return why
+    if n.op == "Dropout" and len(n.outputs) > 1 and walk.index.has_consumers(n.outputs[1]):
+        return f"Dropout '{n.name}' mask is used"
+    return None
+
+
+def _other_operand(walk: _Walk, n: gs.Node, x: gs.Tensor) -> Optional[str]:
+    """Why non-constant input `x` of `n` stops the walk; none for a binary operand that may come from the region."""
+    if n.op in _BINARY:  # the other operand may still be reached from the region, unless
+        src = x.inputs[0] if x.inputs else None  # it is computed before the producer
+        if src is None or walk.order.get(id(src), -1) < walk.order.get(id(walk.layer.node), 0):
+            return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)"
+        return None
+    return f"{n.op} '{n.name}' has a non-constant parameter '{x.name}'"
+
+
+def _const_operand(walk: _Walk, n: gs.Node, i: int, x: gs.Tensor, v: np.ndarray, t: gs.Tensor) -> Optional[str]:
+    """Record the axis to slice of constant input i (`x`, value `v`) of `n`; why it is not per channel, if so."""
+    if n.op == "BatchNormalization":
+        if v.shape != (walk.c,):
+            return f"BatchNormalization '{n.name}' parameter '{x.name}' is not per channel"
+        walk.slices[(id(n), i)] = 0
+        return None
+    if n.op == "PRelu" or n.op in _BINARY:
+        return _broadcast_operand(walk, n, i, x, v, t)
+    return None
+
+
+def _broadcast_operand(walk: _Walk, n: gs.Node, i: int, x: gs.Tensor, v: np.ndarray,
+                       t: gs.Tensor) -> Optional[str]:
+    """A broadcast constant must be per channel on the channel axis of `t` (then sliced) or constant along it."""
+    r = _rank(t)
+    axis = walk.axis
+    if v.ndim and (axis == -1 or r is not None):
+        ax = v.ndim - 1 if axis == -1 else axis - (r - v.ndim)
+        if 0 <= ax < v.ndim and v.shape[ax] != 1:
+            if v.shape[ax] != walk.c or any(s != 1 for k, s in enumerate(v.shape) if k != ax):
+                return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
+            walk.slices[(id(n), i)] = ax
+        elif any(s != 1 for s in v.shape):
+            return f"{n.op} '{n.name}' constant '{x.name}' {list(v.shape)} mixes channels"
+    elif v.ndim:
+        return f"{n.op} '{n.name}': rank of '{t.name}' unknown"
+    return None
+
+
+def _flatten(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
+    """A Flatten of NCHW channels: each channel then owns a block of H*W consumer rows."""
+    shape = t.shape
+    if shape is None or any(not isinstance(s, int) for s in shape[2:]):
+        return f"Flatten '{n.name}' of a tensor with unknown spatial shape"
+    walk.block = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    return None
+
+
+def _check_joins(walk: _Walk) -> Optional[str]:
+    """Binary ops: both operands must come from the region or be checked constants (no residual joins)."""
+    for n in walk.region:
         for i, x in enumerate(n.inputs):
-            if n.op in _BINARY and x.name and id(x) not in tensors and (id(n), i) not in slices \
+            if n.op in _BINARY and x.name and id(x) not in walk.tensors and (id(n), i) not in walk.slices \
                     and ir.const_value(x) is None:
                 return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)"
-    if not consumers:
+    return None
+
+
+def _check_consumers(walk: _Walk) -> Optional[str]:
+    """There must be consumers, each reading exactly channels x block rows."""
+    if not walk.consumers:
         return "no consumer layer reads the channels"
-    for wl in consumers:
+    c, block = walk.c, walk.block
+    for wl in walk.consumers:
         rows = wl.matrix().shape[0] if wl.op != "Conv" else wl.weight.shape[1]
         if rows != c * block:
             return f"consumer '{wl.name}' reads {rows} rows, expected {c * block}"
-    region.sort(key=lambda n: order.get(id(n), 0))
+    return None
+
+
+def _consumer_biases(consumers: list[WeightLayer], index: GraphIndex) -> dict[str, Optional[gs.Node]]:
+    """Each consumer's bias Add (a MatMul's only reader adding a constant [n] vector), else None."""
     biases: dict[str, Optional[gs.Node]] = {}
     for wl in consumers:
         biases[wl.name] = None
@@ -198,7 +282,7 @@ def _trace(layer: WeightLayer, index: GraphIndex, by_node: dict[int, WeightLayer
                 bv = ir.const_value(other[0]) if len(other) == 1 else None
                 if bv is not None and bv.ndim == 1 and bv.shape[0] == wl.weight.shape[1]:
                     biases[wl.name] = readers[0]
-    return _Group(layer, region, consumers, final, c, block, slices, biases)
+    return biases
 
 
 # -------------------------------------------------------------------------------------------- channel choice
@@ -321,8 +405,7 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         method = "sparsegpt" if ctx.calibration_data is not None else "magnitude"
     details: dict[str, Any] = {"pattern": "channel", "method": method}
     ops = check_ops(opts.ops, _CHANNEL_OPS, "sparsify.ops")
-    heads_opt = opts.heads
-    groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(heads_opt), notes)
+    groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(opts.heads), notes)
     details["refused"] = refused
     if not groups:
         notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
@@ -330,16 +413,30 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         return PassOutcome(details=details, notes=notes)
 
     data_aware = method != "magnitude"
-    stats: dict[str, Any] = {}
-    feeds = None
-    if data_aware:
-        if ctx.calibration_data is None:
-            raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
-                                       "statistics); use method 'magnitude' without data")
-        feeds = list(ctx.calibration_data)[: opts.calibration_samples]
-        axes = {g.tensor.name: _gram_axis(g) for g in groups}
-        stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
+    feeds, stats = _group_statistics(groups, source, ctx, method, opts) if data_aware else (None, {})
+    plans = _plans(groups, stats, data_aware, notes)
+    counts = _counts(groups, opts)
+    sens = {}
+    if opts.allocation == "sensitivity" and data_aware:
+        counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
+        details["allocation"] = "sensitivity"
+    rows = _prune_groups(plans, counts, sens, method, data_aware, opts, source, ctx, feeds, details)
+    return _channels_outcome(model, groups, rows, refused, details, notes)
 
+
+def _group_statistics(groups: list[_Group], source: onnx.ModelProto, ctx: PassContext, method: str,
+                      opts: Any) -> tuple[list, dict[str, Any]]:
+    """The calibration feeds and the Gram statistics of every group's consumer input (data-aware methods)."""
+    if ctx.calibration_data is None:
+        raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
+                                   "statistics); use method 'magnitude' without data")
+    feeds = list(ctx.calibration_data)[: opts.calibration_samples]
+    axes = {g.tensor.name: _gram_axis(g) for g in groups}
+    return feeds, ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
+
+
+def _plans(groups: list[_Group], stats: dict[str, Any], data_aware: bool, notes: list[str]) -> list[tuple]:
+    """(group, *its `_plan`) for every group; a note where a data-aware group falls back to magnitude."""
     plans = []
     for g in groups:
         plan = _plan(g, stats.get(g.tensor.name), data_aware)
@@ -347,38 +444,57 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
             notes.append(f"no activation statistics for '{g.tensor.name}'; group '{g.producer.name}' pruned by "
                          "magnitude")
         plans.append((g, *plan))
-    counts = {id(g): _round(int(round((heads_opt if g.attention is not None else opts.sparsity) * g.channels)),
-                            g.channels) for g in groups}
-    sens = {}
-    if opts.allocation == "sensitivity" and data_aware:
-        counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
-        details["allocation"] = "sensitivity"
-    rows = []
-    sequential = opts.sequential and data_aware and len(plans) > 1
+    return plans
+
+
+def _counts(groups: list[_Group], opts: Any) -> dict[int, int]:
+    """Channels to remove per group (by id) under uniform allocation: heads or sparsity of its channels, rounded."""
+    return {id(g): _round(int(round((opts.heads if g.attention is not None else opts.sparsity) * g.channels)),
+                          g.channels) for g in groups}
+
+
+def _prune_groups(plans: list[tuple], counts: dict[int, int], sens: dict, method: str, data_aware: bool, opts: Any,
+                  source: onnx.ModelProto, ctx: PassContext, feeds: Optional[list],
+                  details: dict[str, Any]) -> list[dict[str, Any]]:
+    """Choose the kept channels and refitted consumers of every group; one report row per group. Sequential:
+    each group refitted on the activations of the model with the groups before it pruned."""
     sim = None
-    if sequential:  # each group refitted on the activations of the model with the groups before it pruned
+    if opts.sequential and data_aware and len(plans) > 1:
         sim = onnx.ModelProto()
         sim.CopyFrom(source)
         details["sequential"] = True
+    rows = []
     for i, (g, mats, w, h, fixed) in enumerate(plans):
-        k = counts[id(g)]
         if sim is not None and i:
             st = ctx.collect(sim, [], feeds, histogram=False, gram_axes={g.tensor.name: _gram_axis(g)})
             mats, w, h, fixed = _plan(g, st.get(g.tensor.name), True)
-        keep, wf = _choose(method, g, w, h, [k], opts.damping, fixed)[0]
-        g.keep = keep
-        g.new_consumers = _split_consumers(g, mats, wf, keep, fixed)  # type: ignore[attr-defined]
-        if sim is not None:
-            _simulate(sim, _same_shape_updates(g, wf, keep, mats, fixed))
-        row = {"kind": "heads" if g.attention is not None else "channels",
-               "producer": g.producer.name, "consumers": [c.name for c in g.consumers],
-               "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
-        if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
-            d = _zero_removed(wf, keep, g.block, fixed) - w
-            row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
+        row = _prune_group(g, mats, w, h, fixed, counts[id(g)], method, opts.damping, sim)
         if id(g) in sens:
             row["sensitivity"] = sens[id(g)]
         rows.append(row)
+    return rows
+
+
+def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[np.ndarray], fixed: int, k: int,
+                 method: str, damping: float, sim: Optional[onnx.ModelProto]) -> dict[str, Any]:
+    """Remove k channels of `g` (keep and new consumers stored on it, `sim` updated alike) and its report row."""
+    keep, wf = _choose(method, g, w, h, [k], damping, fixed)[0]
+    g.keep = keep
+    g.new_consumers = _split_consumers(g, mats, wf, keep, fixed)  # type: ignore[attr-defined]
+    if sim is not None:
+        _simulate(sim, _same_shape_updates(g, wf, keep, mats, fixed))
+    row = {"kind": "heads" if g.attention is not None else "channels",
+           "producer": g.producer.name, "consumers": [c.name for c in g.consumers],
+           "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
+    if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
+        d = _zero_removed(wf, keep, g.block, fixed) - w
+        row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
+    return row
+
+
+def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str, Any]], refused: list,
+                      details: dict[str, Any], notes: list[str]) -> PassOutcome:
+    """Rewrite the pruned groups into `model` and report the weights removed."""
     total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None])
     hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None])
     total_b, total_a = total_b + hb, total_a + ha

@@ -21,10 +21,11 @@ node of the main graph produces, and that is neither a graph input nor an initia
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -78,16 +79,10 @@ def collect_statistics(
     ``(step, done, total)``. Returns ``{name: TensorStats}`` for the
     float tensors among the requested ones.
     """
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
-        raise RecipeError(f"calibration histogram bins must be a positive integer, got {bins!r}")
+    _check_bins(bins)
     if isinstance(tensor_names, str):
         tensor_names = [tensor_names]
-    axes = dict(channel_axes or {})
-    gaxes = dict(gram_axes or {})
-    for what, mapping in (("channel", axes), ("Gram", gaxes)):
-        for name, ax in mapping.items():
-            if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
-                raise RecipeError(f"{what} axis of tensor '{name}' must be an integer, got {ax!r}")
+    axes, gaxes = _axis_maps(channel_axes, gram_axes)
     names = list(dict.fromkeys([*tensor_names, *axes, *gaxes]))
     feeds = list(feeds)
     if not feeds:
@@ -98,44 +93,116 @@ def collect_statistics(
     if not isinstance(model, onnx.ModelProto):  # a path or bytes: read it (the file is never written)
         model = load_proto(model)
     plan = _Plan(model, names)
-    observers: dict[str, TensorObserver] = {}
-    for name in names:
-        if name in plan.const_values:
-            dtype = plan.const_values[name].dtype
-            if is_float_dtype(dtype):
-                observers[name] = TensorObserver(name, dtype, axes.get(name), gaxes.get(name))
+    observers = _constant_observers(plan, names, axes, gaxes)
     sess = None
     fetch: list[tuple[str, str]] = []  # (tensor name, ORT output name)
     if plan.outputs:
         sess, fetch, dtypes = _open_session(model, plan.outputs, providers)
         for name, _ in fetch:
-            observers[name] = TensorObserver(name, dtypes[name], axes.get(name), gaxes.get(name))
+            observers[name] = _new_observer(name, dtypes[name], axes, gaxes)
+    values = functools.partial(
+        _sample_values, sess=sess, fetch=fetch, input_names=[n for n in names if n in plan.inputs], plan=plan,
+        observers=observers, axes=axes, gaxes=gaxes,
+    )
+    _run_passes(feeds, values, observers, histogram, bins, progress)
+    return {name: observers[name].result() for name in names if name in observers}
+
+
+def _check_bins(bins: Any) -> None:
+    """Raise RecipeError unless ``bins`` is a positive integer (bools are refused)."""
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise RecipeError(f"calibration histogram bins must be a positive integer, got {bins!r}")
+
+
+def _axis_maps(
+    channel_axes: Mapping[str, int] | None, gram_axes: Mapping[str, int] | None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Copies of the channel and Gram axis maps; raises RecipeError for an axis that is not an integer."""
+    axes = dict(channel_axes or {})
+    gaxes = dict(gram_axes or {})
+    for what, mapping in (("channel", axes), ("Gram", gaxes)):
+        for name, ax in mapping.items():
+            if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+                raise RecipeError(f"{what} axis of tensor '{name}' must be an integer, got {ax!r}")
+    return axes, gaxes
+
+
+def _new_observer(name: str, dtype: np.dtype, axes: Mapping[str, int], gaxes: Mapping[str, int]) -> TensorObserver:
+    """An observer of ``name`` with its channel and Gram axes, if any were asked for."""
+    return TensorObserver(name, dtype, axes.get(name), gaxes.get(name))
+
+
+def _constant_observers(
+    plan: _Plan, names: Sequence[str], axes: Mapping[str, int], gaxes: Mapping[str, int]
+) -> dict[str, TensorObserver]:
+    """Observers of the requested float tensors whose value the model holds (initializers, input defaults)."""
+    observers: dict[str, TensorObserver] = {}
+    for name in names:
+        if name in plan.const_values:
+            dtype = plan.const_values[name].dtype
+            if is_float_dtype(dtype):
+                observers[name] = _new_observer(name, dtype, axes, gaxes)
+    return observers
+
+
+def _sample_values(
+    i: int,
+    feed: Mapping[str, np.ndarray],
+    *,
+    sess: Any,
+    fetch: list[tuple[str, str]],
+    input_names: list[str],
+    plan: _Plan,
+    observers: dict[str, TensorObserver],
+    axes: Mapping[str, int],
+    gaxes: Mapping[str, int],
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, value) of every observed tensor in sample i; nothing is kept once the caller moves on."""
     fetch_names = [out for _, out in fetch]
-    input_names = [n for n in names if n in plan.inputs]
-
-    def values(i: int, feed: Mapping[str, np.ndarray]):
-        """(name, value) of every observed tensor in sample i; nothing is kept once the caller moves on."""
-        if sess is not None and fetch_names:
-            outs = run_session(sess, feed, fetch_names, name="calibration model", sample=i)
-            for (name, _), val in zip(fetch, outs):
-                yield name, val
-            del outs
-        for name in input_names:
-            if name in feed:
-                val = np.asarray(feed[name])
-            elif name in plan.const_values:
-                val = plan.const_values[name]
-            else:
-                raise CalibrationDataError(f"sample {i} has no value for graph input '{name}'")
-            if name not in observers:
-                if not is_float_dtype(val.dtype):
-                    continue
-                observers[name] = TensorObserver(name, val.dtype, axes.get(name), gaxes.get(name))
+    if sess is not None and fetch_names:
+        outs = run_session(sess, feed, fetch_names, name="calibration model", sample=i)
+        for (name, _), val in zip(fetch, outs):
             yield name, val
-        for name in plan.const_names:
-            if name in observers:
-                yield name, plan.const_values[name]
+        del outs
+    yield from _input_values(i, feed, input_names, plan, observers, axes, gaxes)
+    for name in plan.const_names:
+        if name in observers:
+            yield name, plan.const_values[name]
 
+
+def _input_values(
+    i: int,
+    feed: Mapping[str, np.ndarray],
+    input_names: list[str],
+    plan: _Plan,
+    observers: dict[str, TensorObserver],
+    axes: Mapping[str, int],
+    gaxes: Mapping[str, int],
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, value) of the requested float graph inputs in sample i (from the feed, else their default)."""
+    for name in input_names:
+        if name in feed:
+            val = np.asarray(feed[name])
+        elif name in plan.const_values:
+            val = plan.const_values[name]
+        else:
+            raise CalibrationDataError(f"sample {i} has no value for graph input '{name}'")
+        if name not in observers:
+            if not is_float_dtype(val.dtype):
+                continue
+            observers[name] = _new_observer(name, val.dtype, axes, gaxes)
+        yield name, val
+
+
+def _run_passes(
+    feeds: list,
+    values: Callable[[int, Mapping[str, np.ndarray]], Iterator[tuple[str, np.ndarray]]],
+    observers: dict[str, TensorObserver],
+    histogram: bool,
+    bins: int,
+    progress: Any,
+) -> None:
+    """Pass 1 (ranges) over every feed, then pass 2 (histograms) when ``histogram`` is set."""
     t0 = time.perf_counter()
     for i, feed in enumerate(_progress(feeds, progress, "calibration: ranges")):
         for name, val in values(i, feed):
@@ -149,8 +216,6 @@ def collect_statistics(
             for name, val in values(i, feed):
                 observers[name].observe_histogram(val)
         log.debug("calibration pass 2 (histograms): %.3f s", time.perf_counter() - t1)
-    return {name: observers[name].result() for name in names if name in observers}
-
 
 class _Plan:
     """Where each requested tensor's value comes from: a feed (graph input), the model (initializer), or ORT."""

@@ -14,9 +14,11 @@ from typing import Any, ClassVar, Optional
 import onnx
 
 from .. import ir
+from ..errors import RecipeError
+from ..algorithms.select import check_exclude, check_ops
 from ..context import LayerChange, PassContext, PassOutcome, Progress
 
-__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Progress"]
+__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Progress", "WeightPass"]
 
 @dataclass(frozen=True)
 class Pass:
@@ -47,3 +49,30 @@ class Pass:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.name, **self.options()}
+
+
+@dataclass(frozen=True)
+class WeightPass(Pass):
+    """A pass that rewrites weight layers (quantize, sparsify, lowrank): the options they share, checked once.
+
+    Subclasses redeclare a field to change its default, and list the op types they handle in `weight_ops`
+    (empty: the pass checks `ops` itself)."""
+
+    weight_ops: ClassVar[tuple[str, ...]] = ()
+    ops: Optional[tuple[str, ...]] = None  # op types to touch (default: every op the pass handles)
+    exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left as they are
+    min_weight_elements: int = 0  # smaller weights are left as they are
+    calibration_samples: int = 128  # calibration feeds the pass's statistics use
+
+    def __post_init__(self) -> None:
+        if self.min_weight_elements < 0:
+            raise RecipeError(f"{self.name}.min_weight_elements must be >= 0")
+        if self.calibration_samples < 1:
+            raise RecipeError(f"{self.name}.calibration_samples must be >= 1")
+        if self.weight_ops:
+            check_ops(self.ops, self.weight_ops, f"{self.name}.ops")
+        check_exclude(self.exclude, f"{self.name}.exclude")
+
+    def calibration_feeds(self, ctx: PassContext) -> list:
+        """The first `calibration_samples` calibration feeds (empty without calibration data)."""
+        return list(ctx.calibration_data)[: self.calibration_samples] if ctx.calibration_data else []

@@ -49,9 +49,9 @@ from onnx import TensorProto, helper
 from .. import ir
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
-from .base import LayerChange, Pass, PassContext, PassOutcome
-from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_exclude, check_ops, find_weight_layers,
-                     quantized_weights_note, weight_pattern2, weight_pattern3)
+from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_ops, find_weight_layers,
+                                 quantized_weights_note, weight_pattern2, weight_pattern3)
+from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _OPS = ("MatMul", "Gemm", "Conv")
 _RULE_KEYS = ("rank", "energy", "params_ratio", "error_budget")
@@ -259,10 +259,11 @@ class _Layer:
 
 
 @dataclass(frozen=True)
-class Lowrank(Pass):
+class Lowrank(WeightPass):
     """Factorize MatMul/Gemm/Conv weights into two thinner ops (plain or activation-whitened truncated SVD)."""
 
     name: ClassVar[str] = "lowrank"
+    weight_ops: ClassVar[tuple[str, ...]] = _OPS
     slower_hint: ClassVar[str] = "keep lowrank.speed_check on, or factorize fewer layers"
     # rank rule: exactly one of these four (none given: params_ratio 0.5)
     rank: Optional[int] = None  # fixed rank of every factorized layer
@@ -275,10 +276,7 @@ class Lowrank(Pass):
     # more accurate at the same size, see tools/bench_lowrank.py)
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
     refit: bool = False  # least-squares refit of the second factor on the calibration activations
-    ops: Optional[tuple[str, ...]] = None  # op types to factorize (default MatMul, Gemm, Conv)
-    exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left dense
     min_weight_elements: int = 4096  # smaller weights are left dense
-    calibration_samples: int = 128  # calibration feeds used for the input Gram matrices
     sensitivity_samples: int = 16  # calibration feeds each end-to-end sensitivity probe runs
     damping: float = 0.01  # whitening: λ in chol(H + λ·mean(diag H)·I)
     speed_check: bool = True  # use a rank only where the factorized pair is measured faster than the dense op
@@ -301,18 +299,13 @@ class Lowrank(Pass):
         if self.allocation == "sensitivity" and self.params_ratio is None:
             raise RecipeError(f"lowrank.allocation 'sensitivity' spreads a params_ratio budget across layers; it "
                               f"cannot be combined with {given[0]!r} (a per-layer rule)")
-        for key in ("min_weight_elements",):
-            if getattr(self, key) < 0:
-                raise RecipeError(f"lowrank.{key} must be >= 0")
-        for key in ("calibration_samples", "sensitivity_samples"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"lowrank.{key} must be >= 1")
+        if self.sensitivity_samples < 1:
+            raise RecipeError("lowrank.sensitivity_samples must be >= 1")
         if self.speed_rows is not None and self.speed_rows < 1:
             raise RecipeError("lowrank.speed_rows must be >= 1")
         if not 0 <= self.damping < 10:
             raise RecipeError(f"lowrank.damping must be in [0, 10), got {self.damping}")
-        check_ops(self.ops, _OPS, "lowrank.ops")
-        check_exclude(self.exclude, "lowrank.exclude")
+        super().__post_init__()
 
     @property
     def rule(self) -> tuple[str, float]:
@@ -337,9 +330,34 @@ class Lowrank(Pass):
         return lines
 
     def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
+        """Factorize the candidate layers of `model` (`source`: the same model as a ModelProto, for calibration)."""
         notes: list[str] = []
         rule, value = self.rule
         feeds = None if ctx.calibration_data is None else list(ctx.calibration_data)[: self.calibration_samples]
+        allocation = self._check_data(feeds)
+        method = "whitened" if self.whiten else "plain"
+        details: dict[str, Any] = {"method": method, "rule": {rule: value}, "allocation": allocation,
+                                   "refit": self.refit, "target": ctx.target}
+        plan, skipped = self._plan_layers(model, feeds, notes)
+        grams, rows = self._grams(plan, source, ctx, feeds) if feeds else ({}, None)
+        if feeds and not self.whiten and not self.refit:
+            notes.append("plain SVD: calibration data used only to report layer output errors")
+        speed_rows = self.speed_rows or (int(round(rows)) if rows else _DEFAULT_SPEED_ROWS)
+        self._spectra(plan, grams, notes)
+        for lay in plan:
+            _candidates(lay, rule, value, allocation == "sensitivity")
+        if self.speed_check:
+            self._check_speed(plan, ctx, speed_rows, not self.speed_rows and not rows, details, notes)
+        chosen = self._choose_ranks(plan, source, ctx, feeds, value, allocation, details, notes)
+        if self.speed_check:
+            _time_chosen(chosen, speed_rows, ctx.providers)
+        factors, rows_out = self._factorize(chosen)
+        stats, rows_out = _apply(model, factors, rows_out, skipped, notes)
+        return _outcome(plan, rows_out, stats, skipped, details, notes)
+
+    # ------------------------------------------------------------------------------------------
+    def _check_data(self, feeds: Optional[list]) -> str:
+        """The allocation; raises when whitening or sensitivity allocation lacks calibration data (no fallback)."""
         if self.whiten and not feeds:
             raise CalibrationDataError("lowrank: whitened SVD needs calibration_data (the layers' input "
                                        "statistics); give calibration feeds, or set whiten: false for plain SVD")
@@ -347,9 +365,11 @@ class Lowrank(Pass):
         if allocation == "sensitivity" and not feeds:
             raise CalibrationDataError("lowrank: allocation 'sensitivity' needs calibration_data (end-to-end "
                                        "probes); give calibration feeds, or use allocation: uniform")
-        method = "whitened" if self.whiten else "plain"
-        details: dict[str, Any] = {"method": method, "rule": {rule: value}, "allocation": allocation,
-                                   "refit": self.refit, "target": ctx.target}
+        return allocation
+
+    def _plan_layers(self, model: ir.Model, feeds: Optional[list], notes: list[str]
+                     ) -> tuple[list[_Layer], list[dict[str, Any]]]:
+        """The candidate layers (weight as a float64 matrix) and the layers skipped with the reason."""
         rejections: dict[str, str] = {}
         found = find_weight_layers(model, check_ops(self.ops, _OPS, "lowrank.ops"), self.exclude,
                                    self.min_weight_elements, main_graph_only=feeds is not None,
@@ -368,10 +388,10 @@ class Lowrank(Pass):
             w = wl.weight
             kron = int(np.prod(w.shape[2:])) if wl.op == "Conv" else 1
             plan.append(_Layer(wl, wl.matrix().astype(np.float64), kron))
-        grams, rows = self._grams(plan, source, ctx, feeds) if feeds else ({}, None)
-        if feeds and not self.whiten and not self.refit:
-            notes.append("plain SVD: calibration data used only to report layer output errors")
-        speed_rows = self.speed_rows or (int(round(rows)) if rows else _DEFAULT_SPEED_ROWS)
+        return plan, skipped
+
+    def _spectra(self, plan: list[_Layer], grams: dict[str, np.ndarray], notes: list[str]) -> None:
+        """Decompose every planned layer, whitened by its input Gram where one of the right size was collected."""
         for lay in plan:
             g = grams.get(lay.layer.x.name)
             if g is not None and g.shape[0] * lay.kron != lay.k:
@@ -379,70 +399,38 @@ class Lowrank(Pass):
             lay.spec = spectrum(lay.m, g, self.whiten and g is not None, self.damping, lay.kron)
             if self.whiten and g is None:
                 notes.append(f"{lay.layer.name}: input statistics unavailable; plain SVD used")
-        for lay in plan:
-            _candidates(lay, rule, value, allocation == "sensitivity")
-        if self.speed_check:
-            self._speed_filter([lay for lay in plan if lay.ranks], ctx, speed_rows)
-            details["speed_check"] = {"rows": speed_rows, "providers": list(ctx.providers or ["CPUExecutionProvider"])}
-            if not self.speed_rows and not rows:
-                notes.append(f"speed check timed at {speed_rows} rows (no calibration data to take the size from)")
+
+    def _check_speed(self, plan: list[_Layer], ctx: PassContext, speed_rows: int, guessed_rows: bool,
+                     details: dict[str, Any], notes: list[str]) -> None:
+        """Drop the candidate ranks not measured faster than the dense op, and say how the timing was done."""
+        self._speed_filter([lay for lay in plan if lay.ranks], ctx, speed_rows)
+        details["speed_check"] = {"rows": speed_rows, "providers": list(ctx.providers or ["CPUExecutionProvider"])}
+        if guessed_rows:
+            notes.append(f"speed check timed at {speed_rows} rows (no calibration data to take the size from)")
+
+    def _choose_ranks(self, plan: list[_Layer], source: onnx.ModelProto, ctx: PassContext, feeds: Optional[list],
+                      value: float, allocation: str, details: dict[str, Any], notes: list[str]
+                      ) -> dict[str, _Layer]:
+        """Set each live layer's rank (its largest candidate, or by sensitivity); the factorized layers by name."""
         live = [lay for lay in plan if lay.ranks and not lay.skip]
         if allocation == "sensitivity":
             details["budget"] = self._allocate(live, source, ctx, feeds, value, notes)
         else:
             for lay in live:
                 lay.rank = lay.ranks[0]
-        chosen = {lay.layer.name: lay for lay in plan if lay.rank and not lay.skip}
-        if self.speed_check:  # time the chosen ranks too (those vouched for by a larger faster rank)
-            for lay in chosen.values():
-                conv = _conv_speed_shape(lay.layer) if lay.layer.op == "Conv" else None
-                if lay.rank not in lay.speed and (conv is not None or lay.layer.op != "Conv"):
-                    lay.speed[lay.rank] = _time_pair(lay, lay.rank, conv, speed_rows, ctx.providers)
+        return {lay.layer.name: lay for lay in plan if lay.rank and not lay.skip}
+
+    def _factorize(self, chosen: dict[str, _Layer]
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
+        """The float32 factors (A, B) of each chosen layer by name, and its report row."""
         factors = {}
         rows_out = []
         for lay in chosen.values():
             a, b = lay.spec.factors(lay.rank, self.refit)
             factors[lay.layer.name] = (a.astype(np.float32), b.astype(np.float32))
             rows_out.append(self._row(lay, a @ b if self.refit and lay.spec.gram is not None else None))
-        stats = apply_rules(model, _rules(factors))
-        left = {n.name for g in ir.iter_graphs(model.graph) for n in g.nodes} & set(factors)
-        for row in rows_out:  # a rewrite the engine refused (its type/shape check) leaves the node dense
-            if row["node"] in left:
-                skipped.append({"node": row["node"], "reason": "rewrite rejected by the engine (see notes)"})
-        rows_out = [row for row in rows_out if row["node"] not in left]
-        for name, st in stats.rules.items():
-            for reason, cnt in st.rejected.items():
-                if "check failed: not planned" in reason or reason.startswith("no match"):
-                    continue
-                notes.append(f"rule {name}: {cnt} rewrite(s) rejected: {reason}")
-        for lay in plan:
-            if lay.skip:
-                skipped.append({"node": lay.layer.name, "reason": lay.skip})
-            elif not lay.rank:
-                skipped.append({"node": lay.layer.name, "reason": "left dense by the sensitivity allocation"})
-        before = sum(r["params_before"] for r in rows_out)
-        after = sum(r["params_after"] for r in rows_out)
-        cand_before = sum(lay.dense_params for lay in plan)
-        details.update({
-            "layers": rows_out,
-            "factorized": stats.applied,
-            "params_before": before, "params_after": after,
-            "params_ratio_factorized": after / before if before else 1.0,
-            "params_ratio_candidates": (cand_before - before + after) / cand_before if cand_before else 1.0,
-            "skipped": skipped[:500], "skipped_total": len(skipped),
-            "rewrites": stats.to_dict(),
-        })
-        for s in skipped:  # activation x activation MatMuls (attention) are not candidates: details only
-            if not s["reason"].startswith(("excluded", "left dense")) and "is not a constant weight" not in s["reason"] \
-                    and ALREADY_QUANTIZED not in s["reason"]:
-                notes.append(f"{s['node']}: not factorized: {s['reason']}")
-        if len(notes) > 40:
-            notes[:] = notes[:40] + [f"... {len(notes) - 40} more (see details.skipped)"]
-        layers = [LayerChange(r["node"], r.get("rel_err", r.get("weight_rel_err", 0.0)),
-                              bytes_saved=4 * (r["params_before"] - r["params_after"])) for r in rows_out]
-        return PassOutcome(details=details, notes=notes, layers=layers)
+        return factors, rows_out
 
-    # ------------------------------------------------------------------------------------------
     def _grams(self, plan: list[_Layer], source: onnx.ModelProto, ctx: PassContext, feeds: list
                ) -> tuple[dict[str, np.ndarray], float]:
         """Input Gram per activation tensor (Conv: over input channels) and the average rows per feed."""
@@ -544,6 +532,67 @@ def _candidates(lay: _Layer, rule: str, value: float, ladder: bool) -> None:
         r = rank_for(rule, value, lay.spec, lay.k, lay.n)
         lay.skip = (f"rank {r} saves no parameters ({r}·({lay.k}+{lay.n}) >= {lay.k}·{lay.n}; "
                     f"break-even rank {be:.0f})")
+
+
+def _time_chosen(chosen: dict[str, _Layer], speed_rows: int, providers: Any) -> None:
+    """Time the chosen ranks too (those vouched for by a larger faster rank), for the report rows."""
+    for lay in chosen.values():
+        conv = _conv_speed_shape(lay.layer) if lay.layer.op == "Conv" else None
+        if lay.rank not in lay.speed and (conv is not None or lay.layer.op != "Conv"):
+            lay.speed[lay.rank] = _time_pair(lay, lay.rank, conv, speed_rows, providers)
+
+
+def _apply(model: ir.Model, factors: dict[str, tuple[np.ndarray, np.ndarray]], rows_out: list[dict[str, Any]],
+           skipped: list[dict[str, Any]], notes: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    """Rewrite the factorized layers into `model`; the engine's stats and the rows of the layers it rewrote."""
+    stats = apply_rules(model, _rules(factors))
+    left = {n.name for g in ir.iter_graphs(model.graph) for n in g.nodes} & set(factors)
+    for row in rows_out:  # a rewrite the engine refused (its type/shape check) leaves the node dense
+        if row["node"] in left:
+            skipped.append({"node": row["node"], "reason": "rewrite rejected by the engine (see notes)"})
+    rows_out = [row for row in rows_out if row["node"] not in left]
+    for name, st in stats.rules.items():
+        for reason, cnt in st.rejected.items():
+            if "check failed: not planned" in reason or reason.startswith("no match"):
+                continue
+            notes.append(f"rule {name}: {cnt} rewrite(s) rejected: {reason}")
+    return stats, rows_out
+
+
+def _outcome(plan: list[_Layer], rows_out: list[dict[str, Any]], stats: Any, skipped: list[dict[str, Any]],
+             details: dict[str, Any], notes: list[str]) -> PassOutcome:
+    """The pass outcome: parameter totals, factorized and skipped layers, and notes on the layers left dense."""
+    for lay in plan:
+        if lay.skip:
+            skipped.append({"node": lay.layer.name, "reason": lay.skip})
+        elif not lay.rank:
+            skipped.append({"node": lay.layer.name, "reason": "left dense by the sensitivity allocation"})
+    before = sum(r["params_before"] for r in rows_out)
+    after = sum(r["params_after"] for r in rows_out)
+    cand_before = sum(lay.dense_params for lay in plan)
+    details.update({
+        "layers": rows_out,
+        "factorized": stats.applied,
+        "params_before": before, "params_after": after,
+        "params_ratio_factorized": after / before if before else 1.0,
+        "params_ratio_candidates": (cand_before - before + after) / cand_before if cand_before else 1.0,
+        "skipped": skipped[:500], "skipped_total": len(skipped),
+        "rewrites": stats.to_dict(),
+    })
+    _skip_notes(skipped, notes)
+    layers = [LayerChange(r["node"], r.get("rel_err", r.get("weight_rel_err", 0.0)),
+                          bytes_saved=4 * (r["params_before"] - r["params_after"])) for r in rows_out]
+    return PassOutcome(details=details, notes=notes, layers=layers)
+
+
+def _skip_notes(skipped: list[dict[str, Any]], notes: list[str]) -> None:
+    """A note per layer left dense for a reason worth telling (at most 40 notes in all; the rest in details)."""
+    for s in skipped:  # activation x activation MatMuls (attention) are not candidates: details only
+        if not s["reason"].startswith(("excluded", "left dense")) and "is not a constant weight" not in s["reason"] \
+                and ALREADY_QUANTIZED not in s["reason"]:
+            notes.append(f"{s['node']}: not factorized: {s['reason']}")
+    if len(notes) > 40:
+        notes[:] = notes[:40] + [f"... {len(notes) - 40} more (see details.skipped)"]
 
 
 def _time_pair(lay: _Layer, r: int, conv: Optional[dict], rows: int, providers: Any) -> tuple[float, float]:

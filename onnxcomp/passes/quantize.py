@@ -28,8 +28,8 @@ from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
-from .base import LayerChange, Pass, PassContext, PassOutcome
-from ..algorithms.select import check_exclude, is_excluded, weight_problem
+from ..algorithms.select import is_excluded, weight_problem
+from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
@@ -46,7 +46,7 @@ class _Plan:
 
 
 @dataclass(frozen=True)
-class Quantize(Pass):
+class Quantize(WeightPass):
     """Insert integer quantization (static QDQ, dynamic, or weight-only) where the target has fast kernels."""
 
     name: ClassVar[str] = "quantize"
@@ -64,8 +64,7 @@ class Quantize(Pass):
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.999
     calibration_samples: int = 256
-    ops: Optional[tuple[str, ...]] = None  # op types to quantize (default: every op the target table lists)
-    exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left in float
+    # ops: default every op the target table lists; exclude: node/tensor names or regexes left in float
     embeddings: bool = True  # also store embedding (Gather) tables quantized
     embedding_bits: Optional[Literal[4, 8]] = None  # default: 4 with 4-bit weights (ORT GatherBlockQuantized), else 8
     sensitivity: bool = True  # report the per-layer error of quantized vs float activations
@@ -104,11 +103,7 @@ class Quantize(Pass):
             if o.get("calibration", "minmax") not in ("minmax", "percentile", "entropy", "mse"):
                 raise RecipeError(f"quantize.overrides[{name!r}].calibration: unknown method {o['calibration']!r}")
         object.__setattr__(self, "overrides", over)  # normalise None -> {} (frozen dataclass, at construction)
-        if self.min_weight_elements < 0:
-            raise RecipeError("quantize.min_weight_elements must be >= 0")
-        if self.calibration_samples < 1:
-            raise RecipeError("quantize.calibration_samples must be >= 1")
-        check_exclude(self.exclude, "quantize.exclude")
+        super().__post_init__()
 
     def min_opset(self) -> Optional[int]:
         return 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -209,7 +204,7 @@ class Quantize(Pass):
 
         if ctx.calibration_data is None:
             raise CalibrationDataError("smoothquant needs calibration_data (per-channel activation ranges)")
-        feeds = list(ctx.calibration_data)[: self.calibration_samples]
+        feeds = self.calibration_feeds(ctx)
         found = find_matches(model, [query("smooth-probe", _matmul_pattern, self._smooth_ok)])
         weights: dict[str, list[np.ndarray]] = {}
         for f in found:
@@ -316,7 +311,7 @@ class Quantize(Pass):
         if ctx.calibration_data is None:
             raise CalibrationDataError("quantize mode 'static' needs calibration_data (activation ranges); "
                                        "give calibration feeds, or use mode 'weight_only' or 'dynamic'")
-        feeds = list(ctx.calibration_data)[: self.calibration_samples]
+        feeds = self.calibration_feeds(ctx)
         histogram = self.calibration != "minmax" or any("calibration" in o for o in self.overrides.values())
         stats = None if histogram else _smoothed_stats(model, sorted(plan.activations), source, ctx, feeds)
         if stats is None:  # calibrate the model as it is (smoothed: exported once for ORT)

@@ -37,9 +37,9 @@ from .. import ir, storage
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from ..algorithms import sparsegpt as sg
-from .base import LayerChange, Pass, PassContext, PassOutcome
-from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_exclude, check_ops, find_weight_layers, quantized_weights_note,
-                     weight_pattern2, weight_pattern3)
+from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, find_weight_layers, quantized_weights_note,
+                                 weight_pattern2, weight_pattern3)
+from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: sparsity ladder tried per layer by `allocation: sensitivity` (plus the requested sparsity)
@@ -48,10 +48,11 @@ _PROBE_SAMPLES = 16  # feeds used to measure each layer's end-to-end sensitivity
 
 
 @dataclass(frozen=True)
-class Sparsify(Pass):
+class Sparsify(WeightPass):
     """Prune weights to a sparsity pattern by magnitude, Wanda or SparseGPT (with reconstruction)."""
 
     name: ClassVar[str] = "sparsify"
+    weight_ops: ClassVar[tuple[str, ...]] = WEIGHT_OPS
     slower_hint: ClassVar[str] = ("zeros in dense weights do not run faster in ONNX Runtime: sparsify pattern "
                                   "'channel' removes whole channels")
     method: Literal["auto", "magnitude", "wanda", "sparsegpt"] = "auto"
@@ -59,10 +60,6 @@ class Sparsify(Pass):
     sparsity: Optional[float] = None  # fraction of weights zeroed; default 0.5 (N:M: 1 - N/M)
     block: tuple[int, ...] = (1, 4)  # pattern block: tile of [outputs, inputs]
     allocation: Literal["uniform", "sensitivity"] = "uniform"
-    ops: Optional[tuple[str, ...]] = None  # op types to prune (default: MatMul, Gemm, Conv, ConvTranspose)
-    exclude: tuple[str, ...] = ()  # node or output-tensor names, or regexes, left dense
-    min_weight_elements: int = 0
-    calibration_samples: int = 128
     damping: float = 0.01  # sparsegpt: added to the diagonal of X^T X, relative to its mean
     # wanda/sparsegpt: calibrate each depth on the outputs of the already-pruned layers before it (SparseGPT's
     # sequential mode; one calibration run per depth), else every layer on the original model's activations
@@ -102,14 +99,9 @@ class Sparsify(Pass):
         if self.heads is not None and (self.pattern != "channel" or not 0.0 <= self.heads < 1.0):
             raise RecipeError(f"sparsify.heads (fraction of attention heads removed, in [0, 1)) applies to pattern "
                               f"'channel' only; got heads={self.heads:g} with pattern {self.pattern!r}")
-        if self.min_weight_elements < 0:
-            raise RecipeError("sparsify.min_weight_elements must be >= 0")
-        if self.calibration_samples < 1:
-            raise RecipeError("sparsify.calibration_samples must be >= 1")
         if not self.damping > 0:
             raise RecipeError(f"sparsify.damping must be > 0, got {self.damping:g}")
-        check_ops(self.ops, WEIGHT_OPS, "sparsify.ops")
-        check_exclude(self.exclude, "sparsify.exclude")
+        super().__post_init__()
 
     @property
     def nm_pattern(self) -> Optional[sg.SparsityPattern]:
@@ -161,7 +153,7 @@ class Sparsify(Pass):
             what = f"method '{method}'" if method != "magnitude" else "allocation 'sensitivity'"
             raise CalibrationDataError(f"sparsify {what} needs calibration_data (input statistics / output "
                                        "sensitivity); give calibration feeds, or use method 'magnitude'")
-        feeds = list(ctx.calibration_data)[: self.calibration_samples] if ctx.calibration_data else []
+        feeds = self.calibration_feeds(ctx)
         pattern = self._pattern()
         notes: list[str] = []
         rejections: dict[str, str] = {}

@@ -14,7 +14,7 @@ from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_fee
 from ..errors import CalibrationDataError, InvalidModelError, OnnxCompError
 from ..ir import load_proto, proto_size
 from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
-from ..runtime import ProviderLike, make_session, measure_latency, run_session
+from ..runtime import MadeSession, ProviderLike, make_session, measure_latency, run_session
 
 __all__ = ["ValidationReport", "validate", "GENERATED_SAMPLES"]
 
@@ -225,6 +225,179 @@ def _candidate_feeds(
     return check_feeds(out, cand_specs, "validation data (for the candidate)")
 
 
+def _check_same_inputs(ref_specs: Sequence[InputSpec], cand_specs: Sequence[InputSpec], cand_label: str) -> None:
+    """Raise InvalidModelError unless both models take the same input names (naming what differs)."""
+    rn, cn = [s.name for s in ref_specs], [s.name for s in cand_specs]
+    if set(rn) == set(cn):
+        return
+    lacks = [n for n in rn if n not in cn]
+    extra = [n for n in cn if n not in rn]
+    parts = []
+    if lacks:
+        parts.append(f"lacks input(s) {', '.join(repr(n) for n in lacks)}")
+    if extra:
+        parts.append(f"has extra input(s) {', '.join(repr(n) for n in extra)}")
+    raise InvalidModelError(
+        f"{cand_label} {' and '.join(parts)}; the reference's inputs are {', '.join(repr(n) for n in rn)}"
+    )
+
+
+def _outputs_to_compare(
+    ref: onnx.ModelProto, cand: onnx.ModelProto, cand_label: str, notes: list[str]
+) -> tuple[list[str], list[str]]:
+    """(compared, missing): reference outputs the candidate has and lacks; raises when it has none of them."""
+    ref_outs = [o.name for o in ref.graph.output]
+    cand_out_set = {o.name for o in cand.graph.output}
+    compared = [n for n in ref_outs if n in cand_out_set]
+    missing = [n for n in ref_outs if n not in cand_out_set]
+    extra_outs = sorted(cand_out_set - set(ref_outs))
+    if not compared:
+        raise InvalidModelError(
+            f"{cand_label} has none of the reference's outputs ({', '.join(repr(n) for n in ref_outs)}); "
+            f"its outputs are {', '.join(repr(n) for n in sorted(cand_out_set))}"
+        )
+    if missing:
+        notes.append(f"candidate lacks output(s) {', '.join(missing)}: not compared")
+    if extra_outs:
+        notes.append(f"candidate-only output(s) ignored: {', '.join(extra_outs)}")
+    return compared, missing
+
+
+def _reference_feeds(
+    ref: onnx.ModelProto,
+    ref_specs: Sequence[InputSpec],
+    inputs: Any,
+    max_samples: int,
+    seed: int,
+    dim_values: Mapping[str, int] | None,
+    notes: list[str],
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """(feeds, feeds_source): the user's checked inputs, or generated ones when ``inputs`` is None."""
+    if inputs is None:
+        feeds = generate_feeds(ref, ref_specs, n=min(GENERATED_SAMPLES, max_samples), seed=seed, dim_values=dim_values)
+        notes.append(f"inputs generated (seed {seed}): {_dims_note(feeds)}")
+        return feeds, "generated"
+    return load_feeds(inputs, ref_specs, what="validation data", limit=max_samples), "user"
+
+
+def _session_notes(ref_s: MadeSession, cand_s: MadeSession, notes: list[str]) -> None:
+    """Add the sessions' provider notes (once each), and a note when the two use different providers."""
+    for n in ref_s.notes + cand_s.notes:
+        if n not in notes:
+            notes.append(n)
+    if ref_s.providers != cand_s.providers:
+        notes.append(
+            f"the sessions use different providers: reference {ref_s.providers}, candidate {cand_s.providers}"
+        )
+
+
+def _run_reference(
+    ref_s: MadeSession,
+    feed: dict[str, np.ndarray],
+    compared: list[str],
+    ref_label: str,
+    i: int,
+    feeds: list[dict[str, np.ndarray]],
+    feeds_source: str,
+) -> list[Any]:
+    """The reference's outputs for sample ``i``; a failure on generated feeds says how to feed real data."""
+    try:
+        return run_session(ref_s.session, feed, compared, name=ref_label, sample=i)
+    except OnnxCompError as e:
+        if feeds_source == "generated":
+            raise type(e)(
+                f"{e} [inputs were generated: {_dims_note(feeds)}; pass inputs= with real data, or "
+                "dim_values= for the symbolic dims]"
+            ) from None
+        raise
+
+
+def _compare_outputs(
+    ref_s: MadeSession,
+    cand_s: MadeSession,
+    feeds: list[dict[str, np.ndarray]],
+    cand_feeds: list[dict[str, np.ndarray]],
+    compared: list[str],
+    labels: tuple[str, str],
+    feeds_source: str,
+) -> dict[str, OutputError]:
+    """Run both models on every sample and accumulate the per-output errors of ``compared``."""
+    ref_label, cand_label = labels
+    accs = {n: OutputAccumulator(n) for n in compared}
+    for i, (feed, cfeed) in enumerate(zip(feeds, cand_feeds)):
+        r_out = _run_reference(ref_s, feed, compared, ref_label, i, feeds, feeds_source)
+        c_out = run_session(cand_s.session, cfeed, compared, name=cand_label, sample=i)
+        for name, r, c in zip(compared, r_out, c_out):
+            accs[name].update(r, c)
+    return {n: a.result() for n, a in accs.items()}
+
+
+def _output_notes(outputs: dict[str, OutputError], notes: list[str]) -> None:
+    """Add a note for each output problem: shape/dtype mismatch, NaN/inf in either model's values."""
+    for o in outputs.values():
+        if o.problem:
+            notes.append(f"output '{o.name}': {o.problem}")
+        if o.nonfinite:
+            notes.append(
+                f"output '{o.name}': candidate has {o.nonfinite} NaN/inf value(s)"
+                + ("" if o.ok else "; its error metrics are reported as inf/NaN")
+            )
+        if o.ref_nonfinite:
+            notes.append(
+                f"output '{o.name}': reference has {o.ref_nonfinite} NaN/inf value(s), left out of the metrics"
+            )
+        if o.candidate_dtype:
+            notes.append(f"output '{o.name}': candidate dtype {o.candidate_dtype}, reference {o.dtype}")
+
+
+def _latency(
+    ref_s: MadeSession,
+    cand_s: MadeSession,
+    feeds: list[dict[str, np.ndarray]],
+    cand_feeds: list[dict[str, np.ndarray]],
+    warmup: int,
+    runs: int | None,
+    time_budget_s: float,
+    notes: list[str],
+) -> tuple[float | None, dict[str, float] | None, int]:
+    """(ratio, {"reference": ms, "candidate": ms}, pairs) from interleaved timing of both sessions."""
+    lat = measure_latency(
+        ref_s.session, cand_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=time_budget_s,
+        candidate_feeds=cand_feeds,
+    )
+    notes.extend(lat.notes)
+    return lat.ratio, {"reference": lat.reference_ms, "candidate": lat.candidate_ms}, lat.pairs
+
+
+def _build_report(
+    ref: onnx.ModelProto,
+    cand: onnx.ModelProto,
+    outputs: dict[str, OutputError],
+    timing: tuple[float | None, dict[str, float] | None, int],
+    providers: list[str],
+    samples: int,
+    feeds_source: str,
+    notes: list[str],
+    missing: list[str],
+) -> ValidationReport:
+    """Assemble the report, adding the serialized sizes of both models."""
+    latency_ratio, latency_ms, pairs = timing
+    size_ref, size_cand = proto_size(ref), proto_size(cand)
+    return ValidationReport(
+        outputs=outputs,
+        latency_ratio=latency_ratio,
+        latency_ms=latency_ms,
+        size_ratio=size_cand / size_ref if size_ref else float("nan"),
+        size_bytes={"reference": size_ref, "candidate": size_cand},
+        providers=providers,
+        samples=samples,
+        feeds_source=feeds_source,
+        notes=notes,
+        missing_outputs=missing,
+        latency_pairs=pairs,
+    )
+
+
 def validate(
     reference: ModelSource,
     candidate: ModelSource,
@@ -256,107 +429,18 @@ def validate(
     notes: list[str] = []
 
     ref_specs, cand_specs = input_specs(ref), input_specs(cand)
-    rn, cn = [s.name for s in ref_specs], [s.name for s in cand_specs]
-    if set(rn) != set(cn):
-        lacks = [n for n in rn if n not in cn]
-        extra = [n for n in cn if n not in rn]
-        parts = []
-        if lacks:
-            parts.append(f"lacks input(s) {', '.join(repr(n) for n in lacks)}")
-        if extra:
-            parts.append(f"has extra input(s) {', '.join(repr(n) for n in extra)}")
-        raise InvalidModelError(
-            f"{cand_label} {' and '.join(parts)}; the reference's inputs are {', '.join(repr(n) for n in rn)}"
-        )
-
-    ref_outs = [o.name for o in ref.graph.output]
-    cand_out_set = {o.name for o in cand.graph.output}
-    compared = [n for n in ref_outs if n in cand_out_set]
-    missing = [n for n in ref_outs if n not in cand_out_set]
-    extra_outs = sorted(cand_out_set - set(ref_outs))
-    if not compared:
-        raise InvalidModelError(
-            f"{cand_label} has none of the reference's outputs ({', '.join(repr(n) for n in ref_outs)}); "
-            f"its outputs are {', '.join(repr(n) for n in sorted(cand_out_set))}"
-        )
-    if missing:
-        notes.append(f"candidate lacks output(s) {', '.join(missing)}: not compared")
-    if extra_outs:
-        notes.append(f"candidate-only output(s) ignored: {', '.join(extra_outs)}")
-
-    if inputs is None:
-        feeds = generate_feeds(ref, ref_specs, n=min(GENERATED_SAMPLES, max_samples), seed=seed, dim_values=dim_values)
-        feeds_source = "generated"
-        notes.append(f"inputs generated (seed {seed}): {_dims_note(feeds)}")
-    else:
-        feeds = load_feeds(inputs, ref_specs, what="validation data", limit=max_samples)
-        feeds_source = "user"
+    _check_same_inputs(ref_specs, cand_specs, cand_label)
+    compared, missing = _outputs_to_compare(ref, cand, cand_label, notes)
+    feeds, feeds_source = _reference_feeds(ref, ref_specs, inputs, max_samples, seed, dim_values, notes)
     cand_feeds = _candidate_feeds(feeds, ref_specs, cand_specs, notes)
 
     ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
     cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
-    for n in ref_s.notes + cand_s.notes:
-        if n not in notes:
-            notes.append(n)
-    if ref_s.providers != cand_s.providers:
-        notes.append(
-            f"the sessions use different providers: reference {ref_s.providers}, candidate {cand_s.providers}"
-        )
+    _session_notes(ref_s, cand_s, notes)
 
-    accs = {n: OutputAccumulator(n) for n in compared}
-    for i, (feed, cfeed) in enumerate(zip(feeds, cand_feeds)):
-        try:
-            r_out = run_session(ref_s.session, feed, compared, name=ref_label, sample=i)
-        except OnnxCompError as e:
-            if feeds_source == "generated":
-                raise type(e)(
-                    f"{e} [inputs were generated: {_dims_note(feeds)}; pass inputs= with real data, or "
-                    "dim_values= for the symbolic dims]"
-                ) from None
-            raise
-        c_out = run_session(cand_s.session, cfeed, compared, name=cand_label, sample=i)
-        for name, r, c in zip(compared, r_out, c_out):
-            accs[name].update(r, c)
-
-    outputs = {n: a.result() for n, a in accs.items()}
-    for o in outputs.values():
-        if o.problem:
-            notes.append(f"output '{o.name}': {o.problem}")
-        if o.nonfinite:
-            notes.append(
-                f"output '{o.name}': candidate has {o.nonfinite} NaN/inf value(s)"
-                + ("" if o.ok else "; its error metrics are reported as inf/NaN")
-            )
-        if o.ref_nonfinite:
-            notes.append(
-                f"output '{o.name}': reference has {o.ref_nonfinite} NaN/inf value(s), left out of the metrics"
-            )
-        if o.candidate_dtype:
-            notes.append(f"output '{o.name}': candidate dtype {o.candidate_dtype}, reference {o.dtype}")
-
-    latency_ratio = None
-    latency_ms = None
-    pairs = 0
+    outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, (ref_label, cand_label), feeds_source)
+    _output_notes(outputs, notes)
+    timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
     if latency:
-        lat = measure_latency(
-            ref_s.session, cand_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=time_budget_s,
-            candidate_feeds=cand_feeds,
-        )
-        latency_ratio, pairs = lat.ratio, lat.pairs
-        latency_ms = {"reference": lat.reference_ms, "candidate": lat.candidate_ms}
-        notes.extend(lat.notes)
-
-    size_ref, size_cand = proto_size(ref), proto_size(cand)
-    return ValidationReport(
-        outputs=outputs,
-        latency_ratio=latency_ratio,
-        latency_ms=latency_ms,
-        size_ratio=size_cand / size_ref if size_ref else float("nan"),
-        size_bytes={"reference": size_ref, "candidate": size_cand},
-        providers=list(ref_s.providers),
-        samples=len(feeds),
-        feeds_source=feeds_source,
-        notes=notes,
-        missing_outputs=missing,
-        latency_pairs=pairs,
-    )
+        timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
+    return _build_report(ref, cand, outputs, timing, list(ref_s.providers), len(feeds), feeds_source, notes, missing)
