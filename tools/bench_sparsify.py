@@ -10,7 +10,7 @@ Columns: size = file bytes / fp32 file; gzip = gzip-compressed bytes / gzip of t
 are worth on disk); latency ratios vs fp32 measured interleaved in this process; sparsity = achieved over the
 pruned weights. N:M rows take the sparsity the pattern implies (2:4 -> 0.5); block rows use 1x4 tiles.
 `--sensitivity` adds sparsegpt rows with `allocation: sensitivity`. `channel` rows need
-onnxcomp/passes/channels.py. Ratios come from one run on one machine; compare rows within a table.
+onnxcomp/algorithms/channels.py. Ratios come from one run on one machine; compare rows within a table.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         import importlib.util
 
         if importlib.util.find_spec("onnxcomp.algorithms.channels") is None:
-            print("note: pattern 'channel' skipped (onnxcomp/passes/channels.py not present)")
+            print("note: pattern 'channel' skipped (onnxcomp/algorithms/channels.py not present)")
             args.patterns = [p for p in args.patterns if p != "channel"]
     t_start = time.perf_counter()
 
