@@ -131,17 +131,10 @@ class RewriteDriver:
         rule's check and the type checks is committed; otherwise the last reason is recorded."""
         st = self.stats.rules[rule.name]
         st.tried += 1
-        matcher = Matcher(rule.pattern, index, self.opsets.get("", DEFAULT_OPSET))
-        reason = None
-        for k, m in enumerate(matcher.matches(node)):
-            if k >= _MAX_ALTERNATIVES:
-                break
+        cands = _Candidates(rule, node, index, ctx, self.opsets.get("", DEFAULT_OPSET), check_prefix="check failed: ")
+        for m in cands:
             builder = GraphBuilder(ctx)
             try:
-                self._check_intermediates(m.nodes, m.outputs, index)
-                res = rule.check(ctx, m.bindings)
-                if not res:
-                    raise _Reject(f"check failed: {res.reason}")
                 new = rule.replacement_fn(builder, **m.bindings)
                 new_outs = list(new) if isinstance(new, (tuple, list)) else [new]
                 if len(new_outs) != len(m.outputs):
@@ -155,10 +148,10 @@ class RewriteDriver:
                 for n in builder.nodes:  # gs registered the unused new nodes as readers of their inputs: undo
                     for t in n.inputs:
                         remove_from(t.outputs, n)
-                reason = str(e)
+                cands.refusal = str(e)
                 continue
             return self._commit(builder, m, new_outs, index, st)
-        st.reject(reason if reason is not None else f"no match: {matcher.reason}", node.name)
+        st.reject(cands.refusal if cands.refusal is not None else f"no match: {cands.matcher.reason}", node.name)
         return None
 
     # ------------------------------------------------------------------------------------------
@@ -382,6 +375,35 @@ def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Option
     return RewriteDriver(rs, opsets).run(model)
 
 
+class _Candidates:
+    """The matches of `rule` rooted at `node` (at most _MAX_ALTERNATIVES tried) whose intermediate values are
+    read only inside the match (when `exclusive`) and that pass the rule's check, in order: what both the driver
+    and find_matches start from. `refusal` is why the last one tried was refused (None: none was)."""
+
+    def __init__(self, rule: RewriteRule, node: gs.Node, index: GraphIndex, ctx: RewriteContext, opset: int,
+                 exclusive: bool = True, check_prefix: str = ""):
+        self.rule, self.node, self.index, self.ctx = rule, node, index, ctx
+        self.matcher = Matcher(rule.pattern, index, opset)
+        self.exclusive, self.check_prefix = exclusive, check_prefix
+        self.refusal: Optional[str] = None
+
+    def __iter__(self):
+        for k, m in enumerate(self.matcher.matches(self.node)):
+            if k >= _MAX_ALTERNATIVES:
+                return
+            try:
+                if self.exclusive:
+                    RewriteDriver._check_intermediates(m.nodes, m.outputs, self.index)
+            except _Reject as e:
+                self.refusal = str(e)
+                continue
+            res = self.rule.check(self.ctx, m.bindings)
+            if not res:
+                self.refusal = self.check_prefix + res.reason
+                continue
+            yield m
+
+
 @dataclass
 class Found:
     """A match that passed its rule's check, found without rewriting (see find_matches)."""
@@ -408,29 +430,16 @@ def find_matches(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optio
         for node in list(g.nodes):
             reason = None
             for rule in rs.for_op(node.op):
-                matcher = Matcher(rule.pattern, index, opsets.get("", DEFAULT_OPSET))
-                hit = False
-                for k, m in enumerate(matcher.matches(node)):
-                    if k >= _MAX_ALTERNATIVES:
-                        break
-                    try:
-                        if exclusive:
-                            RewriteDriver._check_intermediates(m.nodes, m.outputs, index)
-                    except _Reject as e:
-                        reason = str(e)
-                        continue
-                    res = rule.check(ctx, m.bindings)
-                    if res:
-                        found.append(Found(rule, m, g))
-                        hit = True
-                        break
-                    reason = res.reason
-                else:
-                    if reason is None:
-                        reason = f"no match: {matcher.reason}"
-                if hit:
+                cands = _Candidates(rule, node, index, ctx, opsets.get("", DEFAULT_OPSET), exclusive=exclusive)
+                m = next(iter(cands), None)
+                if m is not None:
+                    found.append(Found(rule, m, g))
                     reason = None
                     break
+                if cands.refusal is not None:
+                    reason = cands.refusal
+                elif reason is None:
+                    reason = f"no match: {cands.matcher.reason}"
             if reason is not None and rejections is not None:
                 rejections[node.name] = reason
     return found
