@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import onnx
 
-from .passes.base import Pass
+from .passes.base import Pass, WeightPass
 from .pipeline import PassRecord
 from .recipe import AccuracyBudget
 
@@ -48,7 +48,7 @@ def next_backoff(passes: list[Pass], records: list[PassRecord]) -> dict[int, lis
     layers the passes still compress, ranked by the error each introduced."""
     rows = []
     for i, (p, rec) in enumerate(zip(passes, records)):
-        if rec.status != "ok" or not hasattr(p, "exclude"):
+        if rec.status != "ok" or not isinstance(p, WeightPass):
             continue
         excluded = set(p.exclude)
         rows += [(lay.error, i, lay.node) for lay in rec.layers if lay.node not in excluded]

@@ -430,7 +430,7 @@ def _group_statistics(groups: list[_Group], source: onnx.ModelProto, ctx: PassCo
     if ctx.calibration_data is None:
         raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
                                    "statistics); use method 'magnitude' without data")
-    feeds = list(ctx.calibration_data)[: opts.calibration_samples]
+    feeds = opts.calibration_feeds(ctx)
     axes = {g.tensor.name: _gram_axis(g) for g in groups}
     return feeds, ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
 

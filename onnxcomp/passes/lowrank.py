@@ -333,7 +333,7 @@ class Lowrank(WeightPass):
         """Factorize the candidate layers of `model` (`source`: the same model as a ModelProto, for calibration)."""
         notes: list[str] = []
         rule, value = self.rule
-        feeds = None if ctx.calibration_data is None else list(ctx.calibration_data)[: self.calibration_samples]
+        feeds = None if ctx.calibration_data is None else self.calibration_feeds(ctx)
         allocation = self._check_data(feeds)
         method = "whitened" if self.whiten else "plain"
         details: dict[str, Any] = {"method": method, "rule": {rule: value}, "allocation": allocation,
