@@ -30,10 +30,12 @@ SLOWER_THAN_INPUT = 1.05
 
 @dataclass
 class CompressionResult:
-    """The compressed model (a new ModelProto; the input is never mutated) and its report."""
+    """The compressed model (a new ModelProto; the input is never mutated), its report, and the concrete recipe
+    that made it (`compress(model, result.recipe, same data)` gives the same bytes)."""
 
     model: onnx.ModelProto
     report: Report
+    recipe: Optional[Recipe] = None
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write atomically; models over 2 GB get their weights in `<name>.data` next to the file."""
@@ -69,9 +71,11 @@ def compress(
     progress: Union[bool, Progress] = True,
     validate: bool = True,
 ) -> CompressionResult:
-    """Compress `model` with `recipe` (default: cleanup + dynamic int8) and report what it cost.
+    """Compress `model` with `recipe` (default: cleanup + dynamic int8; a preset name such as "fast" or a recipe
+    with `preset: auto` searches by measurement) and report what it cost.
 
-    `progress`: True shows bars on a terminal (per pass and per long step); a callable gets (step, done, total).
+    Without `validation_data`, every 5th calibration sample is held back: calibration never sees the samples the
+    accuracy is measured on. `progress`: True shows bars on a terminal; a callable gets (step, done, total).
     Raises typed onnxcomp errors for bad input (InvalidModelError, RecipeError, CalibrationDataError, ...)
     and AccuracyBudgetError (with `.result` attached) when the recipe's accuracy_budget is not met.
     """
@@ -86,8 +90,10 @@ def compress(
     budget = job.budget_summary(vreport, rounds)
     report = Report(source=job.source, recipe=job.recipe.to_dict(), before=summarize(job.proto),
                     after=summarize(out), passes=records, validation=vreport, budget=budget,
-                    warnings=list(job.ctx.warnings), seconds=time.perf_counter() - t0)
-    result = CompressionResult(out, report)
+                    warnings=list(job.ctx.warnings), seconds=time.perf_counter() - t0,
+                    search=None if job.searched is None else job.searched.to_dict(), data=job.data_note,
+                    suggestions=_suggestions(job))
+    result = CompressionResult(out, report, job.recipe)
     if budget is not None and not budget["met"]:
         err = AccuracyBudgetError("accuracy budget not met: " + "; ".join(budget["violations"]))
         err.result = result  # type: ignore[attr-defined]
@@ -104,6 +110,9 @@ class _Job:
     proto: onnx.ModelProto
     validation_data: Any
     ctx: PassContext
+    data_note: dict[str, Any]
+    given_recipe: Any = None
+    searched: Any = None  # the auto search's SearchResult
 
     @classmethod
     def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress) -> "_Job":
@@ -116,7 +125,9 @@ class _Job:
         ir.check_proto(proto, full=False, what=f"input model {source}")
         specs = input_specs(proto)
         calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
-        valid = load_feeds(validation_data, specs, what="validation data") if validation_data is not None else calib
+        valid = load_feeds(validation_data, specs, what="validation data") if validation_data is not None else None
+        calib, valid, data_note = _split_data(calib, valid)
+        rec = rec.resolved(bool(calib))
         bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
         ctx = PassContext(calibration_data=calib, validation_data=valid,
                           providers=list(providers) if providers else _default_providers(rec.target),
@@ -125,17 +136,23 @@ class _Job:
         bad = _nonfinite_weights(proto)
         if bad:
             ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
-        return cls(rec, source, proto, valid, ctx)
+        if data_note.get("warning"):
+            ctx.warn(data_note["warning"])
+        return cls(rec, source, proto, valid, ctx, data_note, recipe)
 
     def _validate(self, candidate: onnx.ModelProto, latency: bool):
         from .validation import validate as _validate
 
+        budget = self.recipe.accuracy_budget
         return _validate(self.proto, candidate, inputs=self.validation_data, providers=self.ctx.providers,
-                         latency=latency)
+                         latency=latency, metric=None if budget is None else budget.metric)
 
     def run(self, validate: bool):
         """The pipeline, validation, and back-off while the budget is not met (the recipe really applied is kept
-        in `self.recipe`). Returns (model, records, validation report or None, back-off rounds)."""
+        in `self.recipe`), or the auto search. Returns (model, records, validation report or None, back-off
+        rounds)."""
+        if self.recipe.auto is not None:
+            return self._search(validate)
         pipeline = Pipeline(self.ctx)
         passes = list(self.recipe.passes)
         out, records = pipeline.run(self.proto, passes)
@@ -149,6 +166,20 @@ class _Job:
             return done.model, done.records, self._validate(done.model, latency=True), done.rounds
         return done.model, done.records, done.validation, done.rounds
 
+    def _search(self, validate: bool):
+        """`preset: auto`: search, then keep the winner's concrete recipe (validated again, timed in full)."""
+        from .auto import search
+
+        auto, budget = self.recipe.auto, self.recipe.accuracy_budget
+        found = search(self.proto, auto, budget, self.ctx.calibration_data, self.validation_data,
+                       self.ctx.providers, self.recipe.target, progress=self.ctx.progress)
+        self.searched = found
+        for w in found.warnings:
+            self.ctx.warn(w)
+        self.recipe = dataclasses.replace(self.recipe, passes=found.winner.passes, auto=None)
+        vreport = self._validate(found.model, latency=True) if validate else None
+        return found.model, found.records, vreport, []
+
     def budget_summary(self, vreport, rounds) -> Optional[dict[str, Any]]:
         """The report's budget section (None without a budget; a warning when it could not be checked)."""
         if self.recipe.accuracy_budget is None:
@@ -156,9 +187,43 @@ class _Job:
         if vreport is None:
             self.ctx.warn("accuracy_budget given but validate=False: the budget was not checked")
             return None
-        viol = self.recipe.accuracy_budget.violations(vreport.outputs)
+        viol = self.recipe.accuracy_budget.violations(vreport.outputs, vreport.metric)
         return {"bounds": self.recipe.accuracy_budget.to_dict(), "met": not viol, "violations": viol,
                 "backoff": [r.to_dict() for r in rounds]}
+
+
+def _split_data(calib, valid) -> tuple[Any, Any, dict[str, Any]]:
+    """(calibration, validation, what the report says about them): without validation data, a part of the
+    calibration data is held back (`data.split_holdout`); with neither, validation uses generated feeds."""
+    from .data import HOLDOUT_EVERY, split_holdout
+
+    note: dict[str, Any] = {"calibration_samples": len(calib or []), "validation": "given"}
+    if valid is None and calib:
+        if len(calib) < 2:
+            note.update(validation="calibration sample",
+                        warning="one calibration sample and no validation_data: accuracy is measured on the "
+                                "sample calibration used (pass validation_data, or more samples)")
+            return calib, calib, note | {"validation_samples": 1}
+        calib, valid = split_holdout(calib)
+        note.update(validation=f"held back from calibration_data (every {HOLDOUT_EVERY}th sample)",
+                    calibration_samples=len(calib))
+    elif valid is None:
+        note["validation"] = "generated feeds (no data given)"
+    note["validation_samples"] = len(valid) if valid is not None else 0
+    return calib, valid, note
+
+
+def _suggestions(job: "_Job") -> list[str]:
+    """What more the user could get, and how (the report's last lines)."""
+    out = []
+    searched = job.searched is not None
+    if job.ctx.calibration_data is None:
+        out.append("pass calibration_data (e.g. onnxcomp.data.from_texts / from_images, or an .npz) for static int8 "
+                   "(Convs as QLinearConv), sensitivity-allocated pruning, and accuracy measured on real inputs")
+    if not searched and job.given_recipe is None:
+        out.append("the 'fast' preset (compress(model, \"fast\", calibration_data=...)) searches quantization, "
+                   "pruning and their compositions for the fastest model within cosine 0.99")
+    return out
 
 
 def _warn_if_slower(vreport, rec: Recipe, ctx: PassContext) -> None:
@@ -184,6 +249,7 @@ class _TerminalProgress:
             self.close()
             self._step = step
             self._bar = tqdm(total=total, desc=step, file=sys.stderr, leave=False)
+        self._bar.total = total
         self._bar.n = done
         self._bar.refresh()
 
@@ -194,8 +260,10 @@ class _TerminalProgress:
 
 
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],
-             inputs: Any = None, providers: Optional[Sequence[str]] = None, latency: bool = True):
-    """Compare candidate with reference in ONNX Runtime on the same feeds: errors per output, latency, size."""
+             inputs: Any = None, providers: Optional[Sequence[str]] = None, latency: bool = True,
+             metric: Optional[Any] = None):
+    """Compare candidate with reference in ONNX Runtime on the same feeds: errors per output, latency, size, and
+    the task metric `metric(ref_outputs, cand_outputs) -> float` when given."""
     from .validation import validate as _validate
 
-    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency)
+    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency, metric=metric)

@@ -43,12 +43,14 @@ class BackoffResult:
     rounds: list[BackoffRound] = field(default_factory=list)
 
 
-def next_backoff(passes: list[Pass], records: list[PassRecord]) -> dict[int, list[str]]:
+def next_backoff(passes: list[Pass], records: list[PassRecord], only: Optional[set[int]] = None
+                 ) -> dict[int, list[str]]:
     """The next layers to leave uncompressed, by pass index: the most sensitive quarter (at least one) of the
-    layers the passes still compress, ranked by the error each introduced."""
+    layers the passes (those at the indices in `only`, when given) still compress, ranked by the error each
+    introduced."""
     rows = []
     for i, (p, rec) in enumerate(zip(passes, records)):
-        if rec.status != "ok" or not isinstance(p, WeightPass):
+        if rec.status != "ok" or not isinstance(p, WeightPass) or (only is not None and i not in only):
             continue
         excluded = set(p.exclude)
         rows += [(lay.error, i, lay.node) for lay in rec.layers if lay.node not in excluded]
@@ -61,20 +63,22 @@ def next_backoff(passes: list[Pass], records: list[PassRecord]) -> dict[int, lis
 
 def back_off(budget: AccuracyBudget, passes: list[Pass], model: onnx.ModelProto, records: list[PassRecord],
              validation, run: Callable[[list[Pass]], tuple[onnx.ModelProto, list[PassRecord]]],
-             check: Callable[[onnx.ModelProto], object], max_rounds: int = MAX_ROUNDS) -> BackoffResult:
+             check: Callable[[onnx.ModelProto], object], max_rounds: int = MAX_ROUNDS,
+             only: Optional[set[int]] = None) -> BackoffResult:
     """Back off from (`passes`, their `model`/`records`/`validation`) until `budget` holds, nothing is left to
-    give back, or `max_rounds` rounds ran. `run(passes)` compresses again; `check(model)` validates."""
+    give back, or `max_rounds` rounds ran. `run(passes)` compresses again; `check(model)` validates; `only`
+    limits the back-off to the passes at those indices."""
     result = BackoffResult(list(passes), model, records, validation)
-    viol = budget.violations(validation.outputs)
+    viol = budget.violations(validation.outputs, getattr(validation, "metric", None))
     while viol and len(result.rounds) < max_rounds:
-        step = next_backoff(result.passes, result.records)
+        step = next_backoff(result.passes, result.records, only)
         if not step:
             break
         result.passes = [dataclasses.replace(p, exclude=tuple(p.exclude) + tuple(step[i])) if i in step else p
                          for i, p in enumerate(result.passes)]
         result.model, result.records = run(result.passes)
         result.validation = check(result.model)
-        viol = budget.violations(result.validation.outputs)
+        viol = budget.violations(result.validation.outputs, getattr(result.validation, "metric", None))
         worst = min((o.cosine for o in result.validation.outputs.values()), default=None)
         result.rounds.append(BackoffRound(tuple(n for i in sorted(step) for n in step[i]), len(viol), worst))
     return result

@@ -1,4 +1,4 @@
-"""`onnxcomp compress | validate | inspect`: exit 0 ok, 1 accuracy budget not met, 2 bad input."""
+"""`onnxcomp compress | validate | inspect | presets`: exit 0 ok, 1 accuracy budget not met, 2 bad input."""
 from __future__ import annotations
 
 import json
@@ -60,25 +60,36 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="where to write the model")
-@click.option("--recipe", "recipe", default=None, help="recipe .yaml/.yml/.json (default: cleanup)")
+@click.option("--recipe", "recipe", default=None,
+              help="recipe .yaml/.yml/.json (default: cleanup + dynamic int8)")
+@click.option("--preset", default=None, help="a shipped preset instead of --recipe: fast, small, int8, "
+              "int4-weights, lossless (`onnxcomp presets` lists them)")
+@click.option("--objective", type=click.Choice(["latency", "size"]), default=None,
+              help="what the auto search minimises (with --preset fast/small or a `preset: auto` recipe)")
+@click.option("--budget", "budget", multiple=True, metavar="METRIC=VALUE",
+              help="accuracy budget, e.g. cosine=0.99, rel_l2_err=0.05, max_abs_err=0.1 (repeatable)")
+@click.option("--max-seconds", type=float, default=None, help="time budget of the auto search")
 @click.option("--calibration", default=None, help=".npz file or directory of .npz feeds")
-@click.option("--validation", default=None, help="feeds for validation (default: the calibration feeds)")
+@click.option("--validation", default=None,
+              help="feeds for validation (default: every 5th calibration sample, held back from calibration)")
 @click.option("--report", "report_path", default=None, help="also write the report (.html, .json or .md)")
 @click.option("--provider", "providers", multiple=True, help="ORT execution provider(s) for validation")
 @click.option("--no-validate", is_flag=True, help="skip running both models in ONNX Runtime")
 @click.option("--explain", is_flag=True, help="print per-rule match/rejection statistics")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def compress(model: str, output: str, recipe: Optional[str], calibration: Optional[str], validation: Optional[str],
+def compress(model: str, output: str, recipe: Optional[str], preset: Optional[str], objective: Optional[str],
+             budget: tuple, max_seconds: Optional[float], calibration: Optional[str], validation: Optional[str],
              report_path: Optional[str], providers: tuple, no_validate: bool, explain: bool, debug: bool) -> None:
-    """Compress MODEL with a recipe and write the result to -o (the input file is never modified)."""
+    """Compress MODEL with a recipe or preset and write the result to -o (the input file is never modified)."""
 
     def go() -> None:
         from .api import compress as _compress
 
         if Path(output).resolve() == Path(model).resolve():
             raise click.BadParameter("output must differ from the input model (the input is never overwritten)")
+        chosen = _recipe_from_options(recipe, preset, objective, budget, max_seconds)
         try:
-            result = _compress(model, recipe, calibration_data=calibration, validation_data=validation,
+            result = _compress(model, chosen, calibration_data=calibration, validation_data=validation,
                                providers=list(providers) or None, progress=True, validate=not no_validate)
         except AccuracyBudgetError as e:
             res = getattr(e, "result", None)
@@ -101,6 +112,48 @@ def compress(model: str, output: str, recipe: Optional[str], calibration: Option
         _write_report(result.report, report_path)
 
     _run(debug, go)
+
+
+def _recipe_from_options(recipe: Optional[str], preset: Optional[str], objective: Optional[str], budget: tuple,
+                         max_seconds: Optional[float]):
+    """The recipe the options describe: --recipe or --preset, with --objective/--budget/--max-seconds applied."""
+    import dataclasses
+
+    from .errors import RecipeError
+    from .recipe import Recipe, presets
+
+    if recipe and preset:
+        raise RecipeError("give --recipe or --preset, not both")
+    if preset is not None and preset not in presets():
+        raise RecipeError(f"--preset: unknown preset {preset!r}; valid: {', '.join(presets())}")
+    rec = Recipe.parse(preset or recipe)
+    if (objective or max_seconds) and rec.auto is None:
+        raise RecipeError("--objective and --max-seconds apply to the auto search (--preset fast/small, or a "
+                          "recipe with `preset: auto`)")
+    if objective or max_seconds:
+        auto = dataclasses.replace(rec.auto, **({"objective": objective} if objective else {}),
+                                   **({"max_seconds": max_seconds} if max_seconds else {}))
+        rec = dataclasses.replace(rec, auto=auto)
+    if budget:
+        bounds = {}
+        for item in budget:
+            key, sep, value = item.partition("=")
+            try:
+                bounds[key.strip()] = float(value)
+            except ValueError:
+                raise RecipeError(f"--budget {item!r}: expected METRIC=NUMBER, e.g. cosine=0.99") from None
+        rec = Recipe.parse({**rec.to_dict(), "accuracy_budget": bounds} if rec.auto is None else
+                           {**rec.auto.to_dict(), "target": rec.target, "accuracy_budget": bounds})
+    return rec
+
+
+@main.command()
+def presets() -> None:
+    """List the shipped presets (use one with `compress --preset NAME`)."""
+    from .recipe import presets as _presets
+
+    for name, line in _presets().items():
+        click.echo(f"{name:<14} {line}")
 
 
 @main.command()
@@ -160,6 +213,11 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
                    f"block(s) for head pruning; {len(ch['not_prunable'])} layer(s) not prunable")
         for r in ch["not_prunable"][:5]:
             click.echo(f"      {r['layer']}: {r['reason']}")
+        from .auto import candidates, model_facts
+
+        tried = [c.name for c in candidates(model_facts(proto), "latency", has_data=True)]
+        click.echo(f"  auto (--preset fast, with calibration data) starts from: {', '.join(tried)}; then raises "
+                   "or lowers the channel-pruning level and composes what met the budget with the best int8")
         lr = could["lowrank"]
         click.echo(f"  lowrank: {len(lr)} MatMul/Gemm/Conv layer(s) large enough to factorize "
                    f"({sum(r['params'] for r in lr):,} weights); a rank saves weights below k*n/(k+n):")

@@ -96,6 +96,20 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 # --------------------------------------------------------------------------------------------- load
+#: without validation data, every HOLDOUT_EVERY-th calibration sample is held back for validation
+HOLDOUT_EVERY = 5
+
+
+def split_holdout(feeds: list[Feed], every: int = HOLDOUT_EVERY) -> tuple[list[Feed], list[Feed]]:
+    """(calibration, validation): every `every`-th sample (the last when fewer) held back for validation, so the
+    accuracy reported is measured on samples calibration did not see. One sample cannot be split: ([f], [f])."""
+    if len(feeds) < 2:
+        return list(feeds), list(feeds)
+    held = [i for i in range(len(feeds)) if i % every == every - 1] or [len(feeds) - 1]
+    keep = set(held)
+    return [f for i, f in enumerate(feeds) if i not in keep], [feeds[i] for i in held]
+
+
 def load_feeds(
     source: Any, specs: Sequence[InputSpec], *, what: str = "calibration data", limit: int | None = None
 ) -> list[Feed]:

@@ -24,6 +24,10 @@ class CalibrationDataError(OnnxCompError):
     """Calibration/validation feeds do not fit the model (names, shapes, dtypes, emptiness)."""
 
 
+class MetricError(RecipeError):
+    """The accuracy budget's task metric (the user's callable) raised or returned something that is not a number."""
+
+
 class RewriteError(OnnxCompError):
     """A rewrite rule or pass produced an invalid graph that could not be rolled back."""
 
@@ -46,6 +50,7 @@ __all__ = [
     "UnsupportedModelError",
     "RecipeError",
     "CalibrationDataError",
+    "MetricError",
     "RewriteError",
     "AccuracyBudgetError",
     "InternalError",

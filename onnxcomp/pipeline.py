@@ -70,6 +70,7 @@ class Pipeline:
     def run(self, proto: onnx.ModelProto, passes: list[Pass]) -> tuple[onnx.ModelProto, list[PassRecord]]:
         records: list[PassRecord] = []
         current = proto
+        passes = [p.resolve(bool(self.ctx.calibration_data)) for p in passes]
         self._previous, self._memo = self._memo, {}  # keep only what this run uses (memory stays one round)
         for i, p in enumerate(passes):
             self._tick(f"pass {i + 1}/{len(passes)}: {p.name}", i, len(passes))

@@ -45,6 +45,9 @@ class Report:
     budget: Optional[dict[str, Any]] = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    search: Optional[dict[str, Any]] = None  # the auto search: trials, front, winner and why
+    data: Optional[dict[str, Any]] = None  # calibration / validation samples and where validation came from
+    suggestions: list[str] = field(default_factory=list)  # what more the user could get, and how
 
     # -- headline ratios ------------------------------------------------------------------------
     @property
@@ -71,6 +74,9 @@ class Report:
             "accuracy_budget": self.budget,
             "warnings": list(self.warnings),
             "seconds": self.seconds,
+            "search": self.search,
+            "data": self.data,
+            "suggestions": list(self.suggestions),
         }
         return _json_safe(d)
 
@@ -118,9 +124,37 @@ class Report:
                 lines.append(f"        note: {n}")
             for line in p.summary:
                 lines.append(f"        {line}")
+        lines += self._search_lines()
+        if self.data:
+            lines.append(f"  data      {self.data.get('calibration_samples', 0)} calibration sample(s); validation on "
+                         f"{self.data.get('validation_samples', 0)} sample(s): {self.data.get('validation')}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
+        for s in self.suggestions:
+            lines.append(f"  tip: {s}")
         return "\n".join(lines)
+
+    def _search_rows(self) -> list[list[str]]:
+        rows = []
+        for t in (self.search or {}).get("trials", []):
+            acc = "-" if t["accuracy"] is None else f"{t['accuracy']:.4f}"
+            lat = "-" if t["latency_ratio"] is None else f"{t['latency_ratio']:.3f}"
+            rows.append([t["name"], acc, lat, f"{t['size_ratio']:.3f}", "yes" if t["met"] else "no",
+                         str(t["left_float"]), f"{t['seconds']:.1f}", t["verdict"]])
+        return rows
+
+    def _search_lines(self) -> list[str]:
+        s = self.search
+        if not s:
+            return []
+        lines = [f"  auto      objective {s['objective']}: {len(s['trials'])} candidate(s) measured in "
+                 f"{s['seconds']:.0f} s ({s['executor']}); chosen {s['winner']}: {s['reason']}",
+                 f"            {'candidate':<26} {'accuracy':>8} {'latency':>7} {'size':>6} met  float  verdict"]
+        for r in self._search_rows():
+            lines.append(f"            {r[0]:<26} {r[1]:>8} {r[2]:>7} {r[3]:>6} {r[4]:<4} {r[5]:>5}  {r[7][:70]}")
+        if s.get("not_run"):
+            lines.append(f"            not run (max_seconds): {', '.join(s['not_run'])}")
+        return lines
 
     def to_markdown(self) -> str:
         b, a = self.before, self.after
@@ -152,8 +186,24 @@ class Report:
             lines = [*p.notes, *p.summary]
             if lines:
                 md += ["", f"### {p.name}", ""] + [f"- {line}" for line in lines]
+        if self.search:
+            s = self.search
+            md += ["", f"## Auto search (objective {s['objective']}, {s['executor']} executor, {s['seconds']:.0f} s)",
+                   "", f"Chosen: **{s['winner']}** — {s['reason']}. Accuracy is the task metric when the budget has "
+                   "one, else the worst output cosine, on the validation samples; latency and size are ratios to "
+                   "the input (the lossless row is the timing noise floor).", "",
+                   "| candidate | accuracy | latency | size | met | left float | seconds | verdict |",
+                   "|---|---:|---:|---:|---|---:|---:|---|"]
+            md += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in self._search_rows()]
+            if s.get("not_run"):
+                md += ["", f"Not run (max_seconds reached): {', '.join(s['not_run'])}"]
+        if self.data:
+            md += ["", "## Data", "", f"- calibration: {self.data.get('calibration_samples', 0)} sample(s)",
+                   f"- validation: {self.data.get('validation_samples', 0)} sample(s), {self.data.get('validation')}"]
         if self.warnings:
             md += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        if self.suggestions:
+            md += ["", "## What more you could get", ""] + [f"- {w}" for w in self.suggestions]
         md += ["", "## Recipe", "", "```json", json.dumps(self.recipe, indent=2), "```"]
         return "\n".join(md) + "\n"
 
@@ -168,7 +218,9 @@ class Report:
         except ImportError:  # the report is still complete without the chart
             return "<p><em>(matplotlib not installed: no chart)</em></p>"
         outs = self._outputs()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        fig, axes = plt.subplots(1, 3 if self.search else 2, figsize=(15 if self.search else 10, 3.2))
+        if self.search:
+            self._front_plot(axes[2])
         names = ["size", "nodes", "params"]
         vals = [self.size_ratio, self.after["nodes"] / max(1, self.before["nodes"]),
                 self.after["parameters"] / max(1, self.before["parameters"])]
@@ -191,6 +243,18 @@ class Report:
         plt.close(fig)
         svg = buf.getvalue()
         return svg[svg.find("<svg"):]
+
+    def _front_plot(self, ax) -> None:
+        """The auto search: accuracy vs latency of every timed candidate, marker area by size, winner in red."""
+        trials = [t for t in self.search["trials"] if t["latency_ratio"] is not None and t["accuracy"] is not None]
+        for t in trials:
+            win = t["name"] == self.search["winner"]
+            ax.scatter(t["latency_ratio"], t["accuracy"], s=40 + 400 * t["size_ratio"], alpha=0.6,
+                       color="#c44e52" if win else "#4c72b0")
+            ax.annotate(t["name"], (t["latency_ratio"], t["accuracy"]), fontsize=7)
+        ax.set_xlabel("latency ratio")
+        ax.set_ylabel("accuracy")
+        ax.set_title("auto search (marker area: size)")
 
     def to_html(self, path: str | os.PathLike) -> Path:
         """Write a self-contained HTML report (tables + inline SVG chart), atomically."""

@@ -36,7 +36,10 @@ def test_compress_digits_cnn_cleanup(tmp_path):
     np.testing.assert_array_equal(_run(src, {"input": x})[0], _run(res.model, {"input": x})[0])
     assert testing.digits_top1(res.model, d["x_test"], d["y_test"]) == testing.digits_top1(src, d["x_test"], d["y_test"])
     rep = res.report
-    assert rep.validation is not None and rep.validation.samples == 8
+    # the 5th of the 8 calibration samples is held back for validation (calibration sees the other 7)
+    assert rep.validation is not None and rep.validation.samples == 1
+    assert rep.data == {"calibration_samples": 7, "validation": "held back from calibration_data (every 5th sample)",
+                        "validation_samples": 1}
     for o in rep.to_dict()["validation"]["outputs"].values():
         assert o["max_abs_err"] == 0.0 and o["cosine"] == pytest.approx(1.0)
     json.dumps(rep.to_dict())

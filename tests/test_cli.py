@@ -41,7 +41,8 @@ def test_compress_and_validate(tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.exists() and "latency" in r.stdout and "remove-identity" in r.stdout
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["validation"]["samples"] == 6
+    assert rep["validation"]["samples"] == 1  # the 5th of 6 calibration samples, held back for validation
+    assert rep["data"]["calibration_samples"] == 5
     v = cli("validate", testing.digits_cnn_path(), out, "--json")
     assert v.returncode == 0, v.stderr
     vj = json.loads(v.stdout)

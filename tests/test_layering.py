@@ -18,10 +18,11 @@ LAYERS = {
     "passes": 7,
     "recipe": 8, "pipeline": 8,
     "budget": 9, "report": 9,
-    "api": 10,
-    "__init__": 11,
-    "cli": 12,
-    "__main__": 13,
+    "auto": 10,
+    "api": 11,
+    "__init__": 12,
+    "cli": 13,
+    "__main__": 14,
 }
 
 

@@ -40,6 +40,11 @@ class Pass:
         """Called in place on the final model once every pass has run (e.g. how weights are stored in the file,
         which later passes must not see); record what was done in `outcome`. Default: nothing."""
 
+    def resolve(self, has_data: bool) -> "Pass":
+        """This pass with its data-dependent defaults made concrete (e.g. the best option when calibration data
+        is given), so that the report and `result.recipe` say what really ran. Default: unchanged."""
+        return self
+
     def min_opset(self) -> Optional[int]:
         """The default-domain opset the pass needs; the pipeline upgrades older models first (or says why not)."""
         return None

@@ -38,6 +38,7 @@ medians, ~50 ms a shape, cached in-process for the session) and the timings are 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
@@ -271,9 +272,9 @@ class Lowrank(WeightPass):
     params_ratio: Optional[float] = None  # target params per layer (uniform) or of all candidates (sensitivity)
     error_budget: Optional[float] = None  # per layer: smallest rank with output rel. L2 error <= this
     whiten: bool = True  # activation-whitened SVD (needs calibration data; false = plain SVD of W)
-    # how params_ratio is spread: per factorized layer ("uniform", the API contract's meaning and the default) or
-    # by measured end-to-end sensitivity under one global budget ("sensitivity", needs calibration data: far
-    # more accurate at the same size, see tools/bench_lowrank.py)
+    # how params_ratio is spread: per factorized layer ("uniform") or by measured end-to-end sensitivity under one
+    # global budget ("sensitivity", needs calibration data: far more accurate at the same size, see
+    # tools/bench_lowrank.py); default: sensitivity with calibration data and params_ratio, else uniform
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
     refit: bool = False  # least-squares refit of the second factor on the calibration activations
     min_weight_elements: int = 4096  # smaller weights are left dense
@@ -281,6 +282,12 @@ class Lowrank(WeightPass):
     damping: float = 0.01  # whitening: λ in chol(H + λ·mean(diag H)·I)
     speed_check: bool = True  # use a rank only where the factorized pair is measured faster than the dense op
     speed_rows: Optional[int] = None  # rows (batch·sequence) the speed check times; default: calibration average
+
+    def resolve(self, has_data: bool) -> "Lowrank":
+        if self.allocation is not None:
+            return self
+        best = "sensitivity" if has_data and self.params_ratio is not None else "uniform"
+        return dataclasses.replace(self, allocation=best)
 
     def __post_init__(self) -> None:
         given = [k for k in _RULE_KEYS if getattr(self, k) is not None]

@@ -12,6 +12,7 @@ One Q/DQ pair per activation tensor is shared by all its quantized consumers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -52,7 +53,7 @@ class Quantize(WeightPass):
     name: ClassVar[str] = "quantize"
     slower_hint: ClassVar[str] = ("the integer kernels do not pay off for this model/target: try another quantize "
                                   "mode, or raise quantize.min_weight_elements")
-    mode: Literal["static", "dynamic", "weight_only"] = "static"
+    mode: Literal["static", "dynamic", "weight_only", "auto"] = "static"  # auto: static with data, else dynamic
     weight_dtype: Literal["int8", "uint8", "int4", "uint4"] = "int8"
     activation_dtype: Optional[Literal["uint8", "int8", "int16"]] = None  # default: the target's
     symmetric_activations: Optional[bool] = None  # default: the target's
@@ -76,6 +77,11 @@ class Quantize(WeightPass):
     min_weight_elements: int = 16384
     # static: per-activation-tensor settings, e.g. {"x": {"range": [-1, 6]}} or {"x": {"calibration": "mse"}}
     overrides: Any = None
+
+    def resolve(self, has_data: bool) -> "Quantize":
+        if self.mode != "auto":
+            return self
+        return dataclasses.replace(self, mode="static" if has_data else "dynamic")
 
     def __post_init__(self) -> None:
         if self.weight_dtype in ("int4", "uint4"):

@@ -25,6 +25,7 @@ model where that is really smaller (storage.sparse_storage); the report gives fi
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
@@ -59,7 +60,9 @@ class Sparsify(WeightPass):
     pattern: Any = "unstructured"  # unstructured | "N:M" (keep N of every M inputs) | block | channel
     sparsity: Optional[float] = None  # fraction of weights zeroed; default 0.5 (N:M: 1 - N/M)
     block: tuple[int, ...] = (1, 4)  # pattern block: tile of [outputs, inputs]
-    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # default: sensitivity when calibration data is given (measured better: MiniLM 0.5 unstructured cosine 0.930
+    # -> 0.952), else uniform
+    allocation: Optional[Literal["uniform", "sensitivity"]] = None
     damping: float = 0.01  # sparsegpt: added to the diagonal of X^T X, relative to its mean
     # wanda/sparsegpt: calibrate each depth on the outputs of the already-pruned layers before it (SparseGPT's
     # sequential mode; one calibration run per depth), else every layer on the original model's activations
@@ -102,6 +105,12 @@ class Sparsify(WeightPass):
         if not self.damping > 0:
             raise RecipeError(f"sparsify.damping must be > 0, got {self.damping:g}")
         super().__post_init__()
+
+    def resolve(self, has_data: bool) -> "Sparsify":
+        if self.allocation is not None:
+            return self
+        best = "sensitivity" if has_data and self.nm_pattern is None else "uniform"
+        return dataclasses.replace(self, allocation=best)
 
     @property
     def nm_pattern(self) -> Optional[sg.SparsityPattern]:
@@ -165,7 +174,7 @@ class Sparsify(WeightPass):
         if quantized_note:
             notes.append(quantized_note)
         details: dict[str, Any] = {"method": method, "pattern": self.pattern, "requested_sparsity": self.sparsity,
-                                   "allocation": self.allocation}
+                                   "allocation": self.allocation or "uniform"}
         if self.method == "auto":
             notes.append(f"method auto -> {method} ({'calibration data given' if feeds else 'no calibration data'})")
         if feeds:

@@ -5,13 +5,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import onnx
 
 from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
-from ..errors import CalibrationDataError, InvalidModelError, OnnxCompError
+from ..errors import CalibrationDataError, InvalidModelError, MetricError, OnnxCompError
 from ..ir import load_proto, proto_size
 from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
 from ..runtime import MadeSession, ProviderLike, make_session, measure_latency, run_session
@@ -63,6 +63,8 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     missing_outputs: list[str] = field(default_factory=list)  # reference outputs the candidate lacks
     latency_pairs: int = 0  # interleaved timed pairs behind the medians
+    metric: float | None = None  # the caller's task metric on these samples (validate(metric=...)), if given
+    metric_name: str | None = None
 
     # ----------------------------------------------------------------------------------- queries
     def worst(self, metric: str = "cosine") -> tuple[str, float] | None:
@@ -120,6 +122,8 @@ class ValidationReport:
             "samples": int(self.samples),
             "feeds_source": str(self.feeds_source),
             "notes": [str(n) for n in self.notes],
+            "metric": None if self.metric_name is None else {"name": self.metric_name,
+                                                             "value": _json_float(self.metric)},
         }
 
     def _rows(self) -> tuple[list[str], list[list[str]]]:
@@ -147,6 +151,8 @@ class ValidationReport:
             f"size: reference {_fmt_bytes(self.size_bytes['reference'])}, candidate "
             f"{_fmt_bytes(self.size_bytes['candidate'])}, ratio {self.size_ratio:.3f}"
         )
+        if self.metric_name is not None:
+            lines.append(f"task metric {self.metric_name}: {_fmt(self.metric, cos=True)}")
         if self.missing_outputs:
             lines.append("missing in candidate: " + ", ".join(self.missing_outputs))
         return lines
@@ -320,8 +326,10 @@ def _compare_outputs(
     compared: list[str],
     labels: tuple[str, str],
     feeds_source: str,
+    kept: tuple[dict[str, list], dict[str, list]] | None = None,
 ) -> dict[str, OutputError]:
-    """Run both models on every sample and accumulate the per-output errors of ``compared``."""
+    """Run both models on every sample and accumulate the per-output errors of ``compared`` (and, when ``kept``
+    is given, append every output array to its lists for a task metric)."""
     ref_label, cand_label = labels
     accs = {n: OutputAccumulator(n) for n in compared}
     for i, (feed, cfeed) in enumerate(zip(feeds, cand_feeds)):
@@ -329,7 +337,24 @@ def _compare_outputs(
         c_out = run_session(cand_s.session, cfeed, compared, name=cand_label, sample=i)
         for name, r, c in zip(compared, r_out, c_out):
             accs[name].update(r, c)
+            if kept is not None:
+                kept[0].setdefault(name, []).append(r)
+                kept[1].setdefault(name, []).append(c)
     return {n: a.result() for n, a in accs.items()}
+
+
+def _task_metric(metric: Callable[[dict, dict], float], kept: tuple[dict[str, list], dict[str, list]]) -> float:
+    """The caller's metric on the kept outputs; its own failure is a MetricError (the metric is the user's code,
+    given the outputs by name: {list(kept[0])}), never a crash."""
+    name = getattr(metric, "__name__", type(metric).__name__)
+    try:
+        value = float(metric(kept[0], kept[1]))
+    except OnnxCompError:
+        raise
+    except Exception as e:
+        raise MetricError(f"accuracy_budget metric {name} raised {type(e).__name__}: {e} (it gets dicts "
+                          f"output name -> list of arrays; outputs: {', '.join(kept[0])})") from e
+    return value
 
 
 def _output_notes(outputs: dict[str, OutputError], notes: list[str]) -> None:
@@ -411,6 +436,7 @@ def validate(
     seed: int = 0,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     dim_values: Mapping[str, int] | None = None,
+    metric: Callable[[dict, dict], float] | None = None,
 ) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` in ONNX Runtime: per-output errors, latency ratio, size ratio.
 
@@ -421,6 +447,8 @@ def validate(
     (``warmup`` runs each, then ``runs`` pairs or as many as fit in ``time_budget_s``).
     Outputs present in both models are compared; reference outputs the candidate lacks are listed in
     ``missing_outputs``; candidate-only outputs are ignored. Both models must have the same inputs.
+    metric: a task metric ``metric(ref_outputs, cand_outputs) -> float`` (each a dict output name -> list of
+    arrays over the samples), reported as ``report.metric``.
     """
     if max_samples < 1:
         raise CalibrationDataError(f"max_samples must be >= 1, got {max_samples}")
@@ -438,9 +466,15 @@ def validate(
     cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
     _session_notes(ref_s, cand_s, notes)
 
-    outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, (ref_label, cand_label), feeds_source)
+    kept: tuple[dict[str, list], dict[str, list]] | None = ({}, {}) if metric is not None else None
+    outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, (ref_label, cand_label), feeds_source,
+                               kept)
     _output_notes(outputs, notes)
     timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
     if latency:
         timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
-    return _build_report(ref, cand, outputs, timing, list(ref_s.providers), len(feeds), feeds_source, notes, missing)
+    report = _build_report(ref, cand, outputs, timing, list(ref_s.providers), len(feeds), feeds_source, notes,
+                           missing)
+    if metric is not None and kept is not None:
+        report.metric, report.metric_name = _task_metric(metric, kept), getattr(metric, "__name__", "metric")
+    return report

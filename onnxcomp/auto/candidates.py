@@ -1,0 +1,134 @@
+"""What `preset: auto` tries, from what the model contains and whether calibration data was given.
+
+Stage 0 are single compressions (each after cleanup); each later stage follows up what met the budget: the next
+channel-pruning level, and each structural candidate composed with the best quantization (prune / factorize
+first, then quantize, so the second calibrates on the first's output). The order is cheap to expensive, so a
+`max_seconds` budget cuts the costly ones first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..algorithms.channels import find_groups
+from ..algorithms.select import find_weight_layers
+from ..passes import REGISTRY, Pass
+
+Objective = Literal["latency", "size"]
+
+#: channel-pruning levels: the search starts at CHANNEL_START, goes up after a level met the budget and down
+#: after one missed it
+CHANNEL_LEVELS = (0.15, 0.3, 0.5, 0.7)
+CHANNEL_START = 1
+#: low-rank parameter ratio tried (sensitivity allocation, speed-checked ranks)
+LOWRANK_RATIO = 0.75
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the candidates depend on: weight layers by kind, embedding tables, prunable channel groups."""
+
+    matmul_layers: int
+    conv_layers: int
+    embedding_tables: int
+    channel_groups: int
+    attention_blocks: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe to measure: its name (for the report), passes, and the candidates it builds on."""
+
+    name: str
+    passes: tuple[Pass, ...]
+    base: tuple[str, ...] = ()  # skipped unless every one of these met the budget
+    kind: Literal["lossless", "quantize", "structure", "composed"] = "quantize"
+    # passes (by index) whose layers the budget may leave uncompressed; structural passes are not backed off
+    # (a costly re-run per round): a lower level is tried instead
+    backoff: tuple[int, ...] = ()
+
+
+class Outcome(NamedTuple):
+    """What a candidate gave, as the follow-ups need it."""
+
+    candidate: Candidate
+    passes: tuple[Pass, ...]  # as really applied (after back-off)
+    met: bool
+    backed_off: bool  # the budget was met only by leaving layers uncompressed
+    size_ratio: float
+
+
+def model_facts(proto: onnx.ModelProto) -> ModelFacts:
+    """Count what the passes could act on (no change to the model)."""
+    model = ir.Model.from_proto(proto)
+    layers = find_weight_layers(model, ops=("MatMul", "Gemm", "Conv"))
+    tables = [n for n in model.graph.nodes if n.op == "Gather" and n.inputs and isinstance(n.inputs[0], gs.Constant)]
+    try:
+        groups, _ = find_groups(model, heads=True)
+    except Exception:  # a graph the channel analysis cannot read simply offers no groups to the search
+        groups = []
+    return ModelFacts(matmul_layers=sum(lay.op != "Conv" for lay in layers),
+                      conv_layers=sum(lay.op == "Conv" for lay in layers), embedding_tables=len(tables),
+                      channel_groups=sum(g.attention is None for g in groups),
+                      attention_blocks=sum(g.attention is not None for g in groups))
+
+
+def _p(kind: str, **opts) -> Pass:
+    return REGISTRY[kind](**opts)
+
+
+def candidates(facts: ModelFacts, objective: Objective, has_data: bool) -> list[Candidate]:
+    """Stage 0: lossless, the quantize modes that apply, the first structural levels (with data)."""
+    clean = (_p("cleanup"),)
+    out = [Candidate("lossless", clean, kind="lossless")]
+    if facts.matmul_layers:
+        out.append(Candidate("int8-dynamic", clean + (_p("quantize", mode="dynamic"),), backoff=(1,)))
+    if has_data and (facts.matmul_layers or facts.conv_layers):
+        out.append(Candidate("int8-static", clean + (_p("quantize", mode="static"),), backoff=(1,)))
+    if objective == "size" and facts.matmul_layers:
+        out.append(Candidate("int4-weights", clean + (_p("quantize", mode="weight_only", weight_dtype="int4",
+                                                          block_size=32),), backoff=(1,)))
+    if has_data and facts.channel_groups:
+        level = CHANNEL_LEVELS[CHANNEL_START]
+        out.append(Candidate(f"channel-{level}", clean + (_channel(level),), kind="structure"))
+    if has_data and facts.matmul_layers:
+        out.append(Candidate(f"lowrank-{LOWRANK_RATIO}", clean + (_p("lowrank", params_ratio=LOWRANK_RATIO),),
+                             kind="structure"))
+    return out
+
+
+def _channel(level: float) -> Pass:
+    return _p("sparsify", pattern="channel", sparsity=level)
+
+
+def followups(done: list[Outcome], best_quantize: Optional[Candidate]) -> list[Candidate]:
+    """The next stage, from what ran so far: the next channel level after each one that met the budget without
+    back-off (one that needed it would need more), and each structural candidate that met the budget and still
+    changed the model, followed by `best_quantize` (the quantization that met the budget and beat the input on
+    the objective)."""
+    out = []
+    by_name = {o.candidate.name: o for o in done}
+    for i, level in enumerate(CHANNEL_LEVELS):
+        o = by_name.get(f"channel-{level}")
+        if o is None:
+            continue
+        j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
+        if j is not None and 0 <= j < len(CHANNEL_LEVELS):
+            nxt = CHANNEL_LEVELS[j]
+            out.append(Candidate(f"channel-{nxt}", o.passes[:-1] + (_channel(nxt),), base=(o.candidate.name,),
+                                 kind="structure"))
+    if best_quantize is not None:
+        q = best_quantize.passes[-1]
+        for o in by_name.values():
+            if o.met and o.candidate.kind == "structure" and o.size_ratio < 0.99:
+                out.append(Candidate(f"{o.candidate.name}+{best_quantize.name}", o.passes + (q,),
+                                     base=(o.candidate.name, best_quantize.name), kind="composed",
+                                     backoff=(len(o.passes),)))
+    return out
