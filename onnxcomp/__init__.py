@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 from .api import CompressionResult, compress, validate
-from .errors import (AccuracyBudgetError, CalibrationDataError, InternalError, InvalidModelError, OnnxCompError,
-                     RecipeError, RewriteError, UnsupportedModelError)
-from .recipe import AccuracyBudget, Recipe
+from .errors import (AccuracyBudgetError, CalibrationDataError, InternalError, InvalidModelError, MetricError,
+                     OnnxCompError, RecipeError, RewriteError, UnsupportedModelError)
+from .recipe import AccuracyBudget, AutoSearch, Recipe, presets
 from .report import Report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compress", "validate", "CompressionResult", "Recipe", "AccuracyBudget", "Report",
+    "compress", "validate", "presets", "CompressionResult", "Recipe", "AccuracyBudget", "AutoSearch", "Report",
     "OnnxCompError", "InvalidModelError", "UnsupportedModelError", "RecipeError", "CalibrationDataError",
-    "RewriteError", "AccuracyBudgetError", "InternalError", "__version__",
+    "MetricError", "RewriteError", "AccuracyBudgetError", "InternalError", "__version__",
 ]

@@ -192,6 +192,16 @@ class _Job:
                 "backoff": [r.to_dict() for r in rounds]}
 
 
+#: fewer held-back rows than this get a warning that the measured accuracy is a rough estimate
+FEW_VALIDATION_ROWS = 64
+
+
+def _rows(feed: dict) -> int:
+    """Rows in one feed: the leading dim of its first array (1 for scalars)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+
+
 def _split_data(calib, valid) -> tuple[Any, Any, dict[str, Any]]:
     """(calibration, validation, what the report says about them): without validation data, a part of the
     calibration data is held back (`data.split_holdout`); with neither, validation uses generated feeds."""
@@ -207,6 +217,10 @@ def _split_data(calib, valid) -> tuple[Any, Any, dict[str, Any]]:
         calib, valid = split_holdout(calib)
         note.update(validation=f"held back from calibration_data (every {HOLDOUT_EVERY}th sample)",
                     calibration_samples=len(calib))
+        rows = sum(_rows(f) for f in valid)
+        if rows < FEW_VALIDATION_ROWS:
+            note["warning"] = (f"accuracy is measured on {rows} held-back row(s) only: a budget met on so few may not "
+                               "hold on new data; pass validation_data (a few hundred samples) for a firmer check")
     elif valid is None:
         note["validation"] = "generated feeds (no data given)"
     note["validation_samples"] = len(valid) if valid is not None else 0

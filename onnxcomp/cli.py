@@ -147,6 +147,72 @@ def _recipe_from_options(recipe: Optional[str], preset: Optional[str], objective
     return rec
 
 
+@main.group()
+def data() -> None:
+    """Make calibration/validation feeds from sentences or images, checked against the model."""
+
+
+def _write_feeds(feeds: list, output: str) -> None:
+    from .data import to_npz
+
+    path = to_npz(feeds, output)
+    shapes = {k: sorted({tuple(f[k].shape) for f in feeds}) for k in feeds[0]}
+    desc = "; ".join(f"{k} {v[0] if len(v) == 1 else f'{len(v)} shapes, e.g. {v[0]}'}" for k, v in shapes.items())
+    click.echo(f"wrote {len(feeds)} feed(s) to {path} ({desc})")
+
+
+@data.command("texts")
+@click.argument("texts_file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False), help="Hugging Face tokenizer.json")
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="check the feeds against this model's inputs (names, dtypes, ranks)")
+@click.option("-o", "--output", required=True, help="a .npz file (needs one shape: --pad-to), or a folder")
+@click.option("--max-length", type=int, default=128, show_default=True, help="truncate to this many tokens")
+@click.option("--pad-to", type=int, default=None, help="pad every sentence to this many tokens")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def data_texts(texts_file: str, tokenizer: str, model_path: Optional[str], output: str, max_length: int,
+               pad_to: Optional[int], batch_size: int, debug: bool) -> None:
+    """Tokenize TEXTS_FILE (one sentence per line) into feeds."""
+
+    def go() -> None:
+        from .data import from_texts
+
+        feeds = from_texts(texts_file, tokenizer=tokenizer, model=model_path, max_length=max_length,
+                           batch_size=batch_size, pad_to=pad_to)
+        _write_feeds(feeds, output)
+
+    _run(debug, go)
+
+
+@data.command("images")
+@click.argument("images", type=click.Path())
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="take the size/channels from this model's input and check the feeds against it")
+@click.option("-o", "--output", required=True, help="a .npz file, or a folder (one .npz per feed)")
+@click.option("--size", type=int, nargs=2, default=None, help="height width (default: the model input's)")
+@click.option("--mean", type=float, multiple=True, help="per-channel mean after scaling (repeat per channel)")
+@click.option("--std", type=float, multiple=True, help="per-channel std after scaling (repeat per channel)")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="pixel values are multiplied by it")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--input", "input_name", default=None, help="the model input the images feed")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def data_images(images: str, model_path: Optional[str], output: str, size, mean: tuple, std: tuple, scale: float,
+                layout: str, input_name: Optional[str], batch_size: int, debug: bool) -> None:
+    """Decode the image files under IMAGES (a folder or one file) into feeds."""
+
+    def go() -> None:
+        from .data import from_images
+
+        feeds = from_images(images, model=model_path, size=tuple(size) if size else None,
+                            mean=list(mean) or 0.0, std=list(std) or 1.0, scale=scale, layout=layout,
+                            input=input_name, batch_size=batch_size)
+        _write_feeds(feeds, output)
+
+    _run(debug, go)
+
+
 @main.command()
 def presets() -> None:
     """List the shipped presets (use one with `compress --preset NAME`)."""

@@ -212,6 +212,15 @@ def test_a_failing_metric_is_the_users_error_naming_the_outputs():
     def bad(ref, cand):
         return ref["output"]
 
-    with pytest.raises(onnxcomp.errors.MetricError, match="outputs: logits"):
+    with pytest.raises(onnxcomp.MetricError, match="outputs: logits"):
         onnxcomp.compress(path, {"preset": "auto", "accuracy_budget": {"metric": bad, "min": 0.9}},
                           calibration_data=feeds, progress=False)
+
+
+def test_auto_without_data_stays_cheap_and_says_what_data_would_give():
+    path, _ = _digits(flat=False)
+    res = onnxcomp.compress(path, "fast", progress=False, validate=False)
+    names = [t["name"] for t in res.report.search["trials"]]
+    assert names == ["lossless", "int8-dynamic"]  # its Gemms; static int8 and pruning need data
+    assert res.report.search["winner"] == "lossless" and res.report.data["validation"].startswith("generated")
+    assert any("calibration_data" in s and "static int8" in s for s in res.report.suggestions)

@@ -74,3 +74,23 @@ def test_refuses_to_overwrite_input(tmp_path):
     before = src.read_bytes()
     r = cli("compress", src, "-o", src)
     assert r.returncode != 0 and src.read_bytes() == before
+
+
+def test_compress_with_a_preset_objective_and_budget(tmp_path):
+    d = testing.digits_data()
+    np.savez(tmp_path / "calib.npz", input=d["x_calib_flat"][:60])
+    out = tmp_path / "mlp.onnx"
+    r = cli("compress", testing.digits_mlp_path(), "-o", out, "--preset", "fast", "--objective", "size",
+            "--budget", "cosine=0.999", "--calibration", tmp_path / "calib.npz", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["search"]["objective"] == "size" and rep["accuracy_budget"]["bounds"] == {"cosine": 0.999}
+    assert rep["accuracy_budget"]["met"] and "auto      objective size" in r.stdout
+    assert rep["data"]["validation_samples"] == 12  # every 5th of the 60 samples
+    bad = cli("compress", testing.digits_mlp_path(), "-o", tmp_path / "x.onnx", "--preset", "lossless",
+              "--objective", "size")
+    assert bad.returncode == 2 and "apply to the auto search" in bad.stderr
+    unknown = cli("compress", testing.digits_mlp_path(), "-o", tmp_path / "x.onnx", "--preset", "quick")
+    assert unknown.returncode == 2 and "unknown preset 'quick'" in unknown.stderr
+    listed = cli("presets")
+    assert listed.returncode == 0 and all(n in listed.stdout for n in ("lossless", "fast", "small", "int8"))

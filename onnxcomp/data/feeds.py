@@ -32,9 +32,10 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from .errors import CalibrationDataError, UnsupportedModelError
+from ..errors import CalibrationDataError, UnsupportedModelError
 
-__all__ = ["InputSpec", "input_specs", "load_feeds", "check_feeds", "generate_feeds"]
+__all__ = ["Feed", "InputSpec", "input_specs", "load_feeds", "check_feeds", "from_arrays", "generate_feeds",
+           "split_holdout", "HOLDOUT_EVERY"]
 
 Dim = Union[int, str, None]
 Feed = dict[str, np.ndarray]  # (non-tensor inputs, rare, carry whatever ORT takes for them)
@@ -178,30 +179,49 @@ def _from_path(path: Path, specs: Sequence[InputSpec], what: str, limit: int | N
         if not files:
             raise CalibrationDataError(f"{what}: directory {path} contains no .npz files (one file per sample)")
         return [_read_npz(p, what) for p in files[:limit]]
-    arrays = _read_npz(path, what)
+    return _split_stacked(_read_npz(path, what), specs, f"{what}: {path}", limit)
+
+
+def _split_stacked(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str,
+                   limit: int | None, batch_size: int = 1) -> list[Feed]:
+    """Arrays stacked on axis 0 (one length N) -> feeds of `batch_size` rows (see the module doc)."""
     if not arrays:
-        raise CalibrationDataError(f"{what}: {path} holds no arrays")
+        raise CalibrationDataError(f"{where} holds no arrays")
+    arrays = {k: np.asarray(a) for k, a in arrays.items()}
     by_name = {s.name: s for s in specs}
     lengths = {}
     for k, a in arrays.items():
         if a.ndim == 0:
             raise CalibrationDataError(
-                f"{what}: array '{k}' in {path} is a scalar; arrays must be stacked on axis 0 (one row per sample)"
+                f"{where}: array '{k}' is a scalar; arrays must be stacked on axis 0 (one row per sample)"
             )
         lengths[k] = a.shape[0]
     if len(set(lengths.values())) > 1:
         raise CalibrationDataError(
-            f"{what}: arrays in {path} are stacked on axis 0 and must have one length, got "
+            f"{where}: arrays are stacked on axis 0 and must have one length, got "
             + ", ".join(f"'{k}': {n}" for k, n in lengths.items())
         )
     n = next(iter(lengths.values()))
-    if limit is not None:
-        n = min(n, limit)
     squeeze = {}
     for k, a in arrays.items():
         s = by_name.get(k)
         squeeze[k] = s is not None and s.shape is not None and a.ndim == len(s.shape) + 1
-    return [{k: (a[i] if squeeze[k] else a[i : i + 1]) for k, a in arrays.items()} for i in range(n)]
+    if any(squeeze.values()):  # one sample per row, without a batch dim
+        batch_size = 1
+    starts = list(range(0, n, batch_size))[:limit]
+    return [{k: (a[i] if squeeze[k] else a[i : i + batch_size]) for k, a in arrays.items()} for i in starts]
+
+
+def from_arrays(arrays: Mapping[str, np.ndarray], model: Any = None, batch_size: int = 1) -> list[Feed]:
+    """Feeds of `batch_size` rows from arrays stacked on axis 0 (keys = input names, as in an .npz), checked
+    against `model`'s inputs when given (names, dtypes, ranks; errors name the input)."""
+    if batch_size < 1:
+        raise CalibrationDataError(f"from_arrays: batch_size must be >= 1, got {batch_size}")
+    from .model import model_specs
+
+    specs = model_specs(model)
+    feeds = _split_stacked(arrays, specs or [], "from_arrays", None, batch_size)
+    return check_feeds(feeds, specs, "from_arrays") if specs else feeds
 
 
 # --------------------------------------------------------------------------------------------- check
