@@ -138,6 +138,9 @@ class _Job:
             ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
         if data_note.get("warning"):
             ctx.warn(data_note["warning"])
+        _note_nonfinite(ctx, calib, "calibration data")
+        if valid is not calib:
+            _note_nonfinite(ctx, valid, "validation data")
         return cls(rec, source, proto, valid, ctx, data_note, recipe)
 
     def _validate(self, candidate: onnx.ModelProto, latency: bool):
@@ -225,6 +228,15 @@ def _split_data(calib, valid) -> tuple[Any, Any, dict[str, Any]]:
         note["validation"] = "generated feeds (no data given)"
     note["validation_samples"] = len(valid) if valid is not None else 0
     return calib, valid, note
+
+
+def _note_nonfinite(ctx: PassContext, feeds, what: str) -> None:
+    from .data.feeds import nonfinite_values
+
+    counts = nonfinite_values(feeds or [])
+    if counts:
+        ctx.warn(f"{what} holds NaN/inf ({', '.join(f'{k}: {n}' for k, n in counts.items())}): kept as inputs; "
+                 "calibration ranges skip them, validation compares their positions")
 
 
 def _suggestions(job: "_Job") -> list[str]:

@@ -407,6 +407,8 @@ class Model:
     # value_info names the source carried: inferred shapes help rules but are not written back (they change
     # what ORT's optimizer does, and go stale when a pass changes shapes)
     value_info_names: Optional[set[str]] = None
+    # types gs cannot carry (optional, map, sequences of them): written back by name on export
+    special_types: Optional[dict[str, onnx.TypeProto]] = None
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, infer_shapes: bool = True,
@@ -432,7 +434,9 @@ class Model:
             raise UnsupportedModelError(f"cannot import the graph: {type(e).__name__}: {e}") from None
         meta = _without_graph(proto)
         kept = {vi.name for g in iter_graph_protos(proto.graph) for vi in g.value_info}
-        return cls(graph, meta, kept)
+        special = {vi.name: vi.type for g in iter_graph_protos(src.graph)
+                   for vi in (*g.input, *g.output, *g.value_info) if not vi.type.HasField("tensor_type")}
+        return cls(graph, meta, kept, special or None)
 
     def to_proto(self) -> onnx.ModelProto:
         """Export with topologically sorted nodes and the original model-level fields."""
@@ -444,10 +448,7 @@ class Model:
             toposort(g)
         opsets = {o.domain: o.version for o in self.meta.opset_import}
         self.graph.opset = opsets.get("", opsets.get("ai.onnx", self.graph.opset))
-        try:
-            out = gs.export_onnx(self.graph, do_type_check=False)
-        except Exception as e:
-            raise InvalidModelError(f"cannot export the rewritten graph: {type(e).__name__}: {e}") from None
+        out = self._export()
         for o in out.opset_import:  # keep domains gs discovered, prefer the model's versions
             opsets.setdefault(o.domain, o.version)
         del out.opset_import[:]
@@ -471,6 +472,32 @@ class Model:
                 if len(keep) != len(g.value_info):
                     del g.value_info[:]
                     g.value_info.extend(keep)
+        return out
+
+    def _export(self) -> onnx.ModelProto:
+        """gs.export_onnx, with the types gs cannot write (optional, map, ...) exported untyped and then restored
+        from the source by name. An export failure is a bug of ours (the graph came from a valid model)."""
+        from .errors import InternalError
+
+        special = self.special_types or {}
+        untyped = []
+        for g in iter_graphs(self.graph):
+            for t in g.tensors().values():
+                if t.name in special and isinstance(t, gs.Variable) and t.dtype is not None:
+                    untyped.append((t, t.dtype))
+                    t.dtype = None
+        try:
+            out = gs.export_onnx(self.graph, do_type_check=False)
+        except Exception as e:
+            raise InternalError(f"bug in onnxcomp: cannot export the rewritten graph: {type(e).__name__}: {e}"
+                                ) from e
+        finally:
+            for t, dtype in untyped:
+                t.dtype = dtype
+        for g in iter_graph_protos(out.graph):
+            for vi in (*g.input, *g.output, *g.value_info):
+                if vi.name in special:
+                    vi.type.CopyFrom(special[vi.name])
         return out
 
 

@@ -109,18 +109,23 @@ class Pipeline:
         t0 = time.perf_counter()
         before_hist, before_inits = _histogram(current), _init_names(current)
         notes: list[str] = []
-        source = _upgrade_opset(current, p.min_opset(), notes)
-        model = ir.Model.from_proto(source)
-        outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
-        outcome.notes[:0] = notes
-        candidate = model.to_proto()
-        status = "ok"
         try:
-            ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")
-        except InvalidModelError as e:
-            status = f"rolled back: {e}"
-            self.ctx.warn(f"pass '{p.name}' produced an invalid model and was rolled back: {e}")
-            candidate, outcome.layers = current, []
+            source = _upgrade_opset(current, p.min_opset(), notes)
+        except _SignatureChanged as e:  # the pass cannot run on this model as it is: left unchanged, with why
+            status, candidate, outcome = f"skipped: {e}", current, PassOutcome(notes=[str(e)])
+            self.ctx.warn(f"pass '{p.name}' skipped: {e}")
+        else:
+            model = ir.Model.from_proto(source)
+            outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
+            outcome.notes[:0] = notes
+            candidate = model.to_proto()
+            status = "ok"
+            try:
+                ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")
+            except InvalidModelError as e:
+                status = f"rolled back: {e}"
+                self.ctx.warn(f"pass '{p.name}' produced an invalid model and was rolled back: {e}")
+                candidate, outcome.layers = current, []
         after_hist, after_inits = _histogram(candidate), _init_names(candidate)
         rec = PassRecord(
             name=p.name, options=p.options(), status=status, seconds=time.perf_counter() - t0,
@@ -174,9 +179,39 @@ def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]
         raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "
                                     f"onnx.version_converter could not convert it: {str(e).splitlines()[0][:200]}"
                                     ) from None
+    changed = _signature_change(proto, out)
+    if changed:
+        raise _SignatureChanged(f"it needs opset >= {need} and converting this opset-{have} model with "
+                                f"onnx.version_converter would change its interface ({changed})")
     notes.append(f"model converted from opset {have} to {need} with onnx.version_converter "
                  "(needed for per-channel quantization axes)")
     return out
+
+
+class _SignatureChanged(Exception):
+    """The opset conversion a pass needs would change the model's inputs or outputs (e.g. Scan-8 -> Scan-9 drops
+    the batch dim of its state): the pass is skipped, the model kept as it is."""
+
+
+def _signature_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+    """The first graph input/output whose name or type differs after conversion ('' when none)."""
+    for kind in ("input", "output"):
+        a = [(v.name, v.type.SerializeToString(deterministic=True)) for v in getattr(before.graph, kind)]
+        b = [(v.name, v.type.SerializeToString(deterministic=True)) for v in getattr(after.graph, kind)]
+        if a != b:
+            diff = next((x for x, y in zip(a, b) if x != y), a[0] if a else ("?", b""))
+            vb = next((v for v in getattr(before.graph, kind) if v.name == diff[0]), None)
+            va = next((v for v in getattr(after.graph, kind) if v.name == diff[0]), None)
+            return f"{kind} '{diff[0]}': {_shape_text(vb)} -> {_shape_text(va)}"
+    return ""
+
+
+def _shape_text(v) -> str:
+    if v is None:
+        return "absent"
+    if not v.type.HasField("tensor_type"):
+        return "non-tensor"
+    return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim) + "]"
 
 
 def _histogram(m: onnx.ModelProto) -> Counter:

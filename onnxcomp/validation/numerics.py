@@ -64,6 +64,32 @@ class OutputError:
         return self.problem is None and all(math.isfinite(getattr(self, m)) for m in METRICS)
 
 
+def _structured(v: Any) -> bool:
+    """A sequence (list of tensors) or an empty optional (None): not one array."""
+    return v is None or isinstance(v, (list, tuple))
+
+
+def _flat(v: Any) -> Any:
+    """A sequence's elements raveled into one array (recursively); None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        parts = [_flat(x) for x in v]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate([np.ravel(p) for p in parts]) if parts else np.zeros((0,), np.float32)
+    return np.asarray(v)
+
+
+def _layout(v: Any) -> Any:
+    """The shape structure of a sequence/optional value (lengths and element shapes), to compare exactly."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_layout(x) for x in v]
+    return tuple(np.shape(v))
+
+
 class OutputAccumulator:
     """Streaming accumulator of one output's errors; ``update`` per sample, ``result`` at the end."""
 
@@ -88,10 +114,29 @@ class OutputAccumulator:
         self.integral = False
         self.problem: str | None = None
 
+    def _flatten(self, ref: Any, cand: Any, idx: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A sequence/optional sample as two flat arrays to compare, or None when there is nothing to compare
+        (both empty optionals) or their structure differs (recorded as the output's problem)."""
+        if _layout(ref) != _layout(cand):
+            if self.problem is None:
+                self.problem = (f"sequence/optional structure differs on sample {idx}: reference "
+                                f"{_layout(ref)}, candidate {_layout(cand)}")
+            return None
+        r, c = _flat(ref), _flat(cand)
+        if r is None:
+            return None
+        return r, c
+
     def update(self, ref: Any, cand: Any) -> None:
+        idx = self.samples
+        if _structured(ref) or _structured(cand):
+            flat = self._flatten(ref, cand, idx)
+            if flat is None:
+                self.samples += 1
+                return
+            ref, cand = flat
         r = np.asarray(ref)
         c = np.asarray(cand)
-        idx = self.samples
         self.samples += 1
         if self.shape is None:
             self.shape = list(r.shape)
