@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .api import CompressionResult, compress, validate
 from .errors import (AccuracyBudgetError, CalibrationDataError, InternalError, InvalidModelError, MetricError,
-                     OnnxCompError, RecipeError, RewriteError, UnsupportedModelError)
+                     OnnxCompError, RecipeError, RewriteError, SaveError, UnsupportedModelError)
 from .recipe import AccuracyBudget, AutoSearch, Recipe, presets
 from .report import Report
 
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "compress", "validate", "presets", "CompressionResult", "Recipe", "AccuracyBudget", "AutoSearch", "Report",
     "OnnxCompError", "InvalidModelError", "UnsupportedModelError", "RecipeError", "CalibrationDataError",
-    "MetricError", "RewriteError", "AccuracyBudgetError", "InternalError", "__version__",
+    "MetricError", "RewriteError", "SaveError", "AccuracyBudgetError", "InternalError", "__version__",
 ]

@@ -28,6 +28,11 @@ class MetricError(RecipeError):
     """The accuracy budget's task metric (the user's callable) raised or returned something that is not a number."""
 
 
+class SaveError(OnnxCompError):
+    """The output cannot be written (permissions, a full disk, a path that is not a folder): nothing partial is
+    left behind and an existing file at that path is unchanged."""
+
+
 class RewriteError(OnnxCompError):
     """A rewrite rule or pass produced an invalid graph that could not be rolled back."""
 
@@ -52,6 +57,7 @@ __all__ = [
     "CalibrationDataError",
     "MetricError",
     "RewriteError",
+    "SaveError",
     "AccuracyBudgetError",
     "InternalError",
 ]

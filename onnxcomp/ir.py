@@ -163,8 +163,21 @@ def check_proto(model: onnx.ModelProto, full: bool = True, what: str = "model") 
 
 
 def save_proto(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool | None = None) -> Path:
-    """Write atomically (temp file in the target dir, fsync, rename); external data when > 2 GB."""
+    """Write atomically (temp file in the target dir, fsync, rename); external data when > 2 GB. An OSError
+    (permissions, full disk, ...) is a SaveError naming the path; the old file, if any, is unchanged."""
     path = Path(os.fspath(path))
+    try:
+        return _save_proto(model, path, external_data)
+    except OSError as e:
+        from .errors import SaveError
+
+        why = e.strerror or str(e)
+        raise SaveError(f"cannot write {path}: {why}" + (f" ({e.filename})" if e.filename and
+                                                          str(e.filename) != str(path) else "") +
+                        "; nothing was written there") from None
+
+
+def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) -> Path:
     target_dir = path.parent if str(path.parent) else Path(".")
     target_dir.mkdir(parents=True, exist_ok=True)
     if external_data is None:
@@ -205,7 +218,17 @@ def save_proto(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, fsynced, then renamed over `path`:
-    a reader sees the old file or the new one, never a partial one."""
+    a reader sees the old file or the new one, never a partial one (the temporary file is removed on failure).
+    An OSError (permissions, full disk) is a SaveError naming the path."""
+    try:
+        _atomic_write(path, data)
+    except OSError as e:
+        from .errors import SaveError
+
+        raise SaveError(f"cannot write {path}: {e.strerror or e}; nothing was written there") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

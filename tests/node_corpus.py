@@ -21,6 +21,10 @@ RECIPES: dict[str, tuple[Any, float]] = {
     "cleanup": (["cleanup"], 1e-5),
     "dynamic": ([{"type": "quantize", "mode": "dynamic", "min_weight_elements": 0}], None),
     "weight_only": ([{"type": "quantize", "mode": "weight_only", "min_weight_elements": 0}], None),
+    "static": ([{"type": "quantize", "mode": "static", "min_weight_elements": 0}], None),
+    "sparsify": ([{"type": "sparsify", "pattern": "2:4", "min_weight_elements": 0}], None),
+    "channel": ([{"type": "sparsify", "pattern": "channel", "sparsity": 0.5}], None),
+    "lowrank": ([{"type": "lowrank", "params_ratio": 0.5, "min_weight_elements": 0, "speed_check": False}], None),
 }
 
 
