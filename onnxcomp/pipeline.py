@@ -194,16 +194,29 @@ class _SignatureChanged(Exception):
 
 
 def _signature_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
-    """The first graph input/output whose name or type differs after conversion ('' when none)."""
+    """The first graph input/output whose name, element type, rank or a fixed dim differs after conversion ('' when
+    none; a fixed dim that became symbolic is less information, not another interface)."""
     for kind in ("input", "output"):
-        a = [(v.name, v.type.SerializeToString(deterministic=True)) for v in getattr(before.graph, kind)]
-        b = [(v.name, v.type.SerializeToString(deterministic=True)) for v in getattr(after.graph, kind)]
-        if a != b:
-            diff = next((x for x, y in zip(a, b) if x != y), a[0] if a else ("?", b""))
-            vb = next((v for v in getattr(before.graph, kind) if v.name == diff[0]), None)
-            va = next((v for v in getattr(after.graph, kind) if v.name == diff[0]), None)
-            return f"{kind} '{diff[0]}': {_shape_text(vb)} -> {_shape_text(va)}"
+        a, b = list(getattr(before.graph, kind)), list(getattr(after.graph, kind))
+        if [v.name for v in a] != [v.name for v in b]:
+            return f"{kind}s {[v.name for v in a]} -> {[v.name for v in b]}"
+        for va, vb in zip(a, b):
+            if not _same_interface(va.type, vb.type):
+                return f"{kind} '{va.name}': {_shape_text(va)} -> {_shape_text(vb)}"
     return ""
+
+
+def _same_interface(a: onnx.TypeProto, b: onnx.TypeProto) -> bool:
+    if not (a.HasField("tensor_type") and b.HasField("tensor_type")):
+        return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+    ta, tb = a.tensor_type, b.tensor_type
+    if ta.elem_type != tb.elem_type or ta.HasField("shape") != tb.HasField("shape"):
+        return False
+    if not ta.HasField("shape"):
+        return True
+    da, db = ta.shape.dim, tb.shape.dim
+    return len(da) == len(db) and all(not (x.HasField("dim_value") and y.HasField("dim_value")) or
+                                      x.dim_value == y.dim_value for x, y in zip(da, db))
 
 
 def _shape_text(v) -> str:

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import ir
-from onnxcomp.errors import InvalidModelError
+from onnxcomp.errors import InvalidModelError, SaveError  # an OSError while saving is a SaveError
 from onnxcomp.rewrite import GraphIndex
 from onnxcomp.testing import digits_mlp_path, session
 
@@ -88,7 +88,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_files(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SaveError, match="No space left"):
         ir.save_proto(small_model(big=True), p)
     monkeypatch.undo()
     assert p.read_bytes() == old
@@ -100,7 +100,7 @@ def test_failed_external_data_save_leaves_no_temp_files(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError):
+    with pytest.raises(SaveError):
         ir.save_proto(small_model(big=True), tmp_path / "m.onnx", external_data=True)
     monkeypatch.undo()
     assert listing(tmp_path) == []
@@ -124,7 +124,7 @@ def test_failed_external_data_save_keeps_the_old_model_and_its_data(tmp_path, mo
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", second_fails)
-    with pytest.raises(OSError, match="I/O error"):
+    with pytest.raises(SaveError, match="I/O error"):
         ir.save_proto(new, p, external_data=True)
     monkeypatch.undo()
     assert {f: (tmp_path / f).read_bytes() for f in listing(tmp_path)} == before
