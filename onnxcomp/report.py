@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .pipeline import PassRecord
-from .summary import human_bytes
+from .summary import format_storage, human_bytes
 
 
 def _json_safe(x: Any) -> Any:
@@ -90,7 +90,9 @@ class Report:
         lines = [f"onnxcomp report: {self.source}  (recipe: {passes}; target {self.recipe.get('target')})",
                  f"  size      {human_bytes(b['model_bytes'])} -> {human_bytes(a['model_bytes'])}"
                  f"   ratio {self.size_ratio:.3f}",
-                 f"  nodes     {b['nodes']} -> {a['nodes']}    parameters {b['parameters']:,} -> {a['parameters']:,}"]
+                 f"  nodes     {b['nodes']} -> {a['nodes']}",
+                 f"  weights   {format_storage(b.get('bytes_by_storage', {}))} -> "
+                 f"{format_storage(a.get('bytes_by_storage', {}))}"]
         v = self.validation
         if v is not None:
             if v.latency_ratio is not None:
@@ -162,8 +164,9 @@ class Report:
               "| | original | compressed | ratio |", "|---|---:|---:|---:|",
               f"| size | {human_bytes(b['model_bytes'])} | {human_bytes(a['model_bytes'])} | {self.size_ratio:.3f} |",
               f"| nodes | {b['nodes']} | {a['nodes']} | {a['nodes'] / max(1, b['nodes']):.3f} |",
-              f"| parameters | {b['parameters']:,} | {a['parameters']:,} | "
-              f"{a['parameters'] / max(1, b['parameters']):.3f} |"]
+              f"| weights by storage | {format_storage(b.get('bytes_by_storage', {}))} | "
+              f"{format_storage(a.get('bytes_by_storage', {}))} | "
+              f"{a['parameter_bytes'] / max(1, b['parameter_bytes']):.3f} |"]
         v = self.validation
         if v is not None and v.latency_ratio is not None:
             md.append(f"| latency (median ms) | {v.latency_ms['reference']:.3f} | {v.latency_ms['candidate']:.3f} | "
@@ -221,9 +224,9 @@ class Report:
         fig, axes = plt.subplots(1, 3 if self.search else 2, figsize=(15 if self.search else 10, 3.2))
         if self.search:
             self._front_plot(axes[2])
-        names = ["size", "nodes", "params"]
+        names = ["size", "nodes", "weight bytes"]
         vals = [self.size_ratio, self.after["nodes"] / max(1, self.before["nodes"]),
-                self.after["parameters"] / max(1, self.before["parameters"])]
+                self.after["parameter_bytes"] / max(1, self.before["parameter_bytes"])]
         if self.latency_ratio is not None:
             names.append("latency")
             vals.append(self.latency_ratio)

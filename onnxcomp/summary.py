@@ -34,6 +34,24 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return _numel(t) * itemsize
 
 
+_FLOAT_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+                onnx.TensorProto.DOUBLE: "fp64"}
+#: ops whose first input is 4-bit weights packed two per uint8
+_PACKED4 = {"com.microsoft.MatMulNBits", "com.microsoft.GatherBlockQuantized"}
+
+
+def _storage(t: onnx.TensorProto, consumer: str) -> str:
+    """How a weight is stored, as a user reads it: fp32 / fp16 / int8 / int4 / other (indices, shapes)."""
+    if t.data_type in _FLOAT_NAMES:
+        return _FLOAT_NAMES[t.data_type]
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or (
+            consumer in _PACKED4 and t.data_type == onnx.TensorProto.UINT8):
+        return "int4"
+    if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+        return "int8"
+    return "other"  # int64/int32 indices and shapes, bools
+
+
 def summarize(model: onnx.ModelProto) -> dict[str, Any]:
     """JSON-safe summary: op histogram, params/bytes by consuming op type, opsets, inputs/outputs, sizes."""
     graphs = list(ir.iter_graph_protos(model.graph))
@@ -46,6 +64,7 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
                 consumer.setdefault(i, op)
     params: Counter = Counter()
     pbytes: Counter = Counter()
+    storage: Counter = Counter()
     total_params = total_bytes = 0
     for g in graphs:
         for t in g.initializer:
@@ -53,6 +72,7 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
             k, b = _numel(t), _nbytes(t)
             params[op] += k
             pbytes[op] += b
+            storage[_storage(t, op)] += b
             total_params += k
             total_bytes += b
         for n in g.node:  # Constant nodes hold parameters too
@@ -62,10 +82,12 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
                         op = consumer.get(n.output[0], "(unused)")
                         if a.type == onnx.AttributeProto.TENSOR:
                             k, b = _numel(a.t), _nbytes(a.t)
+                            storage[_storage(a.t, op)] += b
                         else:  # stored sparse: the dense element count, the bytes really stored
                             sp = a.sparse_tensor
                             k = int(np.prod(sp.dims)) if len(sp.dims) else 1
                             b = _nbytes(sp.values) + _nbytes(sp.indices)
+                            storage["sparse"] += b
                         params[op] += k
                         pbytes[op] += b
                         total_params += k
@@ -82,6 +104,8 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
         "parameter_bytes": total_bytes,
         "params_by_op": dict(params.most_common()),
         "bytes_by_op": dict(pbytes.most_common()),
+        # weight bytes by how they are stored: what shrinks under quantization (a parameter count does not)
+        "bytes_by_storage": dict(storage.most_common()),
         "model_bytes": ir.proto_size(model),
         "inputs": [{"name": i.name, "dtype": onnx.helper.tensor_dtype_to_string(i.type.tensor_type.elem_type)
                     if i.type.HasField("tensor_type") else "non-tensor", "shape": _dims(i)}
@@ -100,11 +124,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def format_storage(by_storage: dict[str, int]) -> str:
+    """'fp32 16.0 MiB + int8 48.1 MiB' (largest first; the small integer tensors last)."""
+    items = sorted(by_storage.items(), key=lambda kv: (kv[0] == "other", -kv[1]))
+    return " + ".join(f"{k} {human_bytes(v)}" for k, v in items if v) or "none"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """Plain-text rendering of `summarize` for the CLI."""
     lines = [f"IR version {s['ir_version']}, opsets {s['opsets']}, producer '{s['producer']}'",
              f"{s['nodes']} nodes ({s['subgraphs']} subgraphs), {s['parameters']:,} parameters, "
-             f"{human_bytes(s['parameter_bytes'])} of weights, {human_bytes(s['model_bytes'])} serialized", "",
+             f"{human_bytes(s['parameter_bytes'])} of weights ({format_storage(s.get('bytes_by_storage', {}))}), "
+             f"{human_bytes(s['model_bytes'])} serialized", "",
              "inputs:"]
     lines += [f"  {i['name']}: {i['dtype']} {i['shape']}" for i in s["inputs"]]
     lines += ["outputs:"] + [f"  {o['name']}: {o['dtype']} {o['shape']}" for o in s["outputs"]]

@@ -246,3 +246,13 @@ def test_accuracy_budget_backs_off_sparsified_layers_too():
              and not (onnx.numpy_helper.to_array(t) == 0).any()}
     assert {f"{n}.weight" for n in left} <= dense
     assert min(o["cosine"] for o in res.report.validation.to_dict()["outputs"].values()) >= target
+
+
+def test_report_gives_weight_bytes_by_storage_not_a_rising_parameter_count():
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib"][i:i + 20]} for i in range(0, 200, 20)]
+    res = onnxcomp.compress(testing.digits_cnn_path(), "int8", calibration_data=calib, progress=False, validate=False)
+    before, after = res.report.before["bytes_by_storage"], res.report.after["bytes_by_storage"]
+    assert set(before) <= {"fp32", "other"} and after["int8"] > 0 and after.get("fp32", 0) < before["fp32"] / 4
+    line = next(ln for ln in str(res.report).splitlines() if ln.strip().startswith("weights"))
+    assert "fp32" in line and "-> int8" in line and "parameters" not in str(res.report)
