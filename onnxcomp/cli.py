@@ -142,8 +142,7 @@ def _recipe_from_options(recipe: Optional[str], preset: Optional[str], objective
                 bounds[key.strip()] = float(value)
             except ValueError:
                 raise RecipeError(f"--budget {item!r}: expected METRIC=NUMBER, e.g. cosine=0.99") from None
-        rec = Recipe.parse({**rec.to_dict(), "accuracy_budget": bounds} if rec.auto is None else
-                           {**rec.auto.to_dict(), "target": rec.target, "accuracy_budget": bounds})
+        rec = Recipe.parse({**rec.to_dict(), "accuracy_budget": bounds})  # to_dict carries preset: auto too
     return rec
 
 

@@ -504,7 +504,7 @@ class Model:
 
         special = self.special_types or {}
         untyped = []
-        for g in iter_graphs(self.graph):
+        for g in iter_graphs(self.graph) if special else ():  # most models have none: no walk on the hot path
             for t in g.tensors().values():
                 if t.name in special and isinstance(t, gs.Variable) and t.dtype is not None:
                     untyped.append((t, t.dtype))
@@ -517,7 +517,7 @@ class Model:
         finally:
             for t, dtype in untyped:
                 t.dtype = dtype
-        for g in iter_graph_protos(out.graph):
+        for g in iter_graph_protos(out.graph) if special else ():
             for vi in (*g.input, *g.output, *g.value_info):
                 if vi.name in special:
                     vi.type.CopyFrom(special[vi.name])

@@ -176,13 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s]{msg}", file=sys.stderr, flush=True)
-
-    facts = bq.machine_facts(0)
-    print(f"machine: {facts['cpu']}, {facts['logical_cpus']} logical CPUs; onnxruntime {facts['onnxruntime']} CPU; "
-          f"load average at start {facts['loadavg']}")
+    facts, log = bq.start_run()
     out = {"machine": facts, "models": {}}
     for name in args.models:
         out["models"][name] = run_model(name, args, log)

@@ -445,6 +445,19 @@ def machine_facts(threads: int) -> dict[str, Any]:
     }
 
 
+def start_run() -> tuple[dict[str, Any], Callable[[str], None]]:
+    """Print the machine line the benchmarks open with; return the machine facts and a log() with elapsed time."""
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s]{msg}", file=sys.stderr, flush=True)
+
+    facts = machine_facts(0)
+    print(f"machine: {facts['cpu']}, {facts['logical_cpus']} logical CPUs; onnxruntime {facts['onnxruntime']} CPU; "
+          f"load average at start {facts['loadavg']}")
+    return facts, log
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -90,13 +90,7 @@ def main(argv=None) -> int:
             print("note: pattern 'channel' skipped (onnxcomp/algorithms/channels.py not present)")
             args.patterns = [p for p in args.patterns if p != "channel"]
     t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f}s]{msg}", file=sys.stderr, flush=True)
-
-    facts = bq.machine_facts(0)
-    print(f"machine: {facts['cpu']}, {facts['logical_cpus']} logical CPUs; onnxruntime {facts['onnxruntime']} CPU; "
-          f"load average at start {facts['loadavg']}")
+    facts, log = bq.start_run()
     report: dict[str, Any] = {"machine": facts, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-sparsify-") as tmp:
         for name in args.models:

@@ -44,11 +44,10 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One recipe to measure: its name (for the report), passes, and the candidates it builds on."""
+    """One recipe to measure: its name (for the report), passes, and its kind (what follow-ups build on)."""
 
     name: str
     passes: tuple[Pass, ...]
-    base: tuple[str, ...] = ()  # skipped unless every one of these met the budget
     kind: Literal["lossless", "quantize", "structure", "composed"] = "quantize"
     # passes (by index) whose layers the budget may leave uncompressed; structural passes are not backed off
     # (a costly re-run per round): a lower level is tried instead
@@ -122,13 +121,11 @@ def followups(done: list[Outcome], best_quantize: Optional[Candidate]) -> list[C
         j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
         if j is not None and 0 <= j < len(CHANNEL_LEVELS):
             nxt = CHANNEL_LEVELS[j]
-            out.append(Candidate(f"channel-{nxt}", o.passes[:-1] + (_channel(nxt),), base=(o.candidate.name,),
-                                 kind="structure"))
+            out.append(Candidate(f"channel-{nxt}", o.passes[:-1] + (_channel(nxt),), kind="structure"))
     if best_quantize is not None:
         q = best_quantize.passes[-1]
         for o in by_name.values():
             if o.met and o.candidate.kind == "structure" and o.size_ratio < 0.99:
-                out.append(Candidate(f"{o.candidate.name}+{best_quantize.name}", o.passes + (q,),
-                                     base=(o.candidate.name, best_quantize.name), kind="composed",
+                out.append(Candidate(f"{o.candidate.name}+{best_quantize.name}", o.passes + (q,), kind="composed",
                                      backoff=(len(o.passes),)))
     return out
