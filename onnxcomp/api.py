@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -88,7 +89,8 @@ def compress(
             job.ctx.progress.close()
     _warn_if_slower(vreport, job.recipe, job.ctx)
     budget = job.budget_summary(vreport, rounds)
-    report = Report(source=job.source, recipe=job.recipe.to_dict(), before=summarize(job.proto),
+    before = job.before if job.before is not None else summarize(job.proto)
+    report = Report(source=job.source, recipe=job.recipe.to_dict(), before=before,
                     after=summarize(out), passes=records, validation=vreport, budget=budget,
                     warnings=list(job.ctx.warnings), seconds=time.perf_counter() - t0,
                     search=None if job.searched is None else job.searched.to_dict(), data=job.data_note,
@@ -113,6 +115,7 @@ class _Job:
     data_note: dict[str, Any]
     given_recipe: Any = None
     searched: Any = None  # the auto search's SearchResult
+    before: Optional[dict[str, Any]] = None  # summarize(input), kept when the input proto is let go
 
     @classmethod
     def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress) -> "_Job":
@@ -147,7 +150,9 @@ class _Job:
         from .validation import validate as _validate
 
         budget = self.recipe.accuracy_budget
-        return _validate(self.proto, candidate, inputs=self.validation_data, providers=self.ctx.providers,
+        # over 2 GB, ORT reads the input from its file (the validator does not load its weights again)
+        ref = self.source if self.proto is None or (self._on_disk() and ir.is_big(self.proto)) else self.proto
+        return _validate(ref, candidate, inputs=self.validation_data, providers=self.ctx.providers,
                          latency=latency, metric=None if budget is None else budget.metric)
 
     def run(self, validate: bool):
@@ -159,6 +164,9 @@ class _Job:
         pipeline = Pipeline(self.ctx)
         passes = list(self.recipe.passes)
         out, records = pipeline.run(self.proto, passes)
+        if self.recipe.accuracy_budget is None and self._on_disk() and ir.is_big(self.proto):
+            self.before, self.proto = summarize(self.proto), None  # over 2 GB: validation reads it from disk
+            gc.collect()  # pass graphs are cyclic garbage that would keep the input's weights alive
         vreport = self._validate(out, latency=True) if validate else None
         if vreport is None or self.recipe.accuracy_budget is None:
             return out, records, vreport, []
@@ -168,6 +176,9 @@ class _Job:
             self.recipe = dataclasses.replace(self.recipe, passes=tuple(done.passes))
             return done.model, done.records, self._validate(done.model, latency=True), done.rounds
         return done.model, done.records, done.validation, done.rounds
+
+    def _on_disk(self) -> bool:
+        return self.source != "<ModelProto>"
 
     def _search(self, validate: bool):
         """`preset: auto`: search, then keep the winner's concrete recipe (validated again, timed in full)."""

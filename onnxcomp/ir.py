@@ -34,11 +34,14 @@ ModelLike = Union[onnx.ModelProto, str, os.PathLike, bytes]
 
 
 # --------------------------------------------------------------------------- load / check / save
-def load_proto(src: ModelLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Return a private copy of the model; the caller's ModelProto or file is never modified."""
+def load_proto(src: ModelLike, load_external_data: bool = True, copy: bool = True) -> onnx.ModelProto:
+    """Return a private copy of the model; the caller's ModelProto or file is never modified. `copy=False`: a
+    ModelProto is checked and returned as it is (for readers that never modify it)."""
     if isinstance(src, onnx.ModelProto):
-        out = onnx.ModelProto()
-        out.CopyFrom(src)
+        out = src
+        if copy:
+            out = onnx.ModelProto()
+            out.CopyFrom(src)
         _require_onnx(out, "<ModelProto>")
         unresolved = [t.name for t in external_tensors(out)]
         if unresolved:
@@ -142,21 +145,179 @@ def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     stack.extend(a.graphs)
 
 
+# --------------------------------------------------------------------------- models over 2 GB
+#: a model whose tensors hold this many bytes or more is "big": protobuf cannot serialize it as one message, so
+#: it is checked, shape-inferred, hashed and written part by part (never ByteSize()/SerializeToString() whole)
+BIG_BYTES = TWO_GB - 64 * 2**20
+#: tensors this large move to external data in a skeleton (small ones stay inline: shape inference reads them)
+SKELETON_MIN_BYTES = 64 * 2**10
+#: external data offsets are aligned to this (ONNX Runtime maps aligned external data instead of copying it)
+EXTERNAL_ALIGN = 4096
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and dtype for raw data (no copy), else its encoded size."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if t.HasField("raw_data") and t.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        if bits is None:
+            return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return (n * bits + 7) // 8
+    return t.ByteSize()
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and Constant-node tensor of the model and its subgraphs."""
+    for g in iter_graph_protos(model.graph):
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all tensor data held in the proto (external data not loaded counts 0); copies nothing."""
+    return sum(_tensor_nbytes(t) for t in _tensors(model))
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """True when the model cannot be serialized as one protobuf message (its tensors are near 2 GB)."""
+    return tensor_bytes(model) >= BIG_BYTES
+
+
+def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Optional[int] = None
+             ) -> tuple[onnx.ModelProto, list[tuple[int, onnx.TensorProto]]]:
+    """The model with each tensor of >= `min_bytes` replaced by a reference into external file `data_name`
+    (aligned offsets), and those tensors as (offset, original tensor); `model` is not modified and no tensor
+    data is copied. The skeleton is small: it can be serialized, checked and shape-inferred. `min_bytes`
+    defaults to SKELETON_MIN_BYTES."""
+    min_bytes = SKELETON_MIN_BYTES if min_bytes is None else min_bytes
+    sk = _without_graph(model)
+    moved: list[tuple[int, onnx.TensorProto]] = []
+    end = [0]
+
+    def stub(t: onnx.TensorProto, into: onnx.TensorProto) -> None:
+        n = _tensor_nbytes(t)
+        if t.data_location == onnx.TensorProto.EXTERNAL or n < min_bytes or t.data_type == onnx.TensorProto.STRING:
+            into.CopyFrom(t)
+            return
+        offset = end[0] + ((-end[0]) % EXTERNAL_ALIGN if n >= 2**20 else 0)
+        end[0] = offset + n
+        into.name, into.data_type, into.doc_string = t.name, t.data_type, t.doc_string
+        into.dims.extend(t.dims)
+        into.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(n))):
+            into.external_data.add(key=k, value=v)
+        moved.append((offset, t))
+
+    def graph(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+        for fd, value in src.ListFields():
+            if fd.name not in ("initializer", "node"):
+                if hasattr(value, "extend"):
+                    getattr(dst, fd.name).extend(value)
+                elif fd.message_type is not None:
+                    getattr(dst, fd.name).CopyFrom(value)
+                else:
+                    setattr(dst, fd.name, value)
+        for t in src.initializer:
+            stub(t, dst.initializer.add())
+        for n in src.node:
+            if not any(a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                       for a in n.attribute):
+                dst.node.append(n)
+                continue
+            d = dst.node.add()
+            for fd, value in n.ListFields():
+                if fd.name != "attribute":
+                    if hasattr(value, "extend"):
+                        getattr(d, fd.name).extend(value)
+                    else:
+                        setattr(d, fd.name, value)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    da = d.attribute.add(name=a.name, type=a.type)
+                    stub(a.t, da.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    da = d.attribute.add(name=a.name, type=a.type)
+                    graph(a.g, da.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    da = d.attribute.add(name=a.name, type=a.type)
+                    for sg in a.graphs:
+                        graph(sg, da.graphs.add())
+                else:
+                    d.attribute.append(a)
+
+    graph(model.graph, sk.graph)
+    return sk, moved
+
+
+def _tensor_data(t: onnx.TensorProto) -> bytes:
+    """A tensor's data as the bytes external data stores (little-endian raw bytes)."""
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()
+
+
+def write_skeleton(model: onnx.ModelProto, path: Union[str, os.PathLike], with_data: bool = False,
+                   min_bytes: Optional[int] = None) -> Path:
+    """Write `skeleton(model)` to `path` with its tensors in `<name>.data` beside it: the tensors' bytes when
+    `with_data` (a model with external data, for ONNX Runtime or the user), else a sparse file of the right
+    length (enough for onnx.checker and shape inference, and nothing written)."""
+    path = Path(os.fspath(path))
+    data_name = path.name + ".data"
+    sk, moved = skeleton(model, data_name, min_bytes)
+    if moved:
+        with open(path.parent / data_name, "wb") as f:
+            end = 0
+            for offset, t in moved:
+                end = offset + _tensor_nbytes(t)
+                if with_data:
+                    f.seek(offset)
+                    f.write(_tensor_data(t))
+            f.truncate(end)
+    path.write_bytes(sk.SerializeToString())
+    return path
+
+
+def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
+    """The model's content as a stream of byte strings (for hashing or compressing): the whole serialization
+    for a model under 2 GB, else its skeleton then each moved tensor's data."""
+    if not is_big(model):
+        yield model.SerializeToString(deterministic=True)
+        return
+    sk, moved = skeleton(model)
+    yield sk.SerializeToString(deterministic=True)
+    for _, t in moved:
+        yield _tensor_data(t)
+
+
 def proto_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (initializers included)."""
-    return model.ByteSize()
+    """Serialized size in bytes (initializers included); for a model over 2 GB, the skeleton's size plus its
+    moved tensors' bytes (what its .onnx and .data files hold, alignment aside)."""
+    if not is_big(model):
+        return model.ByteSize()
+    sk, moved = skeleton(model)
+    return sk.ByteSize() + sum(_tensor_nbytes(t) for _, t in moved)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """`proto_size` plus the bytes of tensors left in external data (a model loaded without its data)."""
+    ext = sum(int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in external_tensors(model))
+    return proto_size(model) + ext
 
 
 def check_proto(model: onnx.ModelProto, full: bool = True, what: str = "model") -> None:
-    """Run onnx.checker (full check = strict shape inference too); raise InvalidModelError naming the culprit."""
+    """Run onnx.checker (full check = strict shape inference too); raise InvalidModelError naming the culprit.
+    A model over 2 GB is checked as a skeleton on disk (its tensors' data is not needed for the check)."""
     try:
-        if proto_size(model) < TWO_GB:
+        if not is_big(model):
             onnx.checker.check_model(model, full_check=full)
         else:
-            with tempfile.TemporaryDirectory() as d:
-                p = os.path.join(d, "m.onnx")
-                onnx.save_model(copy.deepcopy(model), p, save_as_external_data=True, location="m.data")
-                onnx.checker.check_model(p, full_check=full)
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as d:
+                onnx.checker.check_model(str(write_skeleton(model, Path(d) / "m.onnx")), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         msg = str(e).strip().splitlines()
         raise InvalidModelError(f"{what} fails onnx.checker: {' '.join(m.strip() for m in msg[:6])}") from None
@@ -181,17 +342,14 @@ def _save_proto(model: onnx.ModelProto, path: Path, external_data: bool | None) 
     target_dir = path.parent if str(path.parent) else Path(".")
     target_dir.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = proto_size(model) >= TWO_GB - 64 * 2**20
+        external_data = is_big(model)
     if not external_data:
         data = model.SerializeToString()
         atomic_write(path, data)
         return path
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".onnxcomp-") as tmp:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        onnx.save_model(m, os.path.join(tmp, path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        write_skeleton(model, Path(tmp) / path.name, with_data=True, min_bytes=1024)  # no copy of the model
         done: list[tuple[Path, str | None]] = []  # (replaced file, link to its previous content)
         try:
             for name in (data_name, path.name):  # data first: the model never points at missing data
@@ -270,6 +428,7 @@ def _fsync_dir(d: Path) -> None:
 
 # --------------------------------------------------------------------------- gs graph <-> proto
 from onnx_graphsurgeon.importers import onnx_importer as _gsi  # noqa: E402
+from onnx_graphsurgeon.ir.tensor import LazyValues as _LazyValues  # noqa: E402
 from onnx_graphsurgeon.util.misc import SynchronizedList as _SyncList  # noqa: E402
 
 
@@ -311,16 +470,51 @@ def _new_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, doma
     return n
 
 
-def _import_fast(model: onnx.ModelProto) -> gs.Graph:
+class _UncachedConstant(gs.Constant):
+    """A gs.Constant (of a model over 2 GB) whose lazily loaded values are read again on each access instead of
+    cached: caching every weight as numpy would hold the model twice. The array is read-only (a write to it
+    would be lost); assigning `values` works as for any Constant."""
+
+    @property
+    def values(self):
+        v = self._values
+        if isinstance(v, _LazyValues):
+            return _read_only_values(v.tensor)
+        return v
+
+    @values.setter
+    def values(self, values) -> None:
+        self._values = values
+
+
+def _read_only_values(t: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values as a read-only array, with one copy of its data (the bytes protobuf hands out)."""
+    if t.HasField("raw_data") and t.data_type in _RAW_VIEW_TYPES:
+        dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")
+        return np.frombuffer(t.raw_data, dtype=dt).reshape(tuple(t.dims))
+    a = onnx.numpy_helper.to_array(t)
+    a.flags.writeable = False
+    return a
+
+
+_RAW_VIEW_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                   onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                   onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _import_fast(model: onnx.ModelProto, shapes: Optional[onnx.GraphProto] = None,
+                 uncached: bool = False) -> gs.Graph:
     """gs.import_onnx for the main graph with O(1)-cost tensor/node construction.
 
     Same objects and fields as gs's importer (which it calls for initializers, attributes and subgraphs);
     used when the model has no local functions, otherwise gs.import_onnx is used as is. The cyclic GC is
     paused while building (every node/tensor pair is a reference cycle: full collections made import
-    quadratic-looking on 100k-node graphs).
+    quadratic-looking on 100k-node graphs). `shapes`: a graph whose value_info/input/output types are used
+    instead of the model's (the inferred skeleton of a model over 2 GB). `uncached`: initializers are
+    `_UncachedConstant`s (a model over 2 GB).
     """
     with gc_paused():
-        return _import_fast_impl(model)
+        return _import_fast_impl(model, shapes, uncached)
 
 
 @contextlib.contextmanager
@@ -336,13 +530,16 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _import_fast_impl(model: onnx.ModelProto) -> gs.Graph:
+def _import_fast_impl(model: onnx.ModelProto, shapes: Optional[onnx.GraphProto], uncached: bool) -> gs.Graph:
     g = model.graph
+    sg = g if shapes is None else shapes
     opset = _gsi.OnnxImporter.get_opset(model)
     domains = _gsi.OnnxImporter.get_import_domains(model)
     tensors: dict[str, gs.Tensor] = {}
     for t in g.initializer:
-        tensors[t.name] = _gsi.OnnxImporter.import_tensor(t)
+        c = tensors[t.name] = _gsi.OnnxImporter.import_tensor(t)
+        if uncached and isinstance(c, gs.Constant) and isinstance(c._values, _LazyValues):
+            c.__class__ = _UncachedConstant
     for t in g.sparse_initializer:
         tensors[t.values.name] = _gsi.OnnxImporter.import_tensor(t)
 
@@ -364,11 +561,11 @@ def _import_fast_impl(model: onnx.ModelProto) -> gs.Graph:
             cur.shape = cur.shape or shape
         return cur
 
-    for vi in g.value_info:
+    for vi in sg.value_info:
         from_value_info(vi)
     init_names = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
-    inputs = [from_value_info(vi) for vi in g.input if vi.name not in init_names]
-    outputs = [from_value_info(vi) for vi in g.output]
+    inputs = [from_value_info(vi) for vi in sg.input if vi.name not in init_names]
+    outputs = [from_value_info(vi) for vi in sg.output]
     nodes = []
     empty_attrs: dict = {}
     for nd in g.node:
@@ -399,10 +596,15 @@ def _import_fast_impl(model: onnx.ModelProto) -> gs.Graph:
 
 
 def shape_inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` with ONNX shape inference applied (best effort: the proto itself when inference fails, e.g. over
-    2 GB or on an op it does not know)."""
+    """`proto` with ONNX shape inference applied (best effort: the proto itself when inference fails, e.g. on an
+    op it does not know). Over 2 GB it is the inferred skeleton (big tensors are stubs): for its shapes only."""
     try:
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        if not is_big(proto):
+            return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-shapes-") as d:  # over 2 GB: infer on the skeleton
+            p = write_skeleton(proto, Path(d) / "m.onnx")
+            onnx.shape_inference.infer_shapes_path(str(p), str(p), strict_mode=False, data_prop=True)
+            return load_proto(p, load_external_data=False)  # shapes only: its big tensors are stubs
     except Exception:  # inference is a help, not a requirement
         return proto
 
@@ -451,8 +653,13 @@ class Model:
             src = inferred
         elif infer_shapes:
             src = shape_inferred(proto)
+        big = is_big(proto)  # then src is a skeleton (or proto): tensors from proto, shapes from src
         try:
-            graph = _import_fast(src) if not src.functions else gs.import_onnx(src)
+            if big:
+                shapes = None if src is proto else src.graph
+                graph = _import_fast(proto, shapes, uncached=True) if not proto.functions else gs.import_onnx(proto)
+            else:
+                graph = _import_fast(src) if not src.functions else gs.import_onnx(src)
         except Exception as e:  # gs raises plain exceptions on odd models
             raise UnsupportedModelError(f"cannot import the graph: {type(e).__name__}: {e}") from None
         meta = _without_graph(proto)
@@ -510,7 +717,7 @@ class Model:
                     untyped.append((t, t.dtype))
                     t.dtype = None
         try:
-            out = gs.export_onnx(self.graph, do_type_check=False)
+            out = _export_onnx(self.graph)
         except Exception as e:
             raise InternalError(f"bug in onnxcomp: cannot export the rewritten graph: {type(e).__name__}: {e}"
                                 ) from e
@@ -522,6 +729,40 @@ class Model:
                 if vi.name in special:
                     vi.type.CopyFrom(special[vi.name])
         return out
+
+
+def _export_onnx(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx(graph, do_type_check=False), writing the main graph straight into the ModelProto: gs builds
+    a GraphProto and make_model copies it once more (three copies of every weight at the peak, over 2 GB
+    models too); here each initializer is exported and appended one at a time (one copy)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter as Ex, update_import_domains
+    from onnx_graphsurgeon.ir.tensor import SparseValues
+
+    model = onnx.ModelProto()
+    g = model.graph
+    g.node.extend(Ex.export_node(n) for n in graph.nodes)
+    g.name = graph.name
+    g.input.extend(Ex.export_value_info_proto(t, False) for t in graph.inputs)
+    g.output.extend(Ex.export_value_info_proto(t, False) for t in graph.outputs)
+    tensor_map = graph.tensors()
+    for t in tensor_map.values():  # one at a time: a new TensorProto is dropped right after its copy is appended
+        if isinstance(t, gs.Constant):
+            if isinstance(t._values, SparseValues):
+                g.sparse_initializer.append(Ex.export_sparse_tensor_proto(t))
+            else:
+                g.initializer.append(Ex.export_tensor_proto(t))
+    for t in graph.inputs + graph.outputs:
+        tensor_map.pop(t.name, None)
+    g.value_info.extend(Ex.export_value_info_proto(t, False) for t in tensor_map.values()
+                        if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None))
+    if graph.doc_string:
+        g.doc_string = graph.doc_string
+    model.functions.extend(Ex.export_function(f) for f in graph.functions)
+    model.opset_import.extend(update_import_domains(graph))
+    model.ir_version = graph.ir_version if graph.ir_version is not None else onnx.IR_VERSION
+    model.producer_name = graph.producer_name or ""
+    model.producer_version = graph.producer_version or ""
+    return model
 
 
 def _has_sparse_weights(proto: onnx.ModelProto) -> bool:

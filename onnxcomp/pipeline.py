@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import time
 from collections import Counter
@@ -97,7 +98,9 @@ class Pipeline:
                 out, rec = self._execute(p, current)
             finally:
                 self.ctx.statistics.unpin(current)
-            ran = self._memo[key] = _Ran(out, copy.deepcopy(rec), self.ctx.warnings[warnings_before:])
+            ran = _Ran(out, copy.deepcopy(rec), self.ctx.warnings[warnings_before:])
+            if not ir.is_big(out):  # over 2 GB, holding every pass's output would multiply the memory
+                self._memo[key] = ran
         else:
             self.reused += 1
             self._memo[key] = ran
@@ -119,6 +122,9 @@ class Pipeline:
             outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
             outcome.notes[:0] = notes
             candidate = model.to_proto()
+            del model
+            if ir.is_big(candidate):  # the gs graph is cyclic garbage that keeps its source's weights alive
+                gc.collect()
             status = "ok"
             try:
                 ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")

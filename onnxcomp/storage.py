@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -119,6 +120,10 @@ def sparse_storage(model: onnx.ModelProto, names: set[str] | None = None, min_sa
     return stats
 
 
-def compressed_size(model: onnx.ModelProto, level: int = 6) -> int:
-    """Size of the serialized model after zlib/gzip compression: what zeros are worth on disk or on the wire."""
-    return len(zlib.compress(model.SerializeToString(), level))
+def compressed_size(chunks: Iterable[bytes], level: int = 6) -> int:
+    """Size after zlib/gzip compression of a serialized model given as byte chunks (`ir.serialized_chunks`: part
+    by part over 2 GB): what zeros are worth on disk or on the wire."""
+    z, n = zlib.compressobj(level), 0
+    for chunk in chunks:
+        n += len(z.compress(chunk))
+    return n + len(z.flush())

@@ -261,7 +261,7 @@ def test_float16_candidate_gets_cast_feeds() -> None:
 
 
 def test_sessions_for_big_or_external_data_models(tmp_path, monkeypatch) -> None:
-    from onnxcomp.runtime import session as session_mod
+    from onnxcomp import ir
 
     p = tmp_path / "ext.onnx"
     onnx.save(_mlp(), str(p), save_as_external_data=True, location="ext.data", size_threshold=0)
@@ -274,7 +274,7 @@ def test_sessions_for_big_or_external_data_models(tmp_path, monkeypatch) -> None
     np.testing.assert_array_equal(got[0], want[0])
     rep = validate(p, _mlp(), [feed], latency=False)
     assert rep.outputs["y"].max_abs_err == 0
-    monkeypatch.setattr(session_mod, "TWO_GB", 64)  # "over 2 GB": goes through a temporary file
+    monkeypatch.setattr(ir, "BIG_BYTES", 64)  # "over 2 GB": goes through a temporary file
     got = run_session(make_session(_mlp()).session, feed)
     np.testing.assert_array_equal(got[0], want[0])
 

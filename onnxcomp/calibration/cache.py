@@ -13,13 +13,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
+from .. import ir
 from .collect import collect_statistics
 from .observers import TensorStats
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """SHA-256 of the model's deterministic serialization: equal digests mean the same model."""
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    """SHA-256 of the model's deterministic serialization (part by part over 2 GB): equal digests mean the same
+    model."""
+    h = hashlib.sha256()
+    for chunk in ir.serialized_chunks(model):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def _frozen(v: Any) -> Any:

@@ -262,7 +262,7 @@ class Sparsify(WeightPass):
                 outcome.notes.append("storage auto: no pruned weight is smaller as a sparse tensor (int64 indices: "
                                      "float32 needs < 1/3 density; int8 never), all stored dense")
         info["file_bytes_after"] = ir.proto_size(proto)
-        info["gzip_bytes_after"] = storage.compressed_size(proto)
+        info["gzip_bytes_after"] = storage.compressed_size(ir.serialized_chunks(proto))
         outcome.details.setdefault("size", {}).update(info)
 
 
@@ -525,5 +525,6 @@ def _summary(units: list[_Unit], rejections: dict[str, str], source: onnx.ModelP
         "bytes_zeroed": 4 * (zeros - zeros_before),
         "left_dense": [{"node": n, "reason": why} for n, why in sorted(rejections.items())][:500],
         "sparsified_weights": [u.name for u in units],
-        "size": {"file_bytes_before": size_before, "gzip_bytes_before": storage.compressed_size(source)},
+        "size": {"file_bytes_before": size_before,
+                 "gzip_bytes_before": storage.compressed_size(ir.serialized_chunks(source))},
     }

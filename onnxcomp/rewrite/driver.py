@@ -214,7 +214,7 @@ class RewriteDriver:
                     ext.append(t)
         key_parts: list[Any] = []
         for t in ext:
-            if isinstance(t, gs.Constant) and t.values.size <= _SMALL_CONST:
+            if isinstance(t, gs.Constant) and _volume(t) <= _SMALL_CONST:
                 key_parts.append(("c", t.values.dtype.str, t.values.shape, t.values.tobytes()))
             else:
                 shp = _shape(t)
@@ -242,7 +242,7 @@ class RewriteDriver:
         inputs, inits = [], []
         for t in ext:
             name = canon[id(t)]
-            if isinstance(t, gs.Constant) and t.values.size <= _SMALL_CONST:
+            if isinstance(t, gs.Constant) and _volume(t) <= _SMALL_CONST:
                 inits.append(onnx.numpy_helper.from_array(np.asarray(t.values), name))
                 continue
             dt = onnx_dtype(t)
@@ -339,9 +339,14 @@ class RewriteDriver:
         return touched
 
 
+def _volume(t: gs.Constant) -> int:
+    """Elements of a constant, from its shape (its values are not loaded)."""
+    return int(np.prod(t.shape, dtype=np.int64))
+
+
 def _shape(t: gs.Tensor):
     if isinstance(t, gs.Constant):
-        return list(t.values.shape)
+        return list(t.shape)
     return None if t.shape is None else list(t.shape)
 
 

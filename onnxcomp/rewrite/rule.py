@@ -172,7 +172,7 @@ class RuleSet:
 def onnx_dtype(t: gs.Tensor) -> Optional[int]:
     """The ONNX elem_type of a gs tensor, or None when unknown."""
     if isinstance(t, gs.Constant):
-        d = t.values.dtype
+        d = t.dtype  # LazyValues know their dtype: the values are not loaded
     else:
         d = t.dtype
     if d is None:

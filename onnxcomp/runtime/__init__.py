@@ -4,9 +4,9 @@ Calibration, validation and the passes all reach ORT through here.
 """
 from __future__ import annotations
 
-from .latency import LatencyResult, measure_latency
+from .latency import LatencyResult, measure_latency, time_session
 from .outputs import observable_tensors, with_outputs
 from .session import MadeSession, ProviderLike, make_session, ort_message, run_session
 
-__all__ = ["LatencyResult", "MadeSession", "ProviderLike", "make_session", "measure_latency", "observable_tensors",
+__all__ = ["LatencyResult", "MadeSession", "ProviderLike", "make_session", "measure_latency", "time_session", "observable_tensors",
            "ort_message", "run_session", "with_outputs"]

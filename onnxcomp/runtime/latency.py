@@ -88,3 +88,22 @@ def measure_latency(
     cand_ms = statistics.median(cand_t)
     ratio = cand_ms / ref_ms if ref_ms > 0 else float("nan")
     return LatencyResult(ref_ms, cand_ms, ratio, len(ref_t), notes)
+
+
+def time_session(session: ort.InferenceSession, feeds: Sequence[Mapping[str, np.ndarray]], *, warmup: int = 3,
+                 runs: int | None = None, time_budget_s: float = 5.0, name: str = "model") -> tuple[float, int]:
+    """(median ms per run, runs timed) of one session alone: for models too big to keep two sessions in memory,
+    where the interleaved `measure_latency` cannot be used (one-after-the-other timing is noisier)."""
+    if not feeds:
+        raise CalibrationDataError("latency: no feeds to time")
+    deadline = time.perf_counter() + max(0.0, time_budget_s)
+    for i in range(max(1, warmup)):
+        run_session(session, feeds[i % len(feeds)], name=name)
+    times: list[float] = []
+    for k in range(max(1, runs if runs is not None else MAX_AUTO_PAIRS)):
+        t0 = time.perf_counter_ns()
+        run_session(session, feeds[k % len(feeds)], name=name)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+        if time.perf_counter() > deadline:
+            break
+    return statistics.median(times), len(times)

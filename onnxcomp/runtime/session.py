@@ -21,10 +21,9 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
 
 from ..errors import CalibrationDataError, InvalidModelError
-from ..ir import TWO_GB, save_proto
+from ..ir import is_big, save_proto
 
 __all__ = ["MadeSession", "make_session", "run_session", "ort_message"]
 
@@ -99,13 +98,8 @@ def make_session(
     if isinstance(model, onnx.ModelProto):
         label = name or "model"
         src: Union[str, bytes, None] = None
-        if not _has_external_data(model):
-            try:  # the bytes ORT reads; their length says whether the model fits in memory (<2 GB)
-                src = model.SerializeToString()
-            except (ValueError, EncodeError):  # protobuf cannot serialize a message over 2 GB
-                src = None
-            if src is not None and len(src) >= TWO_GB:
-                src = None
+        if not _has_external_data(model) and not is_big(model):
+            src = model.SerializeToString()  # under 2 GB: ORT reads the bytes
         if src is None:
             if path is not None:
                 src = os.fspath(path)

@@ -12,9 +12,10 @@ import onnx
 
 from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
 from ..errors import CalibrationDataError, InvalidModelError, MetricError, OnnxCompError
-from ..ir import load_proto, proto_size
+from .. import ir
+from ..ir import load_proto, model_bytes
 from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
-from ..runtime import MadeSession, ProviderLike, make_session, measure_latency, run_session
+from ..runtime import MadeSession, ProviderLike, make_session, measure_latency, run_session, time_session
 
 __all__ = ["ValidationReport", "validate", "GENERATED_SAMPLES"]
 
@@ -188,13 +189,13 @@ class ValidationReport:
 # ----------------------------------------------------------------------------------------- validate
 def _load(src: ModelSource, role: str) -> tuple[onnx.ModelProto, str, Union[str, None]]:
     if isinstance(src, (onnx.ModelProto, bytes, bytearray)):
-        try:
-            return load_proto(src), f"{role} model", None
+        try:  # the validator only reads: no copy of a ModelProto (over 2 GB, a copy is one model more)
+            return load_proto(src, copy=False), f"{role} model", None
         except InvalidModelError as e:
             raise InvalidModelError(f"{role} model: {e}") from None
     if isinstance(src, (str, os.PathLike)):
-        try:
-            proto = load_proto(src)
+        try:  # external data stays on disk: ORT reads the path, the structure is enough here
+            proto = load_proto(src, load_external_data=False)
         except InvalidModelError as e:
             raise InvalidModelError(f"{role} model: {e}") from None
         return proto, f"{role} model {os.fspath(src)}", os.fspath(src)
@@ -343,6 +344,42 @@ def _compare_outputs(
     return {n: a.result() for n, a in accs.items()}
 
 
+def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds, compared: list[str],
+                           labels: tuple[str, str], feeds_source: str, kept, timing_args: tuple, notes: list[str]):
+    """For models over 2 GB: the reference's session runs every sample (and is timed alone), is dropped, then the
+    candidate's; returns (per-output errors, timing, providers). Peak memory holds one session, not two."""
+    latency, warmup, runs, budget = timing_args
+    (ref_m, ref_path), (cand_m, cand_path) = ref, cand
+    ref_s = make_session(ref_m, providers, name=labels[0], path=ref_path)
+    ref_out = [_run_reference(ref_s, f, compared, labels[0], i, feeds, feeds_source) for i, f in enumerate(feeds)]
+    ref_ms = time_session(ref_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=budget / 2,
+                          name=labels[0]) if latency else None
+    ref_providers, ref_notes = list(ref_s.providers), list(ref_s.notes)
+    del ref_s
+    cand_s = make_session(cand_m, providers, name=labels[1], path=cand_path)
+    notes.extend(n for n in dict.fromkeys(ref_notes + list(cand_s.notes)) if n not in notes)
+    if ref_providers != list(cand_s.providers):
+        notes.append(f"the sessions use different providers: reference {ref_providers}, candidate "
+                     f"{list(cand_s.providers)}")
+    accs = {n: OutputAccumulator(n) for n in compared}
+    for i, (cfeed, r_out) in enumerate(zip(cand_feeds, ref_out)):
+        c_out = run_session(cand_s.session, cfeed, compared, name=labels[1], sample=i)
+        for name, r, c in zip(compared, r_out, c_out):
+            accs[name].update(r, c)
+            if kept is not None:
+                kept[0].setdefault(name, []).append(r)
+                kept[1].setdefault(name, []).append(c)
+    timing: tuple = (None, None, 0)
+    if ref_ms is not None:
+        cand_ms = time_session(cand_s.session, cand_feeds, warmup=warmup, runs=runs, time_budget_s=budget / 2,
+                               name=labels[1])
+        timing = (cand_ms[0] / ref_ms[0] if ref_ms[0] > 0 else float("nan"),
+                  {"reference": ref_ms[0], "candidate": cand_ms[0]}, min(ref_ms[1], cand_ms[1]))
+        notes.append("latency: models over 2 GB are timed one after the other (one session in memory at a time), "
+                     "not interleaved: the ratio is noisier")
+    return {n: a.result() for n, a in accs.items()}, timing, ref_providers
+
+
 def _task_metric(metric: Callable[[dict, dict], float], kept: tuple[dict[str, list], dict[str, list]]) -> float:
     """The caller's metric on the kept outputs; its own failure is a MetricError (the metric is the user's code,
     given the outputs by name: {list(kept[0])}), never a crash."""
@@ -395,8 +432,7 @@ def _latency(
 
 
 def _build_report(
-    ref: onnx.ModelProto,
-    cand: onnx.ModelProto,
+    sizes: tuple[int, int],
     outputs: dict[str, OutputError],
     timing: tuple[float | None, dict[str, float] | None, int],
     providers: list[str],
@@ -405,9 +441,9 @@ def _build_report(
     notes: list[str],
     missing: list[str],
 ) -> ValidationReport:
-    """Assemble the report, adding the serialized sizes of both models."""
+    """Assemble the report, with the serialized sizes of both models (external data included)."""
     latency_ratio, latency_ms, pairs = timing
-    size_ref, size_cand = proto_size(ref), proto_size(cand)
+    size_ref, size_cand = sizes
     return ValidationReport(
         outputs=outputs,
         latency_ratio=latency_ratio,
@@ -462,19 +498,24 @@ def validate(
     feeds, feeds_source = _reference_feeds(ref, ref_specs, inputs, max_samples, seed, dim_values, notes)
     cand_feeds = _candidate_feeds(feeds, ref_specs, cand_specs, notes)
 
-    ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
-    cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
-    _session_notes(ref_s, cand_s, notes)
-
     kept: tuple[dict[str, list], dict[str, list]] | None = ({}, {}) if metric is not None else None
-    outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, (ref_label, cand_label), feeds_source,
-                               kept)
-    _output_notes(outputs, notes)
+    labels = (ref_label, cand_label)
     timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
-    if latency:
-        timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
-    report = _build_report(ref, cand, outputs, timing, list(ref_s.providers), len(feeds), feeds_source, notes,
-                           missing)
+    sizes = model_bytes(ref), model_bytes(cand)
+    if max(sizes) >= ir.BIG_BYTES:  # over 2 GB: one session in memory at a time
+        outputs, timing, used = _one_session_at_a_time(
+            (ref, ref_path), (cand, cand_path), providers, feeds, cand_feeds, compared, labels, feeds_source, kept,
+            (latency, warmup, runs, time_budget_s), notes)
+    else:
+        ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
+        cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
+        _session_notes(ref_s, cand_s, notes)
+        outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, labels, feeds_source, kept)
+        if latency:
+            timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
+        used = list(ref_s.providers)
+    _output_notes(outputs, notes)
+    report = _build_report(sizes, outputs, timing, used, len(feeds), feeds_source, notes, missing)
     if metric is not None and kept is not None:
         report.metric, report.metric_name = _task_metric(metric, kept), getattr(metric, "__name__", "metric")
     return report
