@@ -35,8 +35,8 @@ from onnx import numpy_helper
 from ..errors import CalibrationDataError, RecipeError
 from ..ir import load_proto
 from ..storage import sparse_value
-from ..runtime import make_session, run_session
-from ..runtime.outputs import CAST_SUFFIX, with_outputs
+from ..runtime import run_session, session_with_outputs
+from ..runtime.outputs import CAST_SUFFIX
 from .observers import TensorObserver, TensorStats, is_float_dtype
 
 __all__ = ["collect_statistics"]
@@ -268,14 +268,14 @@ def _initializer_value(t: Any) -> np.ndarray:
 
 def _open_session(model: onnx.ModelProto, outputs: Sequence[str], providers):
     """The session, [(name, ORT output name)] of the float tensors to fetch, and their dtypes."""
-    made = make_session(with_outputs(model, outputs), providers, name="calibration model")
+    made = session_with_outputs(model, outputs, providers=providers, name="calibration model")
     for note in made.notes:
         log.warning("calibration: %s", note)
     sess = made.session
     types = {o.name: o.type for o in sess.get_outputs()}
     bf16 = [n for n in outputs if types.get(n) == _ORT_BF16]
     if bf16:  # rare: rebuild once with float32 Casts of the bfloat16 tensors
-        sess = make_session(with_outputs(model, outputs, bf16), providers, name="calibration model").session
+        sess = session_with_outputs(model, outputs, bf16, providers=providers, name="calibration model").session
     fetch, dtypes = [], {}
     for name in outputs:
         if name in bf16:

@@ -1,7 +1,7 @@
 """`cleanup`: remove what computes nothing, without changing a single output value.
 
 Rules on the rewrite engine: Identity, inference-mode Dropout, Cast to the dtype the tensor already has,
-Transpose of a constant folded into the constant. Then dead nodes, duplicated initializers (same dtype,
+Transpose of a constant folded into the constant, two Transposes in a row merged into one (or none). Then dead nodes, duplicated initializers (same dtype,
 shape and bytes) and initializers nobody reads are dropped.
 """
 from __future__ import annotations
@@ -90,6 +90,35 @@ def _transpose_fold(op, x, node, **_: Any):
     return op.const(np.ascontiguousarray(np.transpose(v, perm)), name=f"{x.name}_transposed")
 
 
+# -- Transpose of a Transpose ------------------------------------------------------------------
+def _transpose_pair(op, x):
+    return op.Transpose(op.Transpose(x, _bind="first"), _bind="second")
+
+
+def _perm(node: gs.Node, rank: int | None) -> list[int] | None:
+    p = node.attrs.get("perm")
+    if p is not None:
+        return [int(i) for i in p]
+    return None if rank is None else list(range(rank))[::-1]  # no perm: reverse the axes
+
+
+def _transpose_pair_check(ctx, x, first, second, **_: Any):
+    rank = len(x.shape) if x.shape is not None else None
+    if _perm(first, rank) is None or _perm(second, rank) is None:
+        return fail(f"rank of '{x.name}' is unknown and a Transpose has no perm")
+    return True
+
+
+def _transpose_pair_fold(op, x, first, second, **_: Any):
+    """Transpose(Transpose(x, p1), p2) is Transpose(x, p1[p2]); x itself when that is the identity."""
+    rank = len(x.shape) if x.shape is not None else None
+    p1, p2 = _perm(first, rank), _perm(second, rank)
+    combined = [p1[i] for i in p2]
+    if combined == list(range(len(combined))):
+        return x
+    return op.Transpose(x, perm=combined)
+
+
 def cleanup_rules() -> RuleSet:
     return RuleSet([
         remove_identity_rule(),
@@ -98,6 +127,7 @@ def cleanup_rules() -> RuleSet:
         RewriteRule("remove-dropout-training-mode", _dropout3, _passthrough, _dropout_check),
         RewriteRule("remove-noop-cast", _cast, _passthrough, _cast_check),
         RewriteRule("fold-constant-transpose", _transpose, _transpose_fold, _transpose_check),
+        RewriteRule("fold-transpose-pair", _transpose_pair, _transpose_pair_fold, _transpose_pair_check),
     ])
 
 

@@ -14,17 +14,38 @@ def with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: Sequence
     a float32 Cast of each name in ``casts`` (bfloat16 tensors, which ORT cannot hand to numpy)."""
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
+    _add_outputs(aug.graph, outputs, casts)
+    return aug
+
+
+def _add_outputs(graph: onnx.GraphProto, outputs: Sequence[str], casts: Sequence[str]) -> None:
+    existing = {o.name for o in graph.output}
     for name in outputs:
         if name not in existing and name not in casts:
-            aug.graph.output.add().name = name
+            graph.output.add().name = name
     for name in casts:
         out = name + CAST_SUFFIX
-        aug.graph.node.append(
-            onnx.helper.make_node("Cast", [name], [out], name=out, to=onnx.TensorProto.FLOAT)
-        )
-        aug.graph.output.add().name = out
-    return aug
+        graph.node.append(onnx.helper.make_node("Cast", [name], [out], name=out, to=onnx.TensorProto.FLOAT))
+        graph.output.add().name = out
+
+
+def session_with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: Sequence[str] = (),
+                         providers=None, name: str = "model"):
+    """`make_session(with_outputs(model, outputs, casts), providers, name=name)`. Over 2 GB the outputs are added
+    to `model` itself while the session is made (the model is written to a temporary file part by part), then
+    removed: a copy would hold the model twice."""
+    from ..ir import is_big
+    from .session import make_session
+
+    if not is_big(model):
+        return make_session(with_outputs(model, outputs, casts), providers, name=name)
+    n_out, n_nodes = len(model.graph.output), len(model.graph.node)
+    try:
+        _add_outputs(model.graph, outputs, casts)
+        return make_session(model, providers, name=name)
+    finally:
+        del model.graph.output[n_out:]
+        del model.graph.node[n_nodes:]
 
 
 def observable_tensors(model: onnx.ModelProto) -> set[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .numerics import OutputAccumulator, OutputError
-from ..runtime import make_session, observable_tensors, run_session, with_outputs
+from ..runtime import observable_tensors, run_session, session_with_outputs
 
 
 @dataclass
@@ -29,7 +29,7 @@ def reference_values(reference: onnx.ModelProto, names: Sequence[str], feeds: Se
     names = [n for n in names if n in observable_tensors(reference)]
     if not names:
         return ReferenceValues([], [])
-    sess = make_session(with_outputs(reference, names), providers, name="reference (layers)").session
+    sess = session_with_outputs(reference, names, providers=providers, name="reference (layers)").session
     have = {o.name for o in sess.get_outputs()}
     names = [n for n in names if n in have]
     inputs = {i.name for i in sess.get_inputs()}
@@ -44,7 +44,7 @@ def compare_to(ref: ReferenceValues, candidate: onnx.ModelProto, feeds: Sequence
     names = [n for n in ref.names if n in observable_tensors(candidate)]
     if not names:
         return {}
-    cand = make_session(with_outputs(candidate, names), providers, name="candidate (layers)").session
+    cand = session_with_outputs(candidate, names, providers=providers, name="candidate (layers)").session
     have = {o.name for o in cand.get_outputs()}
     common = [n for n in names if n in have]
     if not common:
