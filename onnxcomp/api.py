@@ -163,10 +163,11 @@ class _Job:
             return self._search(validate)
         pipeline = Pipeline(self.ctx)
         passes = list(self.recipe.passes)
-        out, records = pipeline.run(self.proto, passes)
         if self.recipe.accuracy_budget is None and self._on_disk() and ir.is_big(self.proto):
-            self.before, self.proto = summarize(self.proto), None  # over 2 GB: validation reads it from disk
+            out, records = pipeline.run(self._let_go_of_input(), passes)
             gc.collect()  # pass graphs are cyclic garbage that would keep the input's weights alive
+        else:
+            out, records = pipeline.run(self.proto, passes)
         vreport = self._validate(out, latency=True) if validate else None
         if vreport is None or self.recipe.accuracy_budget is None:
             return out, records, vreport, []
@@ -176,6 +177,13 @@ class _Job:
             self.recipe = dataclasses.replace(self.recipe, passes=tuple(done.passes))
             return done.model, done.records, self._validate(done.model, latency=True), done.rounds
         return done.model, done.records, done.validation, done.rounds
+
+    def _let_go_of_input(self) -> onnx.ModelProto:
+        """Over 2 GB with no budget, the pipeline becomes the input's only holder (freed after the first pass;
+        validation reads the input from its file): summarize it first, return it, keep no reference."""
+        self.before = summarize(self.proto)
+        proto, self.proto = self.proto, None
+        return proto
 
     def _on_disk(self) -> bool:
         return self.source != "<ModelProto>"

@@ -71,6 +71,7 @@ class Pipeline:
     def run(self, proto: onnx.ModelProto, passes: list[Pass]) -> tuple[onnx.ModelProto, list[PassRecord]]:
         records: list[PassRecord] = []
         current = proto
+        del proto  # a caller that let go of the input (over 2 GB) gets it freed after the first pass
         passes = [p.resolve(bool(self.ctx.calibration_data)) for p in passes]
         self._previous, self._memo = self._memo, {}  # keep only what this run uses (memory stays one round)
         for i, p in enumerate(passes):
@@ -180,6 +181,11 @@ def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]
 
     try:
         out = version_converter.convert_version(proto, need)
+        # the converter keeps the IR version; an old one (IR 3 wants every initializer listed as an input, and
+        # the converter adds initializers, e.g. Pad's pads) is raised to the least the new opset needs
+        least = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", need)])
+        if out.ir_version < least:
+            out.ir_version = least
         ir.check_proto(out, full=True, what=f"model converted to opset {need}")
     except Exception as e:  # the converter raises several types; all mean "cannot convert"
         raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "
