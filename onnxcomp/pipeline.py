@@ -181,11 +181,10 @@ def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]
 
     try:
         out = version_converter.convert_version(proto, need)
-        # the converter keeps the IR version; an old one (IR 3 wants every initializer listed as an input, and
-        # the converter adds initializers, e.g. Pad's pads) is raised to the least the new opset needs
-        least = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", need)])
-        if out.ir_version < least:
-            out.ir_version = least
+        if out.ir_version < 4:  # IR 3 lists every initializer as an input; the converter adds some (Pad's pads)
+            listed = {i.name for i in out.graph.input}
+            out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                   for t in out.graph.initializer if t.name not in listed)
         ir.check_proto(out, full=True, what=f"model converted to opset {need}")
     except Exception as e:  # the converter raises several types; all mean "cannot convert"
         raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "
