@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -71,6 +71,7 @@ def compress(
     providers: Optional[Sequence[str]] = None,
     progress: Union[bool, Progress] = True,
     validate: bool = True,
+    input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> CompressionResult:
     """Compress `model` with `recipe` (default: cleanup + dynamic int8; a preset name such as "fast" or a recipe
     with `preset: auto` searches by measurement) and report what it cost.
@@ -79,9 +80,11 @@ def compress(
     accuracy is measured on. `progress`: True shows bars on a terminal; a callable gets (step, done, total).
     Raises typed onnxcomp errors for bad input (InvalidModelError, RecipeError, CalibrationDataError, ...)
     and AccuracyBudgetError (with `.result` attached) when the recipe's accuracy_budget is not met.
+    `input_shapes` ({"input_ids": [1, 128]}): with no data, the generated validation inputs take these shapes, so
+    latency is timed at the lengths the model will see (the report names the shapes it timed, data or not).
     """
     t0 = time.perf_counter()
-    job = _Job.prepare(model, recipe, calibration_data, validation_data, providers, progress)
+    job = _Job.prepare(model, recipe, calibration_data, validation_data, providers, progress, input_shapes)
     try:
         out, records, vreport, rounds = job.run(validate)
     finally:
@@ -116,17 +119,20 @@ class _Job:
     given_recipe: Any = None
     searched: Any = None  # the auto search's SearchResult
     before: Optional[dict[str, Any]] = None  # summarize(input), kept when the input proto is let go
+    input_shapes: Optional[dict[str, list[int]]] = None  # shapes of generated validation inputs
 
     @classmethod
-    def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress) -> "_Job":
+    def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress,
+                input_shapes=None) -> "_Job":
         """Parse and load everything (typed errors for bad input) before any work starts."""
-        from .data import input_specs, load_feeds
+        from .data import check_input_shapes, input_specs, load_feeds
 
         rec = Recipe.parse(recipe)
         source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
         proto = ir.load_proto(model)
         ir.check_proto(proto, full=False, what=f"input model {source}")
         specs = input_specs(proto)
+        shapes = check_input_shapes(specs, input_shapes) if input_shapes else None
         calib = None if calibration_data is None else load_feeds(calibration_data, specs, what="calibration data")
         valid = load_feeds(validation_data, specs, what="validation data") if validation_data is not None else None
         calib, valid, data_note = _split_data(calib, valid)
@@ -144,7 +150,9 @@ class _Job:
         _note_nonfinite(ctx, calib, "calibration data")
         if valid is not calib:
             _note_nonfinite(ctx, valid, "validation data")
-        return cls(rec, source, proto, valid, ctx, data_note, recipe)
+        if shapes and valid is not None:
+            ctx.warn("input_shapes ignored: validation runs on the data given, at its own shapes")
+        return cls(rec, source, proto, valid, ctx, data_note, recipe, input_shapes=shapes)
 
     def _validate(self, candidate: onnx.ModelProto, latency: bool):
         from .validation import validate as _validate
@@ -153,7 +161,8 @@ class _Job:
         # over 2 GB, ORT reads the input from its file (the validator does not load its weights again)
         ref = self.source if self.proto is None or (self._on_disk() and ir.is_big(self.proto)) else self.proto
         return _validate(ref, candidate, inputs=self.validation_data, providers=self.ctx.providers,
-                         latency=latency, metric=None if budget is None else budget.metric)
+                         latency=latency, metric=None if budget is None else budget.metric,
+                         input_shapes=self.input_shapes)
 
     def run(self, validate: bool):
         """The pipeline, validation, and back-off while the budget is not met (the recipe really applied is kept
@@ -306,9 +315,11 @@ class _TerminalProgress:
 
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],
              inputs: Any = None, providers: Optional[Sequence[str]] = None, latency: bool = True,
-             metric: Optional[Any] = None):
+             metric: Optional[Any] = None, input_shapes: Optional[Mapping[str, Sequence[int]]] = None):
     """Compare candidate with reference in ONNX Runtime on the same feeds: errors per output, latency, size, and
-    the task metric `metric(ref_outputs, cand_outputs) -> float` when given."""
+    the task metric `metric(ref_outputs, cand_outputs) -> float` when given. `input_shapes`: shapes of the
+    generated inputs when `inputs` is None (the report names the shapes it ran on)."""
     from .validation import validate as _validate
 
-    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency, metric=metric)
+    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency, metric=metric,
+                     input_shapes=input_shapes)

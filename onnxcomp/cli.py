@@ -25,6 +25,8 @@ def _run(debug: bool, fn: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.ClickException:  # a usage error found inside the command (bad --shape, -o = input): exit 2
+        raise
     except Exception as e:  # an internal bug: say so plainly, keep the traceback for --debug
         if debug:
             traceback.print_exc()
@@ -72,6 +74,9 @@ def main() -> None:
 @click.option("--calibration", default=None, help=".npz file or directory of .npz feeds")
 @click.option("--validation", default=None,
               help="feeds for validation (default: every 5th calibration sample, held back from calibration)")
+@click.option("--shape", "shapes", multiple=True, metavar="INPUT=D1,D2,...",
+              help="shape of a generated input when no data is given, e.g. input_ids=1,128 (repeatable; inputs "
+              "sharing a symbolic dim follow)")
 @click.option("--report", "report_path", default=None, help="also write the report (.html, .json or .md)")
 @click.option("--provider", "providers", multiple=True, help="ORT execution provider(s) for validation")
 @click.option("--no-validate", is_flag=True, help="skip running both models in ONNX Runtime")
@@ -79,7 +84,8 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compress(model: str, output: str, recipe: Optional[str], preset: Optional[str], objective: Optional[str],
              budget: tuple, max_seconds: Optional[float], calibration: Optional[str], validation: Optional[str],
-             report_path: Optional[str], providers: tuple, no_validate: bool, explain: bool, debug: bool) -> None:
+             shapes: tuple, report_path: Optional[str], providers: tuple, no_validate: bool, explain: bool,
+             debug: bool) -> None:
     """Compress MODEL with a recipe or preset and write the result to -o (the input file is never modified)."""
 
     def go() -> None:
@@ -90,7 +96,8 @@ def compress(model: str, output: str, recipe: Optional[str], preset: Optional[st
         chosen = _recipe_from_options(recipe, preset, objective, budget, max_seconds)
         try:
             result = _compress(model, chosen, calibration_data=calibration, validation_data=validation,
-                               providers=list(providers) or None, progress=True, validate=not no_validate)
+                               providers=list(providers) or None, progress=True, validate=not no_validate,
+                               input_shapes=_parse_shapes(shapes))
         except AccuracyBudgetError as e:
             res = getattr(e, "result", None)
             if res is not None:
@@ -112,6 +119,21 @@ def compress(model: str, output: str, recipe: Optional[str], preset: Optional[st
         _write_report(result.report, report_path)
 
     _run(debug, go)
+
+
+def _parse_shapes(items: tuple) -> Optional[dict[str, list[int]]]:
+    """--shape input_ids=1,128 (repeatable) -> {"input_ids": [1, 128]}; a malformed one is a usage error."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected INPUT=D1,D2,... (e.g. input_ids=1,128)",
+                                     param_hint="--shape") from None
+    return out or None
 
 
 def _recipe_from_options(recipe: Optional[str], preset: Optional[str], objective: Optional[str], budget: tuple,
@@ -226,18 +248,21 @@ def presets() -> None:
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--inputs", default=None, help=".npz file or directory of .npz feeds (default: generated)")
 @click.option("--provider", "providers", multiple=True, help="ORT execution provider(s)")
+@click.option("--shape", "shapes", multiple=True, metavar="INPUT=D1,D2,...",
+              help="shape of a generated input when no data is given, e.g. input_ids=1,128 (repeatable; inputs "
+              "sharing a symbolic dim follow)")
 @click.option("--no-latency", is_flag=True, help="skip the latency measurement")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def validate(reference: str, candidate: str, inputs: Optional[str], providers: tuple, no_latency: bool,
-             as_json: bool, debug: bool) -> None:
+def validate(reference: str, candidate: str, inputs: Optional[str], providers: tuple, shapes: tuple,
+             no_latency: bool, as_json: bool, debug: bool) -> None:
     """Compare CANDIDATE with REFERENCE in ONNX Runtime: error per output, latency and size ratios."""
 
     def go() -> None:
         from .api import validate as _validate
 
         rep = _validate(reference, candidate, inputs=inputs, providers=list(providers) or None,
-                        latency=not no_latency)
+                        latency=not no_latency, input_shapes=_parse_shapes(shapes))
         click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else str(rep))
 
     _run(debug, go)

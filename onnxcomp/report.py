@@ -99,6 +99,9 @@ class Report:
                 lines.append(f"  latency   ratio {v.latency_ratio:.3f} (compressed/original, median ms "
                              f"{v.latency_ms['candidate']:.3f} vs {v.latency_ms['reference']:.3f}, "
                              f"{', '.join(v.providers)})")
+                lines.append(f"            timed on {v.feeds_source} inputs {v.shapes_text() or '(none)'}"
+                             + (" -- generated: pass validation data, or --shape name=dims, to time the lengths "
+                                "the model will see" if v.feeds_source == "generated" else ""))
             outs = self._outputs()
             if outs:
                 worst_cos = min(o["cosine"] for o in outs.values())
@@ -169,8 +172,8 @@ class Report:
               f"{a['parameter_bytes'] / max(1, b['parameter_bytes']):.3f} |"]
         v = self.validation
         if v is not None and v.latency_ratio is not None:
-            md.append(f"| latency (median ms) | {v.latency_ms['reference']:.3f} | {v.latency_ms['candidate']:.3f} | "
-                      f"{v.latency_ratio:.3f} |")
+            md.append(f"| latency (median ms; {v.feeds_source} inputs {v.shapes_text()}) | "
+                      f"{v.latency_ms['reference']:.3f} | {v.latency_ms['candidate']:.3f} | {v.latency_ratio:.3f} |")
         outs = self._outputs()
         if outs:
             md += ["", f"## Accuracy ({v.samples} samples, {v.feeds_source} feeds, {', '.join(v.providers)})", "",

@@ -438,6 +438,33 @@ def _resolve_dims(specs: Sequence[InputSpec], dim_values: Mapping[str, int]) -> 
     return shapes
 
 
+def check_input_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """The given input shapes as int lists, checked against the model (name, rank, fixed dims)."""
+    by_name = {sp.name: sp for sp in specs}
+    out: dict[str, list[int]] = {}
+    for name, shape in shapes.items():
+        sp = by_name.get(name)
+        if sp is None:
+            raise CalibrationDataError(f"shape given for '{name}', which is not an input of the model "
+                                       f"(inputs: {', '.join(by_name) or 'none'})")
+        try:
+            dims = [int(d) for d in shape]
+        except (TypeError, ValueError):
+            raise CalibrationDataError(f"shape for '{name}' must be a list of integers, got {shape!r}") from None
+        if any(d < 0 for d in dims):
+            raise CalibrationDataError(f"shape for '{name}' has a negative dim: {dims}")
+        if sp.shape is not None:
+            if len(dims) != len(sp.shape):
+                raise CalibrationDataError(f"shape for '{name}' has rank {len(dims)}, the model's input has rank "
+                                           f"{len(sp.shape)} ({sp.shape_str()})")
+            bad = [i for i, (d, m) in enumerate(zip(dims, sp.shape)) if isinstance(m, int) and m > 0 and d != m]
+            if bad:
+                raise CalibrationDataError(f"shape for '{name}' is {dims}, but dim {bad[0]} of the model's input is "
+                                           f"fixed at {sp.shape[bad[0]]} ({sp.shape_str()})")
+        out[name] = dims
+    return out
+
+
 def generate_feeds(
     model: onnx.ModelProto,
     specs: Sequence[InputSpec] | None = None,
@@ -445,10 +472,13 @@ def generate_feeds(
     *,
     seed: int = 0,
     dim_values: Mapping[str, int] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[Feed]:
     """``n`` random-but-valid feeds for ``model``.
 
-    Dims: fixed dims as declared; a symbolic dim takes ``dim_values[name]`` if given, else 1 when it is the
+    ``shapes``: the whole shape of some inputs (``{"input_ids": [1, 128]}``); it must keep the input's rank and
+    fixed dims, and a symbolic dim it sets takes that value in every input that shares it (attention_mask follows
+    input_ids). Other dims: fixed dims as declared; a symbolic dim takes ``dim_values[name]`` if given, else 1 when it is the
     leading (batch) dim of some input, else 16; one symbolic name has one value across all inputs (batch_size,
     sequence_length); unnamed unknown dims are 1 when leading, else 16.
     Values: floats ~ N(0, 1); bool random; integers: names containing "mask" -> ones, "token_type"/"segment"
@@ -465,7 +495,13 @@ def generate_feeds(
             raise UnsupportedModelError(
                 f"cannot generate random feeds for input '{s.name}' of type {kind}; pass inputs= explicitly"
             )
-    shapes = _resolve_dims(specs, dim_values or {})
+    shapes_given = check_input_shapes(specs, shapes or {})
+    dims = dict(dim_values or {})
+    for sp in specs:  # a symbolic dim named in a given shape takes its value everywhere
+        for d, v in zip(sp.shape or (), shapes_given.get(sp.name, ())):
+            if isinstance(d, str) and d:
+                dims[d] = v
+    shapes = {**_resolve_dims(specs, dims), **shapes_given}
     rows = _gather_rows(model)
     rng = np.random.default_rng(seed)
     feeds: list[Feed] = []

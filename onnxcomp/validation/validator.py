@@ -66,6 +66,13 @@ class ValidationReport:
     latency_pairs: int = 0  # interleaved timed pairs behind the medians
     metric: float | None = None  # the caller's task metric on these samples (validate(metric=...)), if given
     metric_name: str | None = None
+    timed_shapes: dict[str, list[list[int]]] = field(default_factory=dict)  # input -> distinct shapes of the feeds
+
+    def shapes_text(self) -> str:
+        """The input shapes the comparison and timing ran on, e.g. ``input_ids [1, 128], attention_mask [1, 128]``
+        (a count when the samples vary)."""
+        return ", ".join(f"{k} {v[0]}" if len(v) == 1 else f"{k} {len(v)} shapes ({v[0]} .. {v[-1]})"
+                         for k, v in self.timed_shapes.items())
 
     # ----------------------------------------------------------------------------------- queries
     def worst(self, metric: str = "cosine") -> tuple[str, float] | None:
@@ -122,6 +129,7 @@ class ValidationReport:
             "providers": [str(p) for p in self.providers],
             "samples": int(self.samples),
             "feeds_source": str(self.feeds_source),
+            "timed_shapes": {k: [list(map(int, x)) for x in v] for k, v in self.timed_shapes.items()},
             "notes": [str(n) for n in self.notes],
             "metric": None if self.metric_name is None else {"name": self.metric_name,
                                                              "value": _json_float(self.metric)},
@@ -144,7 +152,8 @@ class ValidationReport:
             lines.append(
                 f"latency: reference {self.latency_ms['reference']:.3f} ms, candidate "
                 f"{self.latency_ms['candidate']:.3f} ms, ratio {self.latency_ratio:.3f} "
-                f"(median of {self.latency_pairs} interleaved pairs)"
+                f"(median of {self.latency_pairs} interleaved pairs) on {self.feeds_source} inputs "
+                f"{self.shapes_text() or '(no inputs)'}"
             )
         else:
             lines.append("latency: not measured")
@@ -203,6 +212,17 @@ def _load(src: ModelSource, role: str) -> tuple[onnx.ModelProto, str, Union[str,
         f"{role} model: expected an onnx.ModelProto, serialized bytes or a path to an .onnx file, "
         f"got {type(src).__name__}"
     )
+
+
+def _shapes_of(feeds: list[dict[str, np.ndarray]]) -> dict[str, list[list[int]]]:
+    """Input name -> the distinct shapes its arrays have over the feeds (in order of first appearance)."""
+    out: dict[str, list[list[int]]] = {}
+    for f in feeds:
+        for k, v in f.items():
+            shape = [int(d) for d in np.shape(v)]
+            if shape not in out.setdefault(k, []):
+                out[k].append(shape)
+    return out
 
 
 def _dims_note(feeds: list[dict[str, np.ndarray]]) -> str:
@@ -278,10 +298,12 @@ def _reference_feeds(
     seed: int,
     dim_values: Mapping[str, int] | None,
     notes: list[str],
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """(feeds, feeds_source): the user's checked inputs, or generated ones when ``inputs`` is None."""
     if inputs is None:
-        feeds = generate_feeds(ref, ref_specs, n=min(GENERATED_SAMPLES, max_samples), seed=seed, dim_values=dim_values)
+        feeds = generate_feeds(ref, ref_specs, n=min(GENERATED_SAMPLES, max_samples), seed=seed, dim_values=dim_values,
+                               shapes=input_shapes)
         notes.append(f"inputs generated (seed {seed}): {_dims_note(feeds)}")
         return feeds, "generated"
     return load_feeds(inputs, ref_specs, what="validation data", limit=max_samples), "user"
@@ -473,6 +495,7 @@ def validate(
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     dim_values: Mapping[str, int] | None = None,
     metric: Callable[[dict, dict], float] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` in ONNX Runtime: per-output errors, latency ratio, size ratio.
 
@@ -484,7 +507,9 @@ def validate(
     Outputs present in both models are compared; reference outputs the candidate lacks are listed in
     ``missing_outputs``; candidate-only outputs are ignored. Both models must have the same inputs.
     metric: a task metric ``metric(ref_outputs, cand_outputs) -> float`` (each a dict output name -> list of
-    arrays over the samples), reported as ``report.metric``.
+    arrays over the samples), reported as ``report.metric``. input_shapes: with generated feeds, the whole shape
+    of some inputs (``{"input_ids": [1, 128]}``: time at the lengths the model will see); the report names the
+    shapes it ran on (``timed_shapes``) either way.
     """
     if max_samples < 1:
         raise CalibrationDataError(f"max_samples must be >= 1, got {max_samples}")
@@ -495,7 +520,10 @@ def validate(
     ref_specs, cand_specs = input_specs(ref), input_specs(cand)
     _check_same_inputs(ref_specs, cand_specs, cand_label)
     compared, missing = _outputs_to_compare(ref, cand, cand_label, notes)
-    feeds, feeds_source = _reference_feeds(ref, ref_specs, inputs, max_samples, seed, dim_values, notes)
+    if input_shapes and inputs is not None:
+        notes.append("input_shapes ignored: the given inputs are compared and timed at their own shapes")
+    feeds, feeds_source = _reference_feeds(ref, ref_specs, inputs, max_samples, seed, dim_values, notes,
+                                           input_shapes)
     cand_feeds = _candidate_feeds(feeds, ref_specs, cand_specs, notes)
 
     kept: tuple[dict[str, list], dict[str, list]] | None = ({}, {}) if metric is not None else None
@@ -516,6 +544,7 @@ def validate(
         used = list(ref_s.providers)
     _output_notes(outputs, notes)
     report = _build_report(sizes, outputs, timing, used, len(feeds), feeds_source, notes, missing)
+    report.timed_shapes = _shapes_of(feeds)
     if metric is not None and kept is not None:
         report.metric, report.metric_name = _task_metric(metric, kept), getattr(metric, "__name__", "metric")
     return report
