@@ -215,11 +215,14 @@ def _load(src: ModelSource, role: str) -> tuple[onnx.ModelProto, str, Union[str,
 
 
 def _shapes_of(feeds: list[dict[str, np.ndarray]]) -> dict[str, list[list[int]]]:
-    """Input name -> the distinct shapes its arrays have over the feeds (in order of first appearance)."""
+    """Input name -> the distinct shapes its arrays have over the feeds (in order of first appearance); inputs
+    that are not tensors (sequences, optionals) are left out."""
     out: dict[str, list[list[int]]] = {}
     for f in feeds:
         for k, v in f.items():
-            shape = [int(d) for d in np.shape(v)]
+            if not isinstance(v, np.ndarray):
+                continue
+            shape = [int(d) for d in v.shape]
             if shape not in out.setdefault(k, []):
                 out[k].append(shape)
     return out
