@@ -214,14 +214,7 @@ def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Opt
         moved.append((offset, t))
 
     def graph(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
-        for fd, value in src.ListFields():
-            if fd.name not in ("initializer", "node"):
-                if hasattr(value, "extend"):
-                    getattr(dst, fd.name).extend(value)
-                elif fd.message_type is not None:
-                    getattr(dst, fd.name).CopyFrom(value)
-                else:
-                    setattr(dst, fd.name, value)
+        _copy_fields(src, dst, skip=("initializer", "node"))
         for t in src.initializer:
             stub(t, dst.initializer.add())
         for n in src.node:
@@ -230,12 +223,7 @@ def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Opt
                 dst.node.append(n)
                 continue
             d = dst.node.add()
-            for fd, value in n.ListFields():
-                if fd.name != "attribute":
-                    if hasattr(value, "extend"):
-                        getattr(d, fd.name).extend(value)
-                    else:
-                        setattr(d, fd.name, value)
+            _copy_fields(n, d, skip=("attribute",))
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     da = d.attribute.add(name=a.name, type=a.type)
@@ -612,16 +600,21 @@ def shape_inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _without_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model-level fields of `proto` (opsets, producer, metadata, functions) without copying its graph."""
     meta = onnx.ModelProto()
-    for fd, value in proto.ListFields():
-        if fd.name == "graph":
+    _copy_fields(proto, meta, skip=("graph",))
+    return meta
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message `src` into `dst` except those named in `skip`."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
             continue
         if hasattr(value, "extend"):  # a repeated field
-            getattr(meta, fd.name).extend(value)
+            getattr(dst, fd.name).extend(value)
         elif fd.message_type is not None:
-            getattr(meta, fd.name).CopyFrom(value)
+            getattr(dst, fd.name).CopyFrom(value)
         else:
-            setattr(meta, fd.name, value)
-    return meta
+            setattr(dst, fd.name, value)
 
 @dataclass
 class Model:

@@ -14,14 +14,6 @@ from onnxcomp.data import generate_feeds, input_specs
 from onnxcomp.errors import CalibrationDataError
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        return fx.minilm_path()
-    except fx.FixtureUnavailable as e:
-        pytest.skip(str(e))
-
-
 def test_stated_shape_sets_the_shared_sequence_dim(minilm):
     m = onnxcomp.ir.load_proto(minilm)
     specs = input_specs(m)
