@@ -74,6 +74,31 @@ def weight_problem(node: gs.Node, w: gs.Tensor, exclude: Sequence[str], min_ndim
     return None
 
 
+#: smaller Gather tables are not worth a decode at run time
+MIN_EMBEDDING_ELEMENTS = 4096
+
+
+def embedding_problem(node: gs.Node, w: gs.Tensor, exclude: Sequence[str],
+                      min_elements: int = MIN_EMBEDDING_ELEMENTS) -> Optional[str]:
+    """Why Gather `node` on table `w` is not an embedding lookup a weight pass may compress (see weight_problem;
+    also: not along axis 0, not 2-D, fewer than `min_elements` values), or None."""
+    why = weight_problem(node, w, exclude)
+    if why:
+        return why
+    if node.attrs.get("axis", 0) != 0:
+        return "Gather is not along axis 0 (not an embedding lookup)"
+    v = ir.const_value(w)
+    if v.ndim != 2:
+        return "embedding table is not 2-D"
+    if v.size < min_elements:
+        return f"table '{w.name}' is small ({v.size} elements)"
+    return None
+
+
+def embedding_pattern(op, w, idx):
+    return op.Gather(w, idx, _bind="node")
+
+
 @dataclass
 class WeightLayer:
     """One node reading a constant weight: y = op(x, W[, bias])."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import LayerChange, Pass, PassContext, PassOutcome
 from .cleanup import Cleanup
 from .lowrank import Lowrank
+from .palettize import Palettize
 from .quantize import Quantize
 from .sparsify import Sparsify
 
@@ -11,8 +12,9 @@ from .sparsify import Sparsify
 REGISTRY: dict[str, type[Pass]] = {
     Cleanup.name: Cleanup,
     Lowrank.name: Lowrank,
+    Palettize.name: Palettize,
     Quantize.name: Quantize,
     Sparsify.name: Sparsify,
 }
 
-__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Cleanup", "Lowrank", "Quantize", "Sparsify", "REGISTRY"]
+__all__ = ["LayerChange", "Pass", "PassContext", "PassOutcome", "Cleanup", "Lowrank", "Palettize", "Quantize", "Sparsify", "REGISTRY"]

@@ -29,11 +29,10 @@ from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
-from ..algorithms.select import is_excluded, weight_problem
+from ..algorithms.select import embedding_pattern, embedding_problem, is_excluded, weight_problem
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-_MIN_EMBEDDING_ELEMS = 4096  # smaller Gather tables are not worth a Cast+Mul at run time
 
 
 @dataclass
@@ -348,9 +347,9 @@ class Quantize(WeightPass):
         rules: list[RewriteRule] = []
         if "Gather" in ops:  # embedding tables: int8 row-wise in every mode (no activation involved)
             if self.embedding_bits == 4 or (self.embedding_bits is None and self.weight_dtype in ("int4", "uint4")):
-                rules.append(RewriteRule("embedding-4bit", _gather_pattern, run._gather4_replacement,
+                rules.append(RewriteRule("embedding-4bit", embedding_pattern, run._gather4_replacement,
                                          run._gather4_check))
-            rules.append(RewriteRule("embedding-int8", _gather_pattern, run._gather_replacement, run._gather_check))
+            rules.append(RewriteRule("embedding-int8", embedding_pattern, run._gather_replacement, run._gather_check))
         if self.mode == "weight_only":
             for op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
                 if op in ops:
@@ -441,16 +440,8 @@ class _Run:
 
     # -- embeddings -----------------------------------------------------------------------------
     def _gather_check(self, ctx, w, idx, node):
-        ok = self._weight_ok(ctx, node, w)
-        if not ok:
-            return ok
-        if node.attrs.get("axis", 0) != 0:
-            return fail("Gather is not along axis 0 (not an embedding lookup)")
-        if ctx.const_value(w).size < _MIN_EMBEDDING_ELEMS:
-            return fail(f"table '{w.name}' is small ({ctx.const_value(w).size} elements)")
-        if ctx.const_value(w).ndim != 2:
-            return fail("embedding table is not 2-D")
-        return True
+        why = embedding_problem(node, w, self.q.exclude)
+        return fail(why) if why else True
 
     def _gather_replacement(self, op, w, idx, node):
         hit = self.tables.get(w.name)
@@ -735,10 +726,6 @@ def _matmul_bias_pattern(op, x, w, b):
 
 def _gemm3_bias_pattern(op, x, w, b):
     return op.Gemm(x, w, b, _bind="node")
-
-
-def _gather_pattern(op, w, idx):
-    return op.Gather(w, idx, _bind="node")
 
 
 def _conv2_pattern(op, x, w):

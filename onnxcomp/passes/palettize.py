@@ -1,0 +1,486 @@
+"""`palettize`: weight sharing. Each weight becomes a codebook of 2**bits values (per tensor, or per group of
+`group_size` output channels) and one packed index per element, decoded in the graph on constants only:
+
+    words --BitShift/Mod--> indices --Reshape/Cast(int32)--> (+ group offset) --Gather(codebook)--> W
+
+Every input of the decode is an initializer, so ONNX Runtime constant-folds it when the session is created: the
+file holds bits/32 of the float size, and the model runs exactly as the float model with the clustered weights
+(zero cost per run, on every execution provider; tests/test_palettize.py checks the optimised graph).
+
+Codebooks come from weighted 1-D k-means (algorithms/palette.py). `weighting: activation` (the default with
+calibration data) weighs each weight's squared error by E[x_j^2] of the input channel it multiplies, from one
+calibration run: what the layer's output error depends on, rather than the weight error itself. Embedding
+tables (Gather on a constant, `embeddings: true`) are clustered by value alone. A weight that is at least 1/k
+zeros (after `sparsify`) keeps 0 as an exact codebook value. Put `palettize` last in a recipe: the decoded weights
+are no longer constants that another weight pass could rewrite.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..errors import CalibrationDataError, InternalError, RecipeError
+from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
+from ..algorithms import palette
+from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern, embedding_problem,
+                                 find_weight_layers, quantized_weights_note, weight_pattern2, weight_pattern3)
+from ..algorithms.sparsegpt import error_terms
+from .base import LayerChange, PassContext, PassOutcome, WeightPass
+
+_LADDER = (2, 3, 4, 5, 6, 8)  # bit widths `allocation: sensitivity` tries per weight (plus the requested one)
+_PROBE_SAMPLES = 16  # feeds used to measure each weight's end-to-end sensitivity
+
+
+@dataclass
+class _Tensor:
+    """One constant weight, every selected node that reads it, and what it becomes."""
+
+    w: gs.Constant
+    layers: list[WeightLayer]  # MatMul/Gemm/Conv/ConvTranspose readers
+    lookups: list[gs.Node]  # Gather readers (embedding lookups)
+    axis: int  # the output-channel axis the groups run along
+    value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    importance: Optional[np.ndarray] = None  # per element, E[x^2] of the input it multiplies
+    sorted_values: Optional[palette.GroupedValues] = None  # sorted once, reused for every bit width
+    palette: Optional["_Palette"] = None  # the chosen codebooks (None: left in float by the allocation)
+    row: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.w.name
+
+    def node_names(self) -> list[str]:
+        return [layer.name for layer in self.layers] + [n.name for n in self.lookups]
+
+
+@dataclass
+class _Palette:
+    """One weight at one bit width: packed indices, codebooks, group offsets, and what they decode to."""
+
+    bits: int
+    words: np.ndarray
+    codebook: np.ndarray  # float32 [groups * k]
+    offsets: Optional[np.ndarray]  # int32, broadcast along the group axis (None: one codebook)
+    groups: int
+    iterations: int
+    zero_kept: bool
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the weight takes in the file (indices, codebooks, group offsets)."""
+        return int(self.words.nbytes + self.codebook.nbytes + (self.offsets.nbytes if self.offsets is not None else 0))
+
+    def decode(self) -> np.ndarray:
+        """The weight the graph's decode produces (numpy reference of `_decode`)."""
+        n = int(np.prod(self.shape, dtype=np.int64))
+        idx = palette.unpack(self.words, palette.word_layout(self.bits), n).reshape(self.shape)
+        if self.offsets is not None:
+            idx = idx + self.offsets
+        return self.codebook[idx]
+
+
+@dataclass(frozen=True)
+class Palettize(WeightPass):
+    """Share weights through k-means codebooks of 2**bits values, decoded once when ONNX Runtime loads the model."""
+
+    name: ClassVar[str] = "palettize"
+    weight_ops: ClassVar[tuple[str, ...]] = WEIGHT_OPS
+    slower_hint: ClassVar[str] = ("the codebook decode is folded when the session is created and costs nothing "
+                                  "per run: a slower result is noise or another pass")
+    bits: int = 4  # codebook of 2**bits values (2..8)
+    group_size: Optional[int] = None  # output channels per codebook (None: one codebook per tensor)
+    weighting: Optional[Literal["activation", "none"]] = None  # default: activation with calibration data
+    embeddings: bool = True  # also Gather tables
+    # sensitivity: bits per weight (ladder 2..8, or float) with the least output error for the size of `bits`
+    # everywhere; default with calibration data (uniform without)
+    allocation: Optional[Literal["uniform", "sensitivity"]] = None
+    min_weight_elements: int = 4096  # smaller weights stay float (the codebook and decode would not pay off)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise RecipeError(f"palettize.bits must be an integer in 2..8 (a codebook of 2**bits values), "
+                              f"got {self.bits!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise RecipeError(f"palettize.group_size must be a positive integer (output channels per codebook) or "
+                              f"null (one codebook per tensor), got {self.group_size!r}")
+        super().__post_init__()
+
+    def resolve(self, has_data: bool) -> "Palettize":
+        return dataclasses.replace(self, weighting=self.weighting or ("activation" if has_data else "none"),
+                                   allocation=self.allocation or ("sensitivity" if has_data else "uniform"))
+
+    def min_opset(self) -> Optional[int]:
+        return 11  # BitShift
+
+    @classmethod
+    def summarize(cls, details: dict[str, Any]) -> list[str]:
+        rows = details.get("layers", [])
+        before = sum(r["bytes_before"] for r in rows)
+        after = sum(r["bytes_after"] for r in rows)
+        widths = sorted({r["bits"] for r in rows})
+        how = (f"{details.get('bits')}-bit" if details.get("allocation") != "sensitivity" else
+               f"{'/'.join(map(str, widths)) or details.get('bits')}-bit (sensitivity allocation at the size of "
+               f"{details.get('bits')} bits)")
+        group = details.get("group_size")
+        lines = [f"{how} codebooks ({details.get('weighting')} weighting, "
+                 f"{f'{group} channel(s) per codebook' if group else 'one per tensor'}) on {len(rows)} weight(s): "
+                 f"{before:,} -> {after:,} bytes; {len(details.get('left_float', []))} candidate(s) left in float "
+                 "(reasons in the JSON/HTML report)"]
+        worst = sorted(rows, key=lambda r: -(r.get("output_rel_err") or r["weight_rel_err"]))[:3]
+        if worst:
+            lines.append("largest errors: " + ", ".join(
+                f"{r['weight']} ({r['bits']} bits, weight {r['weight_rel_err']:.3g}"
+                + (f", output {r['output_rel_err']:.3g}" if r.get("output_rel_err") is not None else "") + ")"
+                for r in worst))
+        return lines
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
+        weighting = self.weighting or ("activation" if ctx.calibration_data else "none")
+        allocation = self.allocation or ("sensitivity" if ctx.calibration_data else "uniform")
+        for what, value in (("weighting 'activation'", weighting == "activation"),
+                            ("allocation 'sensitivity'", allocation == "sensitivity")):
+            if value and not ctx.calibration_data:
+                raise CalibrationDataError(f"palettize {what} needs calibration_data (input statistics / output "
+                                           "sensitivity); give calibration feeds, or use weighting 'none' and "
+                                           "allocation 'uniform'")
+        rejections: dict[str, str] = {}
+        tensors = _tensors(model, self, rejections)
+        notes: list[str] = []
+        q_note = quantized_weights_note(rejections)
+        if q_note:
+            notes.append(q_note.replace("sparsify/lowrank", "palettize"))
+        feeds = self.calibration_feeds(ctx)
+        grams: dict[str, np.ndarray] = {}
+        if weighting == "activation" and tensors:
+            grams = _input_moments(tensors, model, source, ctx, feeds)
+        details: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "weighting": weighting,
+                                   "allocation": allocation}
+
+        def make(t: _Tensor, bits: int) -> _Palette:
+            return _cluster(t, bits, self.group_size, _moment(t, grams, model) if weighting == "activation" else None)
+
+        for t in tensors:
+            _importance(t, grams, model)
+        if allocation == "sensitivity" and tensors:
+            self._allocate(tensors, source, ctx, feeds, make, details, notes)
+        else:
+            for t in tensors:
+                t.palette = make(t, self.bits)
+        chosen = [t for t in tensors if t.palette is not None]
+        for t in tensors:
+            if t.palette is None:
+                for name in t.node_names():
+                    rejections[name] = "left in float by the sensitivity allocation (its error costs most per byte)"
+        for t in chosen:
+            _measure(t, grams, model)
+        _rewrite(model, chosen)
+        details.update({
+            "layers": [t.row for t in chosen],
+            "params_palettized": int(sum(t.value.size for t in chosen)),
+            "left_float": [{"node": n, "reason": why} for n, why in sorted(rejections.items())][:500],
+        })
+        for opt, value, why in (("weighting", weighting, "calibration data given"),
+                                ("allocation", allocation, "calibration data given")):
+            if getattr(self, opt) is None:
+                notes.append(f"{opt} auto -> {value} ({why if ctx.calibration_data else 'no calibration data'})")
+        changes = []
+        for t in chosen:
+            err = t.row["output_rel_err"] if t.row.get("output_rel_err") is not None else t.row["weight_rel_err"]
+            saved = t.row["bytes_before"] - t.row["bytes_after"]
+            for i, name in enumerate(t.node_names()):
+                changes.append(LayerChange(name, float(err), bytes_saved=saved if i == 0 else 0))
+        return PassOutcome(details=details, notes=notes, layers=changes)
+
+    def _allocate(self, tensors: list[_Tensor], source: onnx.ModelProto, ctx: PassContext, feeds: list,
+                  make, details: dict[str, Any], notes: list[str]) -> None:
+        """Bits per weight (or float) with the least end-to-end output error for the bytes that `bits` on every
+        weight would take: each weight is clustered at every width of the ladder, its output error measured
+        alone in one probe session (sensitivity.WeightProbe), and one width per weight chosen
+        (sensitivity.allocate)."""
+        from ..algorithms.sensitivity import WeightProbe, allocate
+
+        inits = {t.name for t in source.graph.initializer}
+        probed = [t for t in tensors if t.name in inits]
+        fixed = [t for t in tensors if t not in probed]
+        if fixed:
+            notes.append(f"{len(fixed)} weight(s) not probed (not main-graph initializers): {self.bits} bits")
+        for t in fixed:
+            t.palette = make(t, self.bits)
+        if not probed:
+            return
+        ladder = sorted(set(_LADDER) | {self.bits}, reverse=True)
+        probe = WeightProbe(source, [t.name for t in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers)
+        options: dict[str, list[Optional[_Palette]]] = {}
+        choices: dict[str, list[tuple[float, float]]] = {}
+        budget = 0.0
+        for i, t in enumerate(probed):
+            opts: list[Optional[_Palette]] = [None]
+            costs = [(float(t.value.nbytes), 0.0)]
+            for b in ladder:
+                pal = make(t, b)
+                opts.append(pal)
+                costs.append((float(pal.nbytes), probe.error({t.name: pal.decode()})))
+                if b == self.bits:
+                    budget += pal.nbytes
+                if ctx.progress:
+                    ctx.progress("palettize: sensitivity", i * len(ladder) + ladder.index(b) + 1,
+                                 len(probed) * len(ladder))
+            options[t.name], choices[t.name] = opts, costs
+        pick = allocate(choices, budget)
+        for t in probed:
+            t.palette = options[t.name][pick[t.name]]
+            t.sorted_values = None
+        details["sensitivity"] = {t.name: {("float" if j == 0 else str(ladder[j - 1])): e
+                                           for j, (_, e) in enumerate(choices[t.name])} for t in probed}
+        details["probe_samples"] = len(probe.feeds)
+        spent = sum(choices[n][j][0] for n, j in pick.items())
+        notes.append(f"sensitivity allocation: {spent:,.0f} of {budget:,.0f} bytes (the size of {self.bits} bits "
+                     "on every probed weight), bits per weight in the report")
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _output_axis(layer: WeightLayer) -> int:
+    """The axis of the stored weight that indexes the layer's output channels."""
+    if layer.op == "MatMul":
+        return 1
+    if layer.op == "Gemm":
+        return 0 if layer.node.attrs.get("transB", 0) else 1
+    return 0 if layer.op == "Conv" else 1
+
+
+def _tensors(model: ir.Model, p: Palettize, rejections: dict[str, str]) -> list[_Tensor]:
+    """The weights to palettize: constants every reader of which is a selected layer or embedding lookup."""
+    layers = find_weight_layers(model, check_ops(p.ops, WEIGHT_OPS, "palettize.ops"), p.exclude,
+                                p.min_weight_elements, rejections=rejections)
+    lookups: list[gs.Node] = []
+    if p.embeddings:
+        def check(ctx, w, idx, node):
+            why = embedding_problem(node, w, p.exclude, max(p.min_weight_elements, 1))
+            return fail(why) if why else True
+
+        found = find_matches(model, [query("find-embedding", embedding_pattern, check)], rejections=rejections)
+        lookups = [f.match.bindings["node"] for f in found]
+    by_w: dict[int, _Tensor] = {}
+    for layer in layers:
+        t = by_w.setdefault(id(layer.w), _Tensor(layer.w, [], [], _output_axis(layer)))
+        t.layers.append(layer)
+    for node in lookups:
+        w = node.inputs[0]
+        t = by_w.setdefault(id(w), _Tensor(w, [], [], 0))
+        if all(n is not node for n in t.lookups):
+            t.lookups.append(node)
+    out = []
+    for t in by_w.values():
+        mine = {id(layer.node) for layer in t.layers} | {id(n) for n in t.lookups}
+        others = [n for n in t.w.outputs if id(n) not in mine]
+        axes = {_output_axis(layer) for layer in t.layers} | ({0} if t.lookups else set())
+        why = None
+        if others:
+            why = f"weight '{t.name}' is also read by {others[0].op} '{others[0].name}', which is not palettized"
+        elif p.group_size is not None and len(axes) > 1:
+            why = f"weight '{t.name}' is read with its output channels on different axes by several layers"
+        if why:
+            for name in t.node_names():
+                rejections[name] = why
+            continue
+        t.value = np.asarray(ir.const_value(t.w), np.float32)
+        out.append(t)
+    return out
+
+
+def _input_moments(tensors: list[_Tensor], model: ir.Model, source: onnx.ModelProto, ctx: PassContext,
+                   feeds: list) -> dict[str, np.ndarray]:
+    """X^T X / rows of every main-graph layer input (channels on axis 1 for Conv/ConvTranspose), one run."""
+    axes = {}
+    for t in tensors:
+        for layer in t.layers:
+            if layer.graph is model.graph:
+                axes[layer.x.name] = 1 if layer.op in ("Conv", "ConvTranspose") else -1
+    if not axes:
+        return {}
+    stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
+    return {n: st.second_moment for n, st in stats.items() if st.second_moment is not None}
+
+
+def _importance(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
+    """Per element of the stored weight, the summed E[x_j^2] of the input channel it multiplies in each reader
+    (None when no reader's input was observed: plain k-means)."""
+    imp = None
+    w = t.value
+    for layer in t.layers:
+        h = grams.get(layer.x.name) if layer.graph is model.graph else None
+        if h is None:
+            continue
+        d = np.maximum(np.diag(h), 0.0)
+        if layer.op == "MatMul" or (layer.op == "Gemm" and not layer.node.attrs.get("transB", 0)):
+            e = np.broadcast_to(d[:, None], w.shape)
+        elif layer.op == "Gemm":
+            e = np.broadcast_to(d[None, :], w.shape)
+        elif layer.op == "Conv":  # [Cout, Cin/g, *k]: output o of group o // (Cout/g) reads inputs of that group
+            g = int(layer.node.attrs.get("group", 1))
+            cout, cig = w.shape[0], w.shape[1]
+            chan = (np.arange(cout) // (cout // g))[:, None] * cig + np.arange(cig)[None, :]
+            e = np.broadcast_to(d[chan].reshape(cout, cig, *([1] * (w.ndim - 2))), w.shape)
+        else:  # ConvTranspose [Cin, Cout/g, *k]
+            e = np.broadcast_to(d.reshape(-1, *([1] * (w.ndim - 1))), w.shape)
+        imp = e.astype(np.float64) if imp is None else imp + e
+    t.importance = imp
+
+
+def _moment(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> Optional[np.ndarray]:
+    """The input second moment the weight's indices are chosen against (GPTQ): a single MatMul/Gemm reader in
+    the main graph whose input was observed, else None (nearest codebook value per weight)."""
+    if len(t.layers) != 1 or t.lookups:
+        return None
+    layer = t.layers[0]
+    if layer.op not in ("MatMul", "Gemm") or layer.graph is not model.graph:
+        return None
+    return grams.get(layer.x.name)
+
+
+def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.ndarray]) -> _Palette:
+    """k-means codebooks of 2**bits values (one per group of `group_size` channels along t.axis) and the packed
+    indices: the nearest codebook value per weight, or with the input moment `h` GPTQ's choice with error
+    feedback."""
+    w = t.value
+    k = 1 << bits
+    channels = w.shape[t.axis]
+    size = channels if group_size is None else min(group_size, channels)
+    n_groups = -(-channels // size)
+    shape = [1] * w.ndim
+    shape[t.axis] = channels
+    chan_group = (np.arange(channels) // size).reshape(shape)
+    if t.sorted_values is None:
+        t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
+    cb = t.sorted_values.fit(k)
+    labels = cb.labels.reshape(w.shape)
+    if h is not None:  # [outputs, inputs] layout for GPTQ; row groups are the output-channel groups
+        out_major = t.axis == 0
+        lab = palette.gptq_assign(w if out_major else w.T, h, cb.values, chan_group.reshape(-1))
+        labels = lab if out_major else lab.T
+    return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(np.float32).reshape(-1),
+                    (chan_group * k).astype(np.int32) if n_groups > 1 else None, n_groups, cb.iterations,
+                    bool(cb.pinned_zero.any()), tuple(w.shape))
+
+
+def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
+    """Weight error, layer-output error where the input moment is known, and bytes, for the report."""
+    w = t.value.astype(np.float64)
+    decoded = t.palette.decode()
+    dw = decoded.astype(np.float64) - w
+    norm = float(np.sum(w * w))
+    out_err = None
+    kind = None
+    for layer in t.layers:
+        h = grams.get(layer.x.name) if layer.graph is model.graph else None
+        if h is None:
+            continue
+        if layer.op in ("MatMul", "Gemm"):
+            m = layer.matrix().astype(np.float64)  # [k, n] with y = x @ m
+            dm = _as_matrix(layer, decoded) - m
+            num, den = error_terms(m.T, (m + dm).T, h)
+            e, kind_here = (float(np.sqrt(num / den)) if den > 0 else 0.0), "exact"
+        else:
+            imp = t.importance
+            e = float(np.sqrt(np.sum(imp * dw * dw) / max(np.sum(imp * w * w), 1e-300)))
+            kind_here = "diagonal estimate"
+        if out_err is None or e > out_err:
+            out_err, kind = e, kind_here
+    p = t.palette
+    t.row.update({"bits": p.bits, "groups": p.groups, "kmeans_iterations": p.iterations, "zero_kept": p.zero_kept,
+        "weight": t.name, "nodes": t.node_names(),
+        "op": t.layers[0].op if t.layers else "Gather",
+        "shape": list(t.value.shape),
+        "weight_rel_err": float(np.sqrt(np.sum(dw * dw) / norm)) if norm > 0 else 0.0,
+        "output_rel_err": out_err, "output_err_kind": kind,
+        "bytes_before": int(t.value.nbytes), "bytes_after": p.nbytes,
+    })
+
+
+def _as_matrix(layer: WeightLayer, stored: np.ndarray) -> np.ndarray:
+    """A value in the layer's stored layout as [k inputs, n outputs] (WeightLayer.matrix for another value)."""
+    w = np.asarray(stored, np.float64)
+    if layer.op == "Gemm":
+        m = w.T if layer.node.attrs.get("transB", 0) else w
+        return m * float(layer.node.attrs.get("alpha", 1.0))
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+def _decode(op, t: _Tensor) -> gs.Tensor:
+    """The decode subgraph of `t` (constants only): packed words -> indices -> codebook values, in W's shape."""
+    p = t.palette
+    bits = p.bits
+    layout = palette.word_layout(bits)
+    n = int(t.value.size)
+    shape = op.const(np.array(t.value.shape, np.int64), name=f"{t.name}_palette_shape")
+    words = op.const(p.words, name=f"{t.name}_palette_indices")
+    if layout.per_word == 1:
+        idx = op.Reshape(words, shape)
+    else:
+        shifted = op.BitShift(words, op.const(palette.shifts(layout), name=f"{t.name}_palette_shifts"),
+                              direction="RIGHT")
+        mod = op.Mod(shifted, op.const(np.array(1 << bits, layout.dtype), name=f"{t.name}_palette_modulus"))
+        flat = op.Reshape(mod, op.const(np.array([-1], np.int64), name=f"{t.name}_palette_flat"))
+        if p.words.size * layout.per_word != n:
+            flat = op.Slice(flat, op.const(np.array([0], np.int64), name=f"{t.name}_palette_start"),
+                            op.const(np.array([n], np.int64), name=f"{t.name}_palette_end"))
+        idx = op.Reshape(flat, shape)
+    idx = op.Cast(idx, to=onnx.TensorProto.INT32)
+    if p.offsets is not None:
+        idx = op.Add(idx, op.const(p.offsets, name=f"{t.name}_palette_group_offsets"))
+    return op.Gather(op.const(p.codebook, name=f"{t.name}_palette_codebook"), idx, axis=0)
+
+
+def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
+    """Every reader of a palettized weight -> the same node reading the weight's decode (one decode per weight)."""
+    if not tensors:
+        return
+    plan = {id(layer.node): t for t in tensors for layer in t.layers}
+    plan.update({id(n): t for t in tensors for n in t.lookups})
+    made: dict[str, gs.Tensor] = {}
+
+    def decoded(op, t: _Tensor) -> gs.Tensor:
+        if t.name not in made:
+            made[t.name] = _decode(op, t)
+        return made[t.name]
+
+    def check(ctx, x, w, node, b=None):
+        return True if id(node) in plan else fail("not selected for palettization")
+
+    def replacement(op, x, w, node, b=None):
+        ins = [x, decoded(op, plan[id(node)])] + ([b] if b is not None else [])
+        return getattr(op, node.op)(*ins, _name=node.name, **node.attrs)
+
+    def lookup_check(ctx, w, idx, node):
+        return True if id(node) in plan else fail("not selected for palettization")
+
+    def lookup(op, w, idx, node):
+        return op.Gather(decoded(op, plan[id(node)]), idx, _name=node.name, **node.attrs)
+
+    rules = []
+    for op_type in sorted({layer.op for t in tensors for layer in t.layers}):
+        rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement, check))
+        if op_type != "MatMul":
+            rules.append(RewriteRule(f"palettize-{op_type.lower()}-bias", weight_pattern3(op_type), replacement,
+                                     check))
+    if any(t.lookups for t in tensors):
+        rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup, lookup_check))
+    stats = apply_rules(model, rules)
+    missing = [n.name for t in tensors for n in t.w.outputs]  # readers still on the float weight
+    if missing:
+        raise InternalError(f"palettize: the rewrite of {missing[:3]} was refused by the engine, which leaves "
+                            f"their shared decode unused: {stats.explain(3)}")
+    taken = {t.name for g in ir.iter_graphs(model.graph) for n in g.nodes for t in list(n.inputs) + list(n.outputs)}
+    for name, out in made.items():  # the decoded weight takes the old weight's name when it is free
+        if out.name != name and name not in taken:
+            out.name = name

@@ -1,0 +1,293 @@
+"""The palettize pass: k-means and packing math, the decode ORT folds at load (exact values, nothing left per
+run), activation weighting and GPTQ assignment against plain k-means, sparsity kept, shared weights, subgraphs,
+recipe errors, determinism, and the real fixtures end to end."""
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcomp
+from onnxcomp import testing
+from onnxcomp.algorithms import palette
+from onnxcomp.algorithms.sparsegpt import error_terms
+from onnxcomp.errors import CalibrationDataError, RecipeError
+from tests.graphs import const, make_model, vi
+
+F = onnx.TensorProto.FLOAT
+
+
+def _pal(model, calib=None, **opts):
+    res = onnxcomp.compress(model, [{"type": "palettize", **opts}], calibration_data=calib, progress=False,
+                            validate=False)
+    rec = res.report.passes[0]
+    assert rec.status == "ok", rec.status
+    onnx.checker.check_model(res.model, full_check=True)
+    return res
+
+
+def _anisotropic(n, k, seed=0):
+    """Inputs whose channels differ in scale by up to e^4 and are correlated."""
+    dist = np.random.default_rng(k)
+    mix = dist.standard_normal((k, k)) * 0.3 + np.eye(k)
+    scale = np.exp(dist.uniform(-2, 2, k))
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.standard_normal((n, k)) @ mix * scale).astype(np.float32)} for _ in range(4)]
+
+
+def _matmul(k=96, n=64, seed=0):
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", ["b", k])],
+                      [vi("y", ["b", n])], [const("W", w)]), w
+
+
+def _mixed_model():
+    """MatMul, Gemm (transB), Conv and an embedding Gather, each with a weight of >= 4096 values."""
+    rng = np.random.default_rng(3)
+    inits = [const("emb", rng.standard_normal((300, 64)).astype(np.float32)),
+             const("W1", rng.standard_normal((64, 80)).astype(np.float32)),
+             const("W2", rng.standard_normal((144, 80)).astype(np.float32)),
+             const("b2", rng.standard_normal(144).astype(np.float32)),
+             const("K", rng.standard_normal((32, 16, 3, 3)).astype(np.float32)),
+             const("shape", np.array([-1, 16, 3, 3], np.int64))]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="lookup", axis=0),
+             helper.make_node("MatMul", ["e", "W1"], ["h"], name="mm"),
+             helper.make_node("Gemm", ["h", "W2", "b2"], ["g"], name="gemm", transB=1),
+             helper.make_node("Reshape", ["g", "shape"], ["img"], name="reshape"),
+             helper.make_node("Conv", ["img", "K"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n"])
+    return make_model(nodes, [ids], [vi("y", ["n", 32, 3, 3])], inits)
+
+
+def _initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# -------------------------------------------------------------------------------------------- math
+def test_kmeans_assigns_every_value_to_its_nearest_centroid_and_reaches_lloyd_max_error():
+    v = np.random.default_rng(0).standard_normal(20000)
+    cb = palette.kmeans_groups(v, np.zeros(v.size, int), 1, 16)
+    c = cb.values[0]
+    assert np.all(np.diff(c) > 0)
+    nearest = np.abs(v[:, None] - c[None, :]).argmin(1)
+    assert np.array_equal(np.abs(c[nearest] - v), np.abs(c[cb.labels] - v))
+    rel = np.sqrt(np.mean((c[cb.labels] - v) ** 2))
+    assert rel < 0.0995  # Lloyd-Max optimum for 16 levels on N(0, 1): 0.0975
+
+
+def test_kmeans_groups_are_independent_and_may_be_ragged():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(3000), rng.standard_normal(1000) * 100 + 50
+    both = palette.kmeans_groups(np.concatenate([a, b]), np.r_[np.zeros(3000, int), np.ones(1000, int)], 2, 8)
+    alone = palette.kmeans_groups(b, np.zeros(1000, int), 1, 8)
+    np.testing.assert_allclose(both.values[1], alone.values[0], rtol=1e-9)
+    np.testing.assert_array_equal(both.labels[3000:], alone.labels)
+
+
+def test_weighted_kmeans_spends_levels_where_the_weight_is():
+    rng = np.random.default_rng(2)
+    v = rng.standard_normal(8000)
+    w = np.where(v > 0, 100.0, 1.0)
+    plain = palette.kmeans_groups(v, np.zeros(v.size, int), 1, 8)
+    weighted = palette.kmeans_groups(v, np.zeros(v.size, int), 1, 8, weights=w)
+
+    def werr(cb):
+        return float(np.sum(w * (cb.values[0][cb.labels] - v) ** 2))
+
+    assert werr(weighted) < 0.7 * werr(plain)
+    assert (weighted.values[0] > 0).sum() > (plain.values[0] > 0).sum()
+
+
+def test_zero_is_kept_exact_in_a_sparse_group():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(5000)
+    v[rng.random(5000) < 0.5] = 0.0
+    cb = palette.kmeans_groups(v, np.zeros(v.size, int), 1, 16)
+    assert cb.pinned_zero[0] and (cb.values[0] == 0).sum() == 1
+    assert np.all(cb.values[0][cb.labels[v == 0]] == 0.0)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits):
+    lab = np.random.default_rng(bits).integers(0, 1 << bits, 1237)
+    lay = palette.word_layout(bits)
+    words = palette.pack(lab, lay)
+    assert words.dtype == lay.dtype and words.nbytes * 8 <= np.ceil(1237 / lay.per_word) * lay.dtype.itemsize * 8
+    np.testing.assert_array_equal(palette.unpack(words, lay, 1237), lab)
+    assert lay.bits_per_index <= {3: 3.05, 5: 5.34, 6: 6.4, 7: 7.12}.get(bits, bits)
+
+
+def test_gptq_assignment_beats_nearest_rounding_on_correlated_inputs():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((128, 96))
+    x = np.concatenate([f["x"] for f in _anisotropic(512, 96)]).astype(np.float64)
+    h = x.T @ x / len(x)
+    cb = palette.kmeans_groups(w, np.zeros(w.size, int), 1, 16)
+    near = cb.values[0][cb.labels.reshape(w.shape)]
+    gptq = cb.values[0][palette.gptq_assign(w, h, cb.values, np.zeros(128, int))]
+
+    def rel(q):
+        num, den = error_terms(w, q, h)
+        return np.sqrt(num / den)
+
+    assert rel(gptq) < 0.75 * rel(near)
+
+
+# -------------------------------------------------------------------------------------------- the pass
+def test_decode_reproduces_the_clustered_weights_and_ort_folds_it(tmp_path):
+    model = _mixed_model()
+    res = _pal(model, bits=3, group_size=8, min_weight_elements=4096)
+    rows = {r["weight"]: r for r in res.report.passes[0].details["layers"]}
+    assert set(rows) == {"emb", "W1", "W2", "K"}
+    assert {n: r["groups"] for n, r in rows.items()} == {"emb": 38, "W1": 10, "W2": 18, "K": 4}
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("BitShift") == 4 and ops.count("Gather") == 5  # 4 decodes + the lookup
+    # what the decode yields, evaluated by ORT on the constants alone
+    probe = onnx.ModelProto()
+    probe.CopyFrom(res.model)
+    del probe.graph.output[:]
+    for name in rows:
+        probe.graph.output.append(helper.make_tensor_value_info(name, F, None))
+    decoded = dict(zip(rows, testing.session(probe).run(list(rows), {"ids": np.array([0], np.int64)})))
+    src = _initializers(model)
+    for name, value in decoded.items():
+        assert value.shape == src[name].shape
+        assert len(np.unique(value)) <= 8 * rows[name]["groups"]
+        err = np.linalg.norm(value - src[name]) / np.linalg.norm(src[name])
+        assert err == pytest.approx(rows[name]["weight_rel_err"], rel=1e-4)
+    # the palettized model equals the float model given the decoded weights
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    for t in ref.graph.initializer:
+        if t.name in decoded:
+            t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
+    ids = {"ids": np.arange(0, 300, 7, dtype=np.int64)}
+    np.testing.assert_array_equal(testing.session(res.model).run(None, ids)[0],
+                                  testing.session(ref).run(None, ids)[0])
+    # ORT folds every decode when the session is created: nothing of it runs per inference
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(res.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    folded = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert sorted(folded) == ["Conv", "Gather", "Gemm", "MatMul", "Reshape"]
+
+
+def test_file_holds_bits_per_weight():
+    model, w = _matmul(k=256, n=256)
+    for bits in (2, 4, 8):
+        res = _pal(model, bits=bits)
+        row = res.report.passes[0].details["layers"][0]
+        assert row["bytes_after"] == w.size * bits // 8 + (4 << bits)
+        assert len(res.model.SerializeToString()) < w.nbytes * bits / 32 + 2000
+
+
+def test_activation_weighting_beats_plain_kmeans_on_anisotropic_inputs():
+    model, _ = _matmul()
+    calib = _anisotropic(256, 96)
+    errs = {}
+    for weighting in ("none", "activation"):
+        res = _pal(model, calib, bits=3, weighting=weighting, allocation="uniform")
+        row = res.report.passes[0].details["layers"][0]
+        x = np.concatenate([f["x"] for f in _anisotropic(256, 96, seed=9)])  # not calibrated on
+        y = testing.session(res.model).run(None, {"x": x})[0]
+        errs[weighting] = np.linalg.norm(y - x @ _initializers(model)["W"]) / np.linalg.norm(x @ _initializers(model)["W"])
+        if weighting == "activation":
+            assert row["output_err_kind"] == "exact" and row["output_rel_err"] < row["weight_rel_err"]
+    assert errs["activation"] < 0.75 * errs["none"]
+
+
+def test_sparsified_weights_keep_their_zeros():
+    model, w = _matmul(k=128, n=64)
+    res = onnxcomp.compress(model, [{"type": "sparsify", "method": "magnitude", "sparsity": 0.5},
+                                    {"type": "palettize", "bits": 4}], progress=False, validate=False)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(res.model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info("W", F, None))
+    decoded = testing.session(probe).run(["W"], {"x": np.zeros((1, 128), np.float32)})[0]
+    assert np.mean(decoded == 0) == pytest.approx(0.5, abs=1e-3)
+    assert res.report.passes[1].details["layers"][0]["zero_kept"]
+
+
+def test_shared_weight_gets_one_decode_and_unselected_readers_keep_it_float():
+    w = np.random.default_rng(5).standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+             helper.make_node("MatMul", ["a", "W"], ["b"], name="m2")]
+    model = make_model(nodes, [vi("x", ["n", 64])], [vi("b", ["n", 64])], [const("W", w)])
+    res = _pal(model, bits=4)
+    assert [n.op_type for n in res.model.graph.node].count("BitShift") == 1
+    assert res.report.passes[0].details["layers"][0]["nodes"] == ["m1", "m2"]
+    kept = _pal(model, bits=4, exclude=["m2"])
+    assert kept.report.passes[0].details["layers"] == []
+    reasons = {r["node"]: r["reason"] for r in kept.report.passes[0].details["left_float"]}
+    assert "also read by MatMul 'm2'" in reasons["m1"]
+
+
+def test_weights_inside_an_if_branch_are_palettized_without_data():
+    w = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "Wb"], ["yb"], name="inner")], "then", [],
+                               [vi("yb", ["n", 64])], [const("Wb", w)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["yo"])], "else", [], [vi("yo", ["n", 64])])
+    node = helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch, else_branch=other)
+    c = helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    model = make_model([node], [c, vi("x", ["n", 64])], [vi("y", ["n", 64])])
+    res = _pal(model, bits=4)
+    assert [r["weight"] for r in res.report.passes[0].details["layers"]] == ["Wb"]
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    y = testing.session(res.model).run(None, {"c": np.array(True), "x": x})[0]
+    assert np.linalg.norm(y - x @ w) / np.linalg.norm(x @ w) < 0.15
+
+
+def test_recipe_errors_and_data_defaults():
+    model, _ = _matmul()
+    for bad in ({"bits": 1}, {"bits": 9}, {"bits": "4"}, {"group_size": 0}):
+        with pytest.raises(RecipeError, match="bits|group_size"):
+            onnxcomp.compress(model, [{"type": "palettize", **bad}], progress=False, validate=False)
+    for opt in ({"weighting": "activation"}, {"allocation": "sensitivity"}):
+        with pytest.raises(CalibrationDataError, match="needs calibration_data"):
+            onnxcomp.compress(model, [{"type": "palettize", **opt}], progress=False, validate=False)
+    res = _pal(model)
+    p = res.recipe.passes[0]
+    assert (p.weighting, p.allocation) == ("none", "uniform")
+    res = _pal(model, _anisotropic(64, 96))
+    p = res.recipe.passes[0]
+    assert (p.weighting, p.allocation) == ("activation", "sensitivity")
+
+
+def test_same_recipe_and_data_give_the_same_bytes():
+    model, _ = _matmul()
+    calib = _anisotropic(64, 96)
+    a = _pal(model, calib, bits=4)
+    b = onnxcomp.compress(model, a.recipe, calibration_data=calib, progress=False, validate=False)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+# -------------------------------------------------------------------------------------------- real models
+def test_digits_cnn_at_4_bits_keeps_top1():
+    d = testing.digits_data()
+    path = testing.digits_cnn_path()
+    calib = [{"input": d["x_calib"][i:i + 1]} for i in range(0, 200, 2)]
+    res = onnxcomp.compress(str(path), [{"type": "palettize", "bits": 4}], calibration_data=calib,
+                            progress=False)
+    assert res.report.validation is not None and res.report.validation.latency_ratio is not None
+    base = testing.digits_top1(str(path), d["x_test"], d["y_test"])
+    top1 = testing.digits_top1(res.model, d["x_test"], d["y_test"])
+    assert top1 >= base - 0.005
+    assert res.report.size_ratio < 0.2
+
+
+def test_minilm_whole_model_under_a_fifth_of_the_size_keeps_cosine(minilm, tmp_path):
+    calib = testing.minilm_feeds(48, 0)
+    val = testing.minilm_feeds(60, 200, batch_size=10)
+    res = onnxcomp.compress(str(minilm), [{"type": "palettize", "bits": 5}], calibration_data=calib,
+                            progress=False, validate=False)
+    out = res.save(tmp_path / "pal.onnx")
+    ratio = os.path.getsize(out) / os.path.getsize(minilm)
+    cos = testing.minilm_metrics(testing.minilm_embed(str(minilm), val), testing.minilm_embed(str(out), val),
+                                 200)["cosine_mean"]
+    assert ratio <= 0.20 and cos >= 0.99, (ratio, cos)
+    rows = res.report.passes[0].details["layers"]
+    assert any(r["op"] == "Gather" for r in rows) and len({r["bits"] for r in rows}) > 1
