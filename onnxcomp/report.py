@@ -102,6 +102,9 @@ class Report:
                 lines.append(f"            timed on {v.feeds_source} inputs {v.shapes_text() or '(none)'}"
                              + (" -- generated: pass validation data, or --shape name=dims, to time the lengths "
                                 "the model will see" if v.feeds_source == "generated" else ""))
+            if v.session_ms is not None:
+                lines.append(f"  load      session creation {v.session_ms['candidate']:.1f} ms vs "
+                             f"{v.session_ms['reference']:.1f} ms (one each; ORT's optimisation and folding)")
             outs = self._outputs()
             if outs:
                 worst_cos = min(o["cosine"] for o in outs.values())
@@ -174,6 +177,9 @@ class Report:
         if v is not None and v.latency_ratio is not None:
             md.append(f"| latency (median ms; {v.feeds_source} inputs {v.shapes_text()}) | "
                       f"{v.latency_ms['reference']:.3f} | {v.latency_ms['candidate']:.3f} | {v.latency_ratio:.3f} |")
+        if v is not None and v.session_ms is not None:
+            r, c = v.session_ms["reference"], v.session_ms["candidate"]
+            md.append(f"| session creation (ms, one each) | {r:.1f} | {c:.1f} | {c / r if r > 0 else float('nan'):.3f} |")
         outs = self._outputs()
         if outs:
             md += ["", f"## Accuracy ({v.samples} samples, {v.feeds_source} feeds, {', '.join(v.providers)})", "",

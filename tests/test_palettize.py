@@ -272,7 +272,9 @@ def test_digits_cnn_at_4_bits_keeps_top1():
     calib = [{"input": d["x_calib"][i:i + 1]} for i in range(0, 200, 2)]
     res = onnxcomp.compress(str(path), [{"type": "palettize", "bits": 4}], calibration_data=calib,
                             progress=False)
-    assert res.report.validation is not None and res.report.validation.latency_ratio is not None
+    v = res.report.validation
+    assert v is not None and v.latency_ratio is not None and set(v.session_ms) == {"reference", "candidate"}
+    assert all(ms > 0 for ms in v.session_ms.values()) and "session creation" in str(res.report)
     base = testing.digits_top1(str(path), d["x_test"], d["y_test"])
     top1 = testing.digits_top1(res.model, d["x_test"], d["y_test"])
     assert top1 >= base - 0.005

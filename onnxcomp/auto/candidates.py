@@ -26,6 +26,10 @@ CHANNEL_LEVELS = (0.15, 0.3, 0.5, 0.7)
 CHANNEL_START = 1
 #: low-rank parameter ratio tried (sensitivity allocation, speed-checked ranks)
 LOWRANK_RATIO = 0.75
+#: palettization bit widths (objective size): the search starts at PALETTE_START, goes down after a width met the
+#: budget without back-off and up after one missed it (MiniLM-L3: 5 bits cosine 0.994 at 0.17x the file)
+PALETTE_BITS = (8, 6, 5, 4, 3)
+PALETTE_START = 2
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ def candidates(facts: ModelFacts, objective: Objective, has_data: bool) -> list[
     if objective == "size" and facts.matmul_layers:
         out.append(Candidate("int4-weights", clean + (_p("quantize", mode="weight_only", weight_dtype="int4",
                                                           block_size=32),), backoff=(1,)))
+    if objective == "size" and (facts.matmul_layers or facts.conv_layers or facts.embedding_tables):
+        out.append(_palette(PALETTE_BITS[PALETTE_START], clean))
     if has_data and facts.channel_groups:
         level = CHANNEL_LEVELS[CHANNEL_START]
         out.append(Candidate(f"channel-{level}", clean + (_channel(level),), kind="structure"))
@@ -107,9 +113,13 @@ def _channel(level: float) -> Pass:
     return _p("sparsify", pattern="channel", sparsity=level)
 
 
+def _palette(bits: int, before: tuple[Pass, ...]) -> Candidate:
+    return Candidate(f"palettize-{bits}", before + (_p("palettize", bits=bits),), backoff=(len(before),))
+
+
 def followups(done: list[Outcome], best_quantize: Optional[Candidate]) -> list[Candidate]:
-    """The next stage, from what ran so far: the next channel level after each one that met the budget without
-    back-off (one that needed it would need more), and each structural candidate that met the budget and still
+    """The next stage, from what ran so far: the next channel level (and palettization width) after each one that
+    met the budget without back-off (one that needed it would need more), and each structural candidate that met the budget and still
     changed the model, followed by `best_quantize` (the quantization that met the budget and beat the input on
     the objective)."""
     out = []
@@ -122,6 +132,13 @@ def followups(done: list[Outcome], best_quantize: Optional[Candidate]) -> list[C
         if j is not None and 0 <= j < len(CHANNEL_LEVELS):
             nxt = CHANNEL_LEVELS[j]
             out.append(Candidate(f"channel-{nxt}", o.passes[:-1] + (_channel(nxt),), kind="structure"))
+    for i, bits in enumerate(PALETTE_BITS):
+        o = by_name.get(f"palettize-{bits}")
+        if o is None:
+            continue
+        j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
+        if j is not None and 0 <= j < len(PALETTE_BITS):
+            out.append(_palette(PALETTE_BITS[j], o.candidate.passes[:-1]))
     if best_quantize is not None:
         q = best_quantize.passes[-1]
         for o in by_name.values():

@@ -193,8 +193,9 @@ class Palettize(WeightPass):
             if getattr(self, opt) is None:
                 notes.append(f"{opt} auto -> {value} ({why if ctx.calibration_data else 'no calibration data'})")
         changes = []
-        for t in chosen:
-            err = t.row["output_rel_err"] if t.row.get("output_rel_err") is not None else t.row["weight_rel_err"]
+        for t in chosen:  # the error an accuracy budget ranks by: end to end where probed, else the layer's own
+            err = next(t.row[k] for k in ("model_output_err", "output_rel_err", "weight_rel_err")
+                       if t.row.get(k) is not None)
             saved = t.row["bytes_before"] - t.row["bytes_after"]
             for i, name in enumerate(t.node_names()):
                 changes.append(LayerChange(name, float(err), bytes_saved=saved if i == 0 else 0))
@@ -239,6 +240,7 @@ class Palettize(WeightPass):
         for t in probed:
             t.palette = options[t.name][pick[t.name]]
             t.sorted_values = None
+            t.row["model_output_err"] = float(np.sqrt(choices[t.name][pick[t.name]][1]))
         details["sensitivity"] = {t.name: {("float" if j == 0 else str(ladder[j - 1])): e
                                            for j, (_, e) in enumerate(choices[t.name])} for t in probed}
         details["probe_samples"] = len(probe.feeds)

@@ -67,6 +67,9 @@ class ValidationReport:
     metric: float | None = None  # the caller's task metric on these samples (validate(metric=...)), if given
     metric_name: str | None = None
     timed_shapes: dict[str, list[list[int]]] = field(default_factory=dict)  # input -> distinct shapes of the feeds
+    # time to create each session ({"reference": ms, "candidate": ms}, one creation each): where ORT folds
+    # constants, e.g. palettize's decode
+    session_ms: dict[str, float] | None = None
 
     def shapes_text(self) -> str:
         """The input shapes the comparison and timing ran on, e.g. ``input_ids [1, 128], attention_mask [1, 128]``
@@ -130,6 +133,7 @@ class ValidationReport:
             "samples": int(self.samples),
             "feeds_source": str(self.feeds_source),
             "timed_shapes": {k: [list(map(int, x)) for x in v] for k, v in self.timed_shapes.items()},
+            "session_ms": None if self.session_ms is None else {k: _json_float(v) for k, v in self.session_ms.items()},
             "notes": [str(n) for n in self.notes],
             "metric": None if self.metric_name is None else {"name": self.metric_name,
                                                              "value": _json_float(self.metric)},
@@ -157,6 +161,9 @@ class ValidationReport:
             )
         else:
             lines.append("latency: not measured")
+        if self.session_ms is not None:
+            lines.append(f"session creation: reference {self.session_ms['reference']:.1f} ms, candidate "
+                         f"{self.session_ms['candidate']:.1f} ms (one creation each)")
         lines.append(
             f"size: reference {_fmt_bytes(self.size_bytes['reference'])}, candidate "
             f"{_fmt_bytes(self.size_bytes['candidate'])}, ratio {self.size_ratio:.3f}"
@@ -372,7 +379,8 @@ def _compare_outputs(
 def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds, compared: list[str],
                            labels: tuple[str, str], feeds_source: str, kept, timing_args: tuple, notes: list[str]):
     """For models over 2 GB: the reference's session runs every sample (and is timed alone), is dropped, then the
-    candidate's; returns (per-output errors, timing, providers). Peak memory holds one session, not two."""
+    candidate's; returns (per-output errors, timing, providers, session-creation ms). Peak memory holds one
+    session, not two."""
     latency, warmup, runs, budget = timing_args
     (ref_m, ref_path), (cand_m, cand_path) = ref, cand
     ref_s = make_session(ref_m, providers, name=labels[0], path=ref_path)
@@ -380,8 +388,10 @@ def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds
     ref_ms = time_session(ref_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=budget / 2,
                           name=labels[0]) if latency else None
     ref_providers, ref_notes = list(ref_s.providers), list(ref_s.notes)
+    notes_ms = {"reference": ref_s.create_ms}
     del ref_s
     cand_s = make_session(cand_m, providers, name=labels[1], path=cand_path)
+    notes_ms["candidate"] = cand_s.create_ms
     notes.extend(n for n in dict.fromkeys(ref_notes + list(cand_s.notes)) if n not in notes)
     if ref_providers != list(cand_s.providers):
         notes.append(f"the sessions use different providers: reference {ref_providers}, candidate "
@@ -402,7 +412,7 @@ def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds
                   {"reference": ref_ms[0], "candidate": cand_ms[0]}, min(ref_ms[1], cand_ms[1]))
         notes.append("latency: models over 2 GB are timed one after the other (one session in memory at a time), "
                      "not interleaved: the ratio is noisier")
-    return {n: a.result() for n, a in accs.items()}, timing, ref_providers
+    return {n: a.result() for n, a in accs.items()}, timing, ref_providers, notes_ms
 
 
 def _task_metric(metric: Callable[[dict, dict], float], kept: tuple[dict[str, list], dict[str, list]]) -> float:
@@ -534,7 +544,7 @@ def validate(
     timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
     sizes = model_bytes(ref), model_bytes(cand)
     if max(sizes) >= ir.BIG_BYTES:  # over 2 GB: one session in memory at a time
-        outputs, timing, used = _one_session_at_a_time(
+        outputs, timing, used, session_ms = _one_session_at_a_time(
             (ref, ref_path), (cand, cand_path), providers, feeds, cand_feeds, compared, labels, feeds_source, kept,
             (latency, warmup, runs, time_budget_s), notes)
     else:
@@ -545,9 +555,11 @@ def validate(
         if latency:
             timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
         used = list(ref_s.providers)
+        session_ms = {"reference": ref_s.create_ms, "candidate": cand_s.create_ms}
     _output_notes(outputs, notes)
     report = _build_report(sizes, outputs, timing, used, len(feeds), feeds_source, notes, missing)
     report.timed_shapes = _shapes_of(feeds)
+    report.session_ms = session_ms
     if metric is not None and kept is not None:
         report.metric, report.metric_name = _task_metric(metric, kept), getattr(metric, "__name__", "metric")
     return report
