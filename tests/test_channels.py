@@ -255,3 +255,17 @@ def test_attention_heads_refit_with_data():
     assert g["kept"] == 3 and 0 < g["rel_err"] < 1
     a, b = _run(out, feeds[0])[0], _run(m, feeds[0])[0]
     assert a.shape == b.shape and np.isfinite(a).all()
+
+
+def test_grams_over_the_memory_budget_are_collected_a_few_groups_at_a_time(monkeypatch):
+    """Uniform channel pruning gives the same model when its Grams are collected and dropped group by group."""
+    from onnxcomp.algorithms import channels
+
+    proto = ir.load_proto(testing.minilm_path())
+    feeds = testing.minilm_feeds(8, start=200)
+    whole, res = _prune(proto, feeds, method="sparsegpt", sparsity=0.25, allocation="uniform")
+    assert "statistics_runs" not in res.details
+    monkeypatch.setattr(channels, "GRAM_CHUNK_BYTES", 8 * 1536 * 1536)  # one FFN group per run
+    parts, res = _prune(proto, feeds, method="sparsegpt", sparsity=0.25, allocation="uniform")
+    assert res.details["statistics_runs"] == 3
+    assert parts.SerializeToString() == whole.SerializeToString()

@@ -413,15 +413,47 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         return PassOutcome(details=details, notes=notes)
 
     data_aware = method != "magnitude"
+    counts = _counts(groups, opts)
+    chunks = _statistics_chunks(groups) if data_aware and opts.allocation != "sensitivity" \
+        and not opts.sequential else [groups]
+    if len(chunks) > 1:  # Grams over the memory budget: collect, prune and drop them a few groups at a time
+        details["statistics_runs"] = len(chunks)
+        rows = []
+        for chunk in chunks:
+            feeds, stats = _group_statistics(chunk, source, ctx, method, opts)
+            plans = _plans(chunk, stats, True, notes)
+            del stats
+            rows += _prune_groups(plans, counts, {}, method, True, opts, source, ctx, feeds, details)
+            del plans
+        return _channels_outcome(model, groups, rows, refused, details, notes)
     feeds, stats = _group_statistics(groups, source, ctx, method, opts) if data_aware else (None, {})
     plans = _plans(groups, stats, data_aware, notes)
-    counts = _counts(groups, opts)
+    del stats
     sens = {}
     if opts.allocation == "sensitivity" and data_aware:
         counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = _prune_groups(plans, counts, sens, method, data_aware, opts, source, ctx, feeds, details)
     return _channels_outcome(model, groups, rows, refused, details, notes)
+
+
+#: Gram bytes collected in one calibration run by uniform channel pruning; more groups take several runs
+GRAM_CHUNK_BYTES = 1 << 30
+
+
+def _statistics_chunks(groups: list[_Group]) -> list[list[_Group]]:
+    """Groups in graph order, split so that each part's Grams (float64, d x d per group) fit GRAM_CHUNK_BYTES."""
+    chunks: list[list[_Group]] = [[]]
+    used = 0
+    for g in groups:
+        d = g.channels * (1 if g.consumers[0].op == "Conv" else g.block)
+        size = 8 * d * d
+        if chunks[-1] and used + size > GRAM_CHUNK_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(g)
+        used += size
+    return chunks
 
 
 def _group_statistics(groups: list[_Group], source: onnx.ModelProto, ctx: PassContext, method: str,

@@ -18,6 +18,12 @@ from .collect import collect_statistics
 from .observers import TensorStats
 
 
+#: Gram matrices above this many bytes in one answer are not kept for later requests: holding them for the whole
+#: compression would multiply the peak memory of a large model (34 Grams of 4096^2 float64 are 4.6 GB); the pass
+#: that asked frees them when done, and a later request collects them again
+MEMO_MAX_GRAM_BYTES = 1 << 30
+
+
 def model_digest(model: onnx.ModelProto) -> str:
     """SHA-256 of the model's deterministic serialization (part by part over 2 GB): equal digests mean the same
     model."""
@@ -76,5 +82,6 @@ class StatisticsCache:
         self.misses += 1
         stats = collect_statistics(model, tensor_names, feeds, progress=progress, channel_axes=caxes,
                                    gram_axes=gaxes, **options)
-        self._memo.setdefault(key, []).append((wanted, caxes, gaxes, feeds, stats))  # feeds kept: ids stay unique
+        if sum(st.gram.nbytes for st in stats.values() if st.gram is not None) <= MEMO_MAX_GRAM_BYTES:
+            self._memo.setdefault(key, []).append((wanted, caxes, gaxes, feeds, stats))  # feeds kept: ids stay unique
         return stats

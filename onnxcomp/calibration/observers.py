@@ -261,7 +261,9 @@ class TensorObserver:
 
     # ---------------------------------------------------------------------------------------- result
     def result(self) -> TensorStats:
+        """The statistics; the Gram is handed over, not copied (it may be GBs): call once, when done observing."""
         self._flush_gram()
+        gram, self._gram = self._gram, None
         has_finite = self.count - self.nonfinite > 0
         return TensorStats(
             name=self.name,
@@ -277,7 +279,7 @@ class TensorObserver:
             channel_min=None if self._chan_min is None else self._chan_min.copy(),
             channel_max=None if self._chan_max is None else self._chan_max.copy(),
             zeros=self.zeros,
-            gram=None if self._gram is None else self._gram.copy(),
+            gram=gram,
             gram_rows=self._gram_rows,
             gram_sum=None if self._gram_sum is None else self._gram_sum.copy(),
         )

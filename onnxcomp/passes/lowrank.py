@@ -86,10 +86,12 @@ class Spectrum:
         tail = np.concatenate([np.cumsum(self.contrib[::-1])[::-1], [0.0]])
         return np.sqrt(np.maximum(tail, 0.0) / self.total) if self.total > 0 else np.zeros(len(tail))
 
-    def factors(self, r: int, refit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def factors(self, r: int, refit: bool = False, w: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) of rank r; with `refit`, B least-squares refitted to the weight `w` (default: left @ right,
+        the weight itself while the decomposition is full rank)."""
         a, b = self.left[:, :r], self.right[:r]
         if refit and self.gram is not None:
-            b = refit_second(a, self.left @ self.right, self.gram)
+            b = refit_second(a, self.left @ self.right if w is None else w, self.gram)
         return a, b
 
 
@@ -350,9 +352,8 @@ class Lowrank(WeightPass):
         if feeds and not self.whiten and not self.refit:
             notes.append("plain SVD: calibration data used only to report layer output errors")
         speed_rows = self.speed_rows or (int(round(rows)) if rows else _DEFAULT_SPEED_ROWS)
-        self._spectra(plan, grams, notes)
-        for lay in plan:
-            _candidates(lay, rule, value, allocation == "sensitivity")
+        self._spectra(plan, grams, notes, (rule, value, allocation == "sensitivity"))
+        del grams
         if self.speed_check:
             self._check_speed(plan, ctx, speed_rows, not self.speed_rows and not rows, details, notes)
         chosen = self._choose_ranks(plan, source, ctx, feeds, value, allocation, details, notes)
@@ -397,8 +398,10 @@ class Lowrank(WeightPass):
             plan.append(_Layer(wl, wl.matrix().astype(np.float64), kron))
         return plan, skipped
 
-    def _spectra(self, plan: list[_Layer], grams: dict[str, np.ndarray], notes: list[str]) -> None:
-        """Decompose every planned layer, whitened by its input Gram where one of the right size was collected."""
+    def _spectra(self, plan: list[_Layer], grams: dict[str, np.ndarray], notes: list[str], rule: tuple) -> None:
+        """Decompose every planned layer, whitened by its input Gram where one of the right size was collected,
+        choose its candidate ranks (`rule`: rank rule, value, sensitivity ladder), and keep only the factors up to
+        the largest candidate (a full-rank decomposition per layer at once would be several times the weights)."""
         for lay in plan:
             g = grams.get(lay.layer.x.name)
             if g is not None and g.shape[0] * lay.kron != lay.k:
@@ -406,6 +409,10 @@ class Lowrank(WeightPass):
             lay.spec = spectrum(lay.m, g, self.whiten and g is not None, self.damping, lay.kron)
             if self.whiten and g is None:
                 notes.append(f"{lay.layer.name}: input statistics unavailable; plain SVD used")
+            _candidates(lay, *rule)
+            top = max(lay.ranks, default=0)
+            lay.spec.left = np.ascontiguousarray(lay.spec.left[:, :top])
+            lay.spec.right = np.ascontiguousarray(lay.spec.right[:top])
 
     def _check_speed(self, plan: list[_Layer], ctx: PassContext, speed_rows: int, guessed_rows: bool,
                      details: dict[str, Any], notes: list[str]) -> None:
@@ -433,7 +440,7 @@ class Lowrank(WeightPass):
         factors = {}
         rows_out = []
         for lay in chosen.values():
-            a, b = lay.spec.factors(lay.rank, self.refit)
+            a, b = lay.spec.factors(lay.rank, self.refit, lay.m)
             factors[lay.layer.name] = (a.astype(np.float32), b.astype(np.float32))
             rows_out.append(self._row(lay, a @ b if self.refit and lay.spec.gram is not None else None))
         return factors, rows_out
@@ -493,7 +500,7 @@ class Lowrank(WeightPass):
             for lay in probed:
                 opts = [(float(lay.dense_params), 0.0)]
                 for r in lay.ranks:
-                    a, b = lay.spec.factors(r, self.refit)
+                    a, b = lay.spec.factors(r, self.refit, lay.m)
                     err = probe.error({lay.layer.w.name: lay.layer.stored(a @ b)})
                     lay.probe[r] = err
                     opts.append((float(lay.params(r)), err))

@@ -432,6 +432,8 @@ def _decode(op, t: _Tensor) -> gs.Tensor:
         shifted = op.BitShift(words, op.const(palette.shifts(layout), name=f"{t.name}_palette_shifts"),
                               direction="RIGHT")
         mod = op.Mod(shifted, op.const(np.array(1 << bits, layout.dtype), name=f"{t.name}_palette_modulus"))
+        if layout.dtype != np.uint8:  # narrow at once: the folding steps after this copy 1 byte per weight, not 4-8
+            mod = op.Cast(mod, to=onnx.TensorProto.UINT8)
         flat = op.Reshape(mod, op.const(np.array([-1], np.int64), name=f"{t.name}_palette_flat"))
         if p.words.size * layout.per_word != n:
             flat = op.Slice(flat, op.const(np.array([0], np.int64), name=f"{t.name}_palette_start"),
