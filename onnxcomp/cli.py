@@ -289,6 +289,7 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
                                 "bytes_saved": r.bytes_before - r.bytes_after} for r in recs}
         could["sparsify_channel"] = _channel_candidates(proto)
         could["lowrank"] = _lowrank_candidates(proto)
+        could["palettize"] = _palettize_candidates(proto)
         if as_json:
             click.echo(json.dumps({**s, "passes": could}, indent=2))
             return
@@ -313,8 +314,25 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
                    f"({sum(r['params'] for r in lr):,} weights); a rank saves weights below k*n/(k+n):")
         for r in lr[:5]:
             click.echo(f"      {r['layer']}: [{r['k']} x {r['n']}], break-even rank {r['break_even_rank']}")
+        pal = could["palettize"]
+        total = sum(r["bytes"] for r in pal["weights"])
+        click.echo(f"  palettize: {len(pal['weights'])} weight(s) of {total:,} bytes "
+                   f"({sum(r['op'] == 'Gather' for r in pal['weights'])} embedding table(s)) can share 2**bits "
+                   f"values each: about {total * 5 // 32:,} bytes at 5 bits, {total // 8:,} at 4; decoded when "
+                   "the session is created, so the model runs as fast as before (calibration data: "
+                   "activation-weighted codebooks and bits per weight by sensitivity)")
 
     _run(debug, go)
+
+
+def _palettize_candidates(proto) -> dict:
+    """Weights palettize (default options) would share, and the candidates it would leave in float."""
+    from . import ir
+    from .passes.palettize import candidates
+
+    found, left = candidates(ir.Model.from_proto(proto))
+    return {"weights": found, "left_float": [{"node": n, "reason": r} for n, r in sorted(left.items())
+                                             if not r.startswith("no match")][:50]}
 
 
 def _channel_candidates(proto) -> dict:

@@ -53,13 +53,15 @@ ROWS: list[tuple[str, tuple[str, ...], Any, bool]] = [
                                            "speed_check": False}, {"type": _Q, "mode": "dynamic"}], True),
     ("channel+static", ("digits_cnn",), [{"type": _S, "pattern": "channel", "sparsity": 0.3},
                                          {"type": _Q, "mode": "static"}], True),
+    ("pal_4_plain", ("minilm", "digits_cnn"), [{"type": "palettize", "bits": 4, "weighting": "none",
+                                                "allocation": "uniform"}], True),
 ]
 
 
 #: rows whose output depends on ORT-computed statistics (calibration, probes): their bytes can differ on a CPU with
 #: other float kernels, so the test checks them only on the machine kind that recorded them
 DATA_FREE = {"default", "cleanup", "q_dynamic", "q_wo_int8", "q_wo_int4", "s_unstructured_mag_0.5",
-             "s_block_mag_0.5", "s_mag_0.8_storage+cleanup", "lr_plain_p0.5"}
+             "s_block_mag_0.5", "s_mag_0.8_storage+cleanup", "lr_plain_p0.5", "pal_4_plain"}
 
 
 def machine() -> dict[str, Any]:

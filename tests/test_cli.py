@@ -29,6 +29,10 @@ def test_inspect_digits():
     # conv2 [32, 16, 3, 3] and fc1 [64, 512] have >= 4096 weights; break-even k*n/(k+n)
     assert [(x["layer"], x["k"], x["n"], x["break_even_rank"]) for x in s["passes"]["lowrank"]] == [
         ("conv2", 144, 32, 26), ("fc1", 512, 64, 56)]
+    pal = s["passes"]["palettize"]
+    assert [(x["weight"], x["op"], x["bytes"]) for x in pal["weights"]] == [
+        ("conv2.weight", "Conv", 4 * 4608), ("fc1.weight", "Gemm", 4 * 32768)]
+    assert "palettize: 2 weight(s) of 149,504 bytes" in r.stdout
 
 
 def test_compress_and_validate(tmp_path):

@@ -293,3 +293,45 @@ def test_minilm_whole_model_under_a_fifth_of_the_size_keeps_cosine(minilm, tmp_p
     assert ratio <= 0.20 and cos >= 0.99, (ratio, cos)
     rows = res.report.passes[0].details["layers"]
     assert any(r["op"] == "Gather" for r in rows) and len({r["bits"] for r in rows}) > 1
+
+
+def _optimized_ops(model, tmp_path, name):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+
+
+def test_quantized_weights_get_integer_codebooks_and_keep_the_integer_kernels(tmp_path):
+    d = testing.digits_data()
+    path = str(testing.digits_cnn_path())
+    calib = [{"input": d["x_calib"][i:i + 1]} for i in range(0, 200, 2)]
+    static = [{"type": "quantize", "mode": "static"}]
+    q = onnxcomp.compress(path, static, calibration_data=calib, progress=False, validate=False)
+    res = onnxcomp.compress(path, static + [{"type": "palettize", "bits": 4, "allocation": "uniform"}],
+                            calibration_data=calib, progress=False, validate=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    rows = res.report.passes[1].details["layers"]
+    assert {(r["op"], r["dtype"], r["bits"]) for r in rows} == {("DequantizeLinear", "int8", 4)} and len(rows) == 2
+    # ORT folds the decode first, then fuses the same integer kernels (QLinearConv, QGemm) as without it
+    assert _optimized_ops(res.model, tmp_path, "pal") == _optimized_ops(q.model, tmp_path, "q")
+    assert "QLinearConv" in _optimized_ops(res.model, tmp_path, "pal")
+    top1 = {k: testing.digits_top1(m.model, d["x_test"], d["y_test"]) for k, m in (("q", q), ("pal", res))}
+    assert top1["pal"] >= top1["q"] - 0.005
+    assert len(res.model.SerializeToString()) < 0.7 * len(q.model.SerializeToString())
+
+
+def test_dynamic_int8_weights_share_integer_values(tmp_path):
+    model, w = _matmul(k=256, n=256)
+    dyn = [{"type": "quantize", "mode": "dynamic"}]
+    q = onnxcomp.compress(model, dyn, progress=False, validate=False)
+    res = onnxcomp.compress(model, dyn + [{"type": "palettize", "bits": 5}], progress=False, validate=False)
+    row = res.report.passes[1].details["layers"][0]
+    assert (row["op"], row["dtype"], row["bits"]) == ("DynamicQuantizeMatMul", "int8", 5)
+    ops = _optimized_ops(res.model, tmp_path, "pal")
+    assert ops == _optimized_ops(q.model, tmp_path, "q") and "DynamicQuantizeMatMul" in ops
+    x = np.random.default_rng(8).standard_normal((16, 256)).astype(np.float32)
+    ref, yq, yp = x @ w, testing.session(q.model).run(None, {"x": x})[0], testing.session(res.model).run(None, {"x": x})[0]
+    err_q, err_p = (np.linalg.norm(y - ref) / np.linalg.norm(ref) for y in (yq, yp))
+    assert err_p < 0.1 and err_p > err_q  # 32 shared int8 values: a coarser grid than int8, still close

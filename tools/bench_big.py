@@ -33,6 +33,7 @@ RECIPES: dict[str, Any] = {
     "channel": [{"type": "cleanup"}, {"type": "sparsify", "pattern": "channel", "sparsity": 0.3,
                                       "allocation": "uniform"}],
     "lowrank": [{"type": "cleanup"}, {"type": "lowrank", "params_ratio": 0.5, "allocation": "uniform"}],
+    "palettize": [{"type": "cleanup"}, {"type": "palettize", "bits": 4, "allocation": "uniform"}],
 }
 ALIGN = 4096  # page-aligned offsets: ONNX Runtime can map external data instead of copying it
 

@@ -9,7 +9,8 @@ ModelBench and Runner): MiniLM-L3 embedding cosine vs fp32 on sentences it was n
 top-1 on the test images. Rows with `alloc` are `allocation: sensitivity` at the size `bits` would take on every
 weight (bits per weight chosen by measured output error); the others are `allocation: uniform`. group 0 = one
 codebook per tensor. `create` = median session-creation time (ORT folds the decode there) / fp32's, over
-`--creates` alternating pairs. The fp32 row is a second session against the first: the noise floor. Ratios come
+`--creates` alternating pairs; `load MB` = peak RSS of a fresh process that creates the session (the folded
+weights are float in memory either way). The fp32 row is a second session against the first: the noise floor. Ratios come
 from one run on one machine; compare rows within a table.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +50,15 @@ def _create_ratio(ref: Path, cand: Path, pairs: int) -> tuple[float, float]:
             ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             out.append(time.perf_counter() - t)
     return statistics.median(b) / statistics.median(a), 1e3 * statistics.median(a)
+
+
+def _load_peak_mb(path: Path) -> float:
+    """Peak RSS (MB) of a fresh process that imports onnxruntime and creates a session on `path`."""
+    code = ("import resource, onnxruntime as ort; o = ort.SessionOptions(); o.log_severity_level = 3; "
+            f"ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
 
 
 def _recipes(bits, weightings, groups, alloc) -> list[tuple[str, dict]]:
@@ -87,6 +98,7 @@ def main(argv=None) -> int:
             lat_cols = list(bench.latency_feeds)
             base = runner.fp32()
             rows = [("fp32", base, _create_ratio(bench.path, bench.path, args.creates))]
+            peak = {"fp32": _load_peak_mb(bench.path)}
             for label, p in _recipes(args.bits, args.weightings, args.groups, args.allocation):
                 log(f" {name}: {label}")
 
@@ -100,11 +112,13 @@ def main(argv=None) -> int:
                 row = runner.build_and_measure(label.replace(" ", "").replace(",", "_"), build)
                 path = Path(tmp) / f"{bench.name}.{label.replace(' ', '').replace(',', '_')}.onnx"
                 create = None if row.error else _create_ratio(bench.path, path, args.creates)
+                if not row.error:
+                    peak[label] = _load_peak_mb(path)
                 rows.append((label, row, create))
             print(f"\n## {name} ({bench.path.name}, {os.path.getsize(bench.path) / 1e6:.2f} MB fp32)")
             mcols = [(k, h, f) for k, h, f in bench.metric_cols if k in ("cosine_mean", "cosine_min", "top1",
                                                                          "top1_delta_pt")]
-            hdr = ["recipe"] + [h for _, h, _ in mcols] + ["size"] + lat_cols + ["create", "build s"]
+            hdr = ["recipe"] + [h for _, h, _ in mcols] + ["size"] + lat_cols + ["create", "load MB", "build s"]
             print(" | ".join(hdr))
             print(" | ".join("---" for _ in hdr))
             out_rows = []
@@ -116,10 +130,11 @@ def main(argv=None) -> int:
                 cells = [label] + [bq._fmt(row.metrics.get(k), f) for k, _, f in mcols]
                 cells += [bq._fmt(row.size_ratio, "{:.3f}")]
                 cells += [bq._fmt(row.latency.get(c), "{:.3f}") for c in lat_cols]
-                cells += [bq._fmt(create[0] if create else None, "{:.2f}"), bq._fmt(row.build_s, "{:.1f}")]
+                cells += [bq._fmt(create[0] if create else None, "{:.2f}"), f"{peak[label]:.0f}",
+                          bq._fmt(row.build_s, "{:.1f}")]
                 print(" | ".join(cells))
                 out_rows.append({"recipe": label, **row.to_dict(), "create_ratio": create[0] if create else None,
-                                 "fp32_create_ms": create[1] if create else None})
+                                 "fp32_create_ms": create[1] if create else None, "load_peak_mb": peak[label]})
             for note in bench.footnotes:
                 print(f"- {note}")
             print(f"- fp32 session creation: {rows[0][2][1]:.1f} ms (median of {args.creates})")

@@ -11,8 +11,11 @@ Codebooks come from weighted 1-D k-means (algorithms/palette.py). `weighting: ac
 calibration data) weighs each weight's squared error by E[x_j^2] of the input channel it multiplies, from one
 calibration run: what the layer's output error depends on, rather than the weight error itself. Embedding
 tables (Gather on a constant, `embeddings: true`) are clustered by value alone. A weight that is at least 1/k
-zeros (after `sparsify`) keeps 0 as an exact codebook value. Put `palettize` last in a recipe: the decoded weights
-are no longer constants that another weight pass could rewrite.
+zeros (after `sparsify`) keeps 0 as an exact codebook value. After `quantize`, the int8/uint8 weights of
+DequantizeLinear / DynamicQuantizeMatMul layers and int8 embedding tables get integer codebooks (error weighed by
+each channel's scale^2): ORT folds the decode at level 1, before its QDQ fusions, so the same integer kernels run
+on the folded weights. Put `palettize` last in a recipe: the decoded weights are no longer constants that another
+weight pass could rewrite.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from .. import ir
 from ..errors import CalibrationDataError, InternalError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
 from ..algorithms import palette
-from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern, embedding_problem,
-                                 find_weight_layers, quantized_weights_note, weight_pattern2, weight_pattern3)
+from ..algorithms.select import (ALREADY_QUANTIZED, WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern, embedding_problem,
+                                 find_weight_layers, is_excluded, weight_pattern2,
+                                 weight_pattern3)
 from ..algorithms.sparsegpt import error_terms
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
@@ -45,6 +49,8 @@ class _Tensor:
     layers: list[WeightLayer]  # MatMul/Gemm/Conv/ConvTranspose readers
     lookups: list[gs.Node]  # Gather readers (embedding lookups)
     axis: int  # the output-channel axis the groups run along
+    # integer weights of quantized layers: (DequantizeLinear / DynamicQuantizeMatMul node, input index)
+    quantized: list[tuple[gs.Node, int]] = field(default_factory=list)
     value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     importance: Optional[np.ndarray] = None  # per element, E[x^2] of the input it multiplies
     sorted_values: Optional[palette.GroupedValues] = None  # sorted once, reused for every bit width
@@ -56,7 +62,12 @@ class _Tensor:
         return self.w.name
 
     def node_names(self) -> list[str]:
-        return [layer.name for layer in self.layers] + [n.name for n in self.lookups]
+        return [layer.name for layer in self.layers] + [n.name for n in self.lookups] + \
+            [n.name for n, _ in self.quantized]
+
+    @property
+    def integer(self) -> bool:
+        return self.value.dtype.kind in "iu"
 
 
 @dataclass
@@ -98,6 +109,9 @@ class Palettize(WeightPass):
     group_size: Optional[int] = None  # output channels per codebook (None: one codebook per tensor)
     weighting: Optional[Literal["activation", "none"]] = None  # default: activation with calibration data
     embeddings: bool = True  # also Gather tables
+    # also the int8/uint8 weights of layers an earlier quantize pass made (DequantizeLinear, DynamicQuantizeMatMul,
+    # int8 embedding tables): integer codebooks, so ORT still runs its integer kernels on the folded weights
+    quantized: bool = True
     # sensitivity: bits per weight (ladder 2..8, or float) with the least output error for the size of `bits`
     # everywhere; default with calibration data (uniform without)
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
@@ -155,9 +169,14 @@ class Palettize(WeightPass):
         rejections: dict[str, str] = {}
         tensors = _tensors(model, self, rejections)
         notes: list[str] = []
-        q_note = quantized_weights_note(rejections)
-        if q_note:
-            notes.append(q_note.replace("sparsify/lowrank", "palettize"))
+        for t in tensors:  # a layer whose integer weight gets a codebook is not left alone after all
+            for node, _ in t.quantized:
+                for c in (c for out in node.outputs for c in out.outputs):
+                    rejections.pop(c.name, None)
+        for name, why in list(rejections.items()):  # the float finder's advice is for the other weight passes
+            if ALREADY_QUANTIZED in why:
+                rejections[name] = why.replace(ALREADY_QUANTIZED, "its integer weight is palettized where it is "
+                                               "large enough (see that weight's own row)")
         feeds = self.calibration_feeds(ctx)
         grams: dict[str, np.ndarray] = {}
         if weighting == "activation" and tensors:
@@ -179,7 +198,8 @@ class Palettize(WeightPass):
         for t in tensors:
             if t.palette is None:
                 for name in t.node_names():
-                    rejections[name] = "left in float by the sensitivity allocation (its error costs most per byte)"
+                    rejections[name] = ("left as it was by the sensitivity allocation (its error costs most per byte "
+                                       "saved)")
         for t in chosen:
             _measure(t, grams, model)
         _rewrite(model, chosen)
@@ -249,6 +269,15 @@ class Palettize(WeightPass):
                      "on every probed weight), bits per weight in the report")
 
 
+def candidates(model: ir.Model, p: Optional[Palettize] = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The weights `p` (default options) would palettize, as {weight, op, shape, bytes}, and the nodes it would
+    leave in float with the reason; nothing is changed (what `onnxcomp inspect` shows)."""
+    rejections: dict[str, str] = {}
+    found = _tensors(model, p or Palettize(), rejections)
+    return ([{"weight": t.name, "op": t.layers[0].op if t.layers else "Gather", "shape": list(t.value.shape),
+              "bytes": int(t.value.nbytes)} for t in found], rejections)
+
+
 # ---------------------------------------------------------------------------------------------- planning
 def _output_axis(layer: WeightLayer) -> int:
     """The axis of the stored weight that indexes the layer's output channels."""
@@ -271,7 +300,16 @@ def _tensors(model: ir.Model, p: Palettize, rejections: dict[str, str]) -> list[
 
         found = find_matches(model, [query("find-embedding", embedding_pattern, check)], rejections=rejections)
         lookups = [f.match.bindings["node"] for f in found]
+    quantized = _quantized_readers(model, p, rejections) if p.quantized else []
+    if p.quantized and p.embeddings:
+        lookups += _integer_tables(model, p, rejections)
     by_w: dict[int, _Tensor] = {}
+    for node, pos, axis, imp in quantized:
+        w = node.inputs[pos]
+        t = by_w.setdefault(id(w), _Tensor(w, [], [], axis))
+        t.quantized.append((node, pos))
+        if imp is not None:
+            t.importance = imp if t.importance is None else t.importance + imp
     for layer in layers:
         t = by_w.setdefault(id(layer.w), _Tensor(layer.w, [], [], _output_axis(layer)))
         t.layers.append(layer)
@@ -282,9 +320,10 @@ def _tensors(model: ir.Model, p: Palettize, rejections: dict[str, str]) -> list[
             t.lookups.append(node)
     out = []
     for t in by_w.values():
-        mine = {id(layer.node) for layer in t.layers} | {id(n) for n in t.lookups}
+        mine = {id(layer.node) for layer in t.layers} | {id(n) for n in t.lookups} | {id(n) for n, _ in t.quantized}
         others = [n for n in t.w.outputs if id(n) not in mine]
-        axes = {_output_axis(layer) for layer in t.layers} | ({0} if t.lookups else set())
+        axes = {_output_axis(layer) for layer in t.layers} | ({0} if t.lookups else set()) | \
+            ({t.axis} if t.quantized else set())
         why = None
         if others:
             why = f"weight '{t.name}' is also read by {others[0].op} '{others[0].name}', which is not palettized"
@@ -294,9 +333,99 @@ def _tensors(model: ir.Model, p: Palettize, rejections: dict[str, str]) -> list[
             for name in t.node_names():
                 rejections[name] = why
             continue
-        t.value = np.asarray(ir.const_value(t.w), np.float32)
+        v = np.asarray(ir.const_value(t.w))
+        t.value = v if v.dtype.kind in "iu" else v.astype(np.float32)
         out.append(t)
     return out
+
+
+def _dq2(op, q, s):
+    return op.DequantizeLinear(q, s, _bind="node")
+
+
+def _dq3(op, q, s, z):
+    return op.DequantizeLinear(q, s, z, _bind="node")
+
+
+def _dqmm3(op, x, q, s):
+    return op.DynamicQuantizeMatMul(x, q, s, _domain="com.microsoft", _bind="node")
+
+
+def _dqmm4(op, x, q, s, z):
+    return op.DynamicQuantizeMatMul(x, q, s, z, _domain="com.microsoft", _bind="node")
+
+
+def _dqmm5(op, x, q, s, z, b):
+    return op.DynamicQuantizeMatMul(x, q, s, z, b, _domain="com.microsoft", _bind="node")
+
+
+_QUANTIZED_PATTERNS = (("dq2", _dq2), ("dq3", _dq3), ("dqmm3", _dqmm3), ("dqmm4", _dqmm4), ("dqmm5", _dqmm5))
+
+
+def _integer_problem(node: gs.Node, q: gs.Tensor, p: "Palettize") -> Optional[str]:
+    """Why the integer weight `q` of a quantized layer cannot get an integer codebook, or None."""
+    readers = [node] + [c for t in node.outputs for c in t.outputs]
+    if any(is_excluded(n, p.exclude) for n in readers):
+        return f"excluded by the recipe ({node.name})"
+    v = ir.const_value(q)
+    if v is None:
+        return f"'{q.name}' is not a constant weight"
+    if v.ndim < 2:
+        return f"weight '{q.name}' has rank {v.ndim}"
+    if v.dtype not in (np.int8, np.uint8):
+        return f"weight '{q.name}' is {v.dtype}: integer codebooks are built for int8/uint8 weights"
+    if v.size < p.min_weight_elements:
+        return f"weight '{q.name}' has {v.size} elements (< {p.min_weight_elements})"
+    if int(node.attrs.get("block_size", 0) or 0) > 0:
+        return f"weight '{q.name}' has blocked scales"
+    return None
+
+
+def _quantized_readers(model: ir.Model, p: "Palettize", rejections: dict[str, str]) -> list[tuple]:
+    """(node, input index, group axis, importance) of each int8/uint8 constant weight read by a
+    DequantizeLinear or DynamicQuantizeMatMul; importance = scale^2 per element (the dequantized error)."""
+    def check(ctx, q, s, node, **_):
+        why = _integer_problem(node, q, p)
+        if why:
+            return fail(why)
+        return True if ctx.const_value(s) is not None else fail("scale is not a constant")
+
+    local: dict[str, str] = {}
+    found = find_matches(model, [query(f"find-quantized-{n}", f, check) for n, f in _QUANTIZED_PATTERNS],
+                         rejections=local)
+    rejections.update({n: r for n, r in local.items()  # activations, biases and non-matches are no candidates
+                       if not any(k in r for k in ("is not a constant", "no match", "has rank"))})
+    out, seen = [], set()
+    for f in found:
+        node, q, sc = f.match.bindings["node"], f.match.bindings["q"], f.match.bindings["s"]
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        v, scale = ir.const_value(q), np.asarray(ir.const_value(sc), np.float64)
+        axis = 1 if node.op == "DynamicQuantizeMatMul" else int(node.attrs.get("axis", 1)) % v.ndim
+        imp = None
+        if scale.size == v.shape[axis] and scale.size > 1:
+            shape = [1] * v.ndim
+            shape[axis] = scale.size
+            imp = np.broadcast_to((scale ** 2).reshape(shape), v.shape)
+        out.append((node, list(node.inputs).index(q), axis, imp))
+    return out
+
+
+def _integer_tables(model: ir.Model, p: "Palettize", rejections: dict[str, str]) -> list[gs.Node]:
+    """Gather lookups on int8/uint8 2-D tables (quantize's int8 embeddings)."""
+    def check(ctx, w, idx, node):
+        v = ctx.const_value(w)
+        if v is None or v.dtype not in (np.int8, np.uint8):
+            return fail("not an integer table")
+        if is_excluded(node, p.exclude):
+            return fail(f"excluded by the recipe ({node.name})")
+        if node.attrs.get("axis", 0) != 0 or v.ndim != 2 or v.size < max(p.min_weight_elements, 1):
+            return fail("not a 2-D integer embedding table read along axis 0 with enough values")
+        return True
+
+    found = find_matches(model, [query("find-integer-embedding", embedding_pattern, check)])
+    return [f.match.bindings["node"] for f in found]
 
 
 def _input_moments(tensors: list[_Tensor], model: ir.Model, source: onnx.ModelProto, ctx: PassContext,
@@ -316,6 +445,8 @@ def _input_moments(tensors: list[_Tensor], model: ir.Model, source: onnx.ModelPr
 def _importance(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
     """Per element of the stored weight, the summed E[x_j^2] of the input channel it multiplies in each reader
     (None when no reader's input was observed: plain k-means)."""
+    if t.integer:
+        return  # importance = scale^2, set when the quantized readers were found
     imp = None
     w = t.value
     for layer in t.layers:
@@ -341,7 +472,7 @@ def _importance(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> No
 def _moment(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> Optional[np.ndarray]:
     """The input second moment the weight's indices are chosen against (GPTQ): a single MatMul/Gemm reader in
     the main graph whose input was observed, else None (nearest codebook value per weight)."""
-    if len(t.layers) != 1 or t.lookups:
+    if len(t.layers) != 1 or t.lookups or t.quantized:
         return None
     layer = t.layers[0]
     if layer.op not in ("MatMul", "Gemm") or layer.graph is not model.graph:
@@ -365,11 +496,18 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
         t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
     cb = t.sorted_values.fit(k)
     labels = cb.labels.reshape(w.shape)
+    values = cb.values
+    if t.integer:  # integer codebook values, each weight to its nearest one
+        info = np.iinfo(w.dtype)
+        values = np.sort(np.clip(np.round(values), info.min, info.max), axis=1)
+        gid = np.broadcast_to(chan_group, w.shape).reshape(-1)
+        labels = palette.nearest(w.reshape(-1).astype(np.float64), values, gid).reshape(w.shape)
+        cb = dataclasses.replace(cb, values=values)
     if h is not None:  # [outputs, inputs] layout for GPTQ; row groups are the output-channel groups
         out_major = t.axis == 0
         lab = palette.gptq_assign(w if out_major else w.T, h, cb.values, chan_group.reshape(-1))
         labels = lab if out_major else lab.T
-    return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(np.float32).reshape(-1),
+    return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(w.dtype).reshape(-1),
                     (chan_group * k).astype(np.int32) if n_groups > 1 else None, n_groups, cb.iterations,
                     bool(cb.pinned_zero.any()), tuple(w.shape))
 
@@ -379,6 +517,8 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
     w = t.value.astype(np.float64)
     decoded = t.palette.decode()
     dw = decoded.astype(np.float64) - w
+    if t.integer and t.importance is not None:  # dequantized error: each integer step weighs its scale^2
+        dw, w = dw * np.sqrt(t.importance), w * np.sqrt(t.importance)
     norm = float(np.sum(w * w))
     out_err = None
     kind = None
@@ -400,7 +540,8 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
     p = t.palette
     t.row.update({"bits": p.bits, "groups": p.groups, "kmeans_iterations": p.iterations, "zero_kept": p.zero_kept,
         "weight": t.name, "nodes": t.node_names(),
-        "op": t.layers[0].op if t.layers else "Gather",
+        "op": t.layers[0].op if t.layers else t.quantized[0][0].op if t.quantized else "Gather",
+        "dtype": str(t.value.dtype),
         "shape": list(t.value.shape),
         "weight_rel_err": float(np.sqrt(np.sum(dw * dw) / norm)) if norm > 0 else 0.0,
         "output_rel_err": out_err, "output_err_kind": kind,
@@ -451,6 +592,7 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
         return
     plan = {id(layer.node): t for t in tensors for layer in t.layers}
     plan.update({id(n): t for t in tensors for n in t.lookups})
+    plan.update({id(n): t for t in tensors for n, _ in t.quantized})
     made: dict[str, gs.Tensor] = {}
 
     def decoded(op, t: _Tensor) -> gs.Tensor:
@@ -471,7 +613,17 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
     def lookup(op, w, idx, node):
         return op.Gather(decoded(op, plan[id(node)]), idx, _name=node.name, **node.attrs)
 
+    def quantized_check(ctx, q, s, node, **_):
+        return True if id(node) in plan else fail("not selected for palettization")
+
+    def quantized(op, q, s, node, x=None, z=None, b=None):
+        ins = [t for t in (x, decoded(op, plan[id(node)]), s, z, b) if t is not None]
+        return getattr(op, node.op)(*ins, _domain=node.domain or None, _name=node.name, **node.attrs)
+
     rules = []
+    if any(t.quantized for t in tensors):
+        rules += [RewriteRule(f"palettize-quantized-{n}", f, quantized, quantized_check)
+                  for n, f in _QUANTIZED_PATTERNS]
     for op_type in sorted({layer.op for t in tensors for layer in t.layers}):
         rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement, check))
         if op_type != "MatMul":
@@ -480,7 +632,7 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
     if any(t.lookups for t in tensors):
         rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup, lookup_check))
     stats = apply_rules(model, rules)
-    missing = [n.name for t in tensors for n in t.w.outputs]  # readers still on the float weight
+    missing = [n.name for t in tensors for n in t.w.outputs]  # readers still on the original weight
     if missing:
         raise InternalError(f"palettize: the rewrite of {missing[:3]} was refused by the engine, which leaves "
                             f"their shared decode unused: {stats.explain(3)}")
