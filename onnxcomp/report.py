@@ -32,6 +32,15 @@ def _json_safe(x: Any) -> Any:
     return str(x)
 
 
+#: JSON Schema of Report.to_dict() (and of `onnxcomp compress --report r.json`)
+REPORT_SCHEMA = Path(__file__).resolve().parent / "schemas" / "report.schema.json"
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) that every report's JSON follows."""
+    return json.loads(REPORT_SCHEMA.read_text())
+
+
 @dataclass
 class Report:
     """Everything a user needs to decide whether to ship the compressed model."""

@@ -236,7 +236,7 @@ class _Layer:
     """A planned layer: where it is, its matrix, decomposition, and what was decided."""
 
     layer: WeightLayer
-    m: np.ndarray  # [k, n] float64, y = x @ m (Gemm alpha/transB applied)
+    m: np.ndarray  # [k, n] float32, y = x @ m (Gemm alpha/transB applied)
     kron: int = 1  # Conv: kernel positions per input channel
     spec: Optional[Spectrum] = None
     ranks: list = field(default_factory=list)  # candidate ranks (fast enough), descending
@@ -377,7 +377,7 @@ class Lowrank(WeightPass):
 
     def _plan_layers(self, model: ir.Model, feeds: Optional[list], notes: list[str]
                      ) -> tuple[list[_Layer], list[dict[str, Any]]]:
-        """The candidate layers (weight as a float64 matrix) and the layers skipped with the reason."""
+        """The candidate layers (weight as a float32 matrix) and the layers skipped with the reason."""
         rejections: dict[str, str] = {}
         found = find_weight_layers(model, check_ops(self.ops, _OPS, "lowrank.ops"), self.exclude,
                                    self.min_weight_elements, main_graph_only=feeds is not None,
@@ -395,7 +395,7 @@ class Lowrank(WeightPass):
                 continue
             w = wl.weight
             kron = int(np.prod(w.shape[2:])) if wl.op == "Conv" else 1
-            plan.append(_Layer(wl, wl.matrix().astype(np.float64), kron))
+            plan.append(_Layer(wl, wl.matrix(), kron))  # float32 as stored; math upcasts where it runs
         return plan, skipped
 
     def _spectra(self, plan: list[_Layer], grams: dict[str, np.ndarray], notes: list[str], rule: tuple) -> None:
