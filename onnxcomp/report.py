@@ -5,8 +5,6 @@ One object, four renderings: `to_dict()` (JSON-safe), `to_markdown()`, `to_html(
 """
 from __future__ import annotations
 
-import html
-import io
 import json
 import math
 import os
@@ -229,104 +227,14 @@ class Report:
         return "\n".join(md) + "\n"
 
     # -- html -----------------------------------------------------------------------------------
-    def _chart_svg(self) -> str:
-        """Bar charts of the headline ratios and per-output cosine (matplotlib, inline SVG)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # the report is still complete without the chart
-            return "<p><em>(matplotlib not installed: no chart)</em></p>"
-        outs = self._outputs()
-        fig, axes = plt.subplots(1, 3 if self.search else 2, figsize=(15 if self.search else 10, 3.2))
-        if self.search:
-            self._front_plot(axes[2])
-        names = ["size", "nodes", "weight bytes"]
-        vals = [self.size_ratio, self.after["nodes"] / max(1, self.before["nodes"]),
-                self.after["parameter_bytes"] / max(1, self.before["parameter_bytes"])]
-        if self.latency_ratio is not None:
-            names.append("latency")
-            vals.append(self.latency_ratio)
-        axes[0].bar(names, vals, color="#4c72b0")
-        axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
-        axes[0].set_title("compressed / original")
-        if outs:
-            axes[1].barh(list(outs), [o["cosine"] for o in outs.values()], color="#55a868")
-            lo = min(o["cosine"] for o in outs.values())
-            axes[1].set_xlim(min(0.9, lo - 0.01), 1.0005)
-            axes[1].set_title("cosine to original, per output")
-        else:
-            axes[1].axis("off")
-        fig.tight_layout()
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg")
-        plt.close(fig)
-        svg = buf.getvalue()
-        return svg[svg.find("<svg"):]
-
-    def _front_plot(self, ax) -> None:
-        """The auto search: accuracy vs latency of every timed candidate, marker area by size, winner in red."""
-        trials = [t for t in self.search["trials"] if t["latency_ratio"] is not None and t["accuracy"] is not None]
-        for t in trials:
-            win = t["name"] == self.search["winner"]
-            ax.scatter(t["latency_ratio"], t["accuracy"], s=40 + 400 * t["size_ratio"], alpha=0.6,
-                       color="#c44e52" if win else "#4c72b0")
-            ax.annotate(t["name"], (t["latency_ratio"], t["accuracy"]), fontsize=7)
-        ax.set_xlabel("latency ratio")
-        ax.set_ylabel("accuracy")
-        ax.set_title("auto search (marker area: size)")
-
     def to_html(self, path: str | os.PathLike) -> Path:
-        """Write a self-contained HTML report (tables + inline SVG chart), atomically."""
+        """Write the self-contained HTML page (html_report.render of the report's data), atomically."""
+        from .html_report import render
         from .ir import atomic_write
 
-        body = _markdown_tables_to_html(self.to_markdown())
-        page = ("<!doctype html><html><head><meta charset='utf-8'><title>onnxcomp report</title><style>"
-                "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-                "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-                "th{background:#f3f3f3}td:not(:first-child){text-align:right}pre{background:#f6f6f6;padding:8px}"
-                "</style></head><body>" + self._chart_svg() + body + "</body></html>")
         p = Path(os.fspath(path))
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, page.encode())
+        atomic_write(p, render(self.to_dict()).encode())
         return p
 
 
-def _markdown_tables_to_html(md: str) -> str:
-    """Minimal renderer for the markdown this module writes (headings, tables, lists, code blocks)."""
-    out, in_table, in_code = [], False, False
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= set("-:") for c in cells):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip('`'))}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("### "):
-            out.append(f"<h3>{html.escape(line[4:])}</h3>")
-        elif line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            out.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out)

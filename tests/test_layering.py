@@ -17,6 +17,7 @@ LAYERS = {
     "algorithms": 6,
     "passes": 7,
     "recipe": 8, "pipeline": 8,
+    "html_report": 8,
     "budget": 9, "report": 9,
     "auto": 10,
     "api": 11,
