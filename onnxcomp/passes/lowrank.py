@@ -71,7 +71,8 @@ class Spectrum:
     sv2: np.ndarray  # [p] squared singular values in the metric the rank rules read (whitened or plain)
     contrib: np.ndarray  # [p] each component's share of the layer output squared error (see module doc)
     total: float  # ||X W||² on the calibration data (or ||W||² without data)
-    gram: Optional[np.ndarray]  # [k, k] H, undamped (None: no calibration data)
+    gram: Optional[np.ndarray]  # [k, k] H, undamped (None: no calibration data, or dropped once not needed)
+    measured: bool = False  # errors are in the metric of the inputs (a Gram was given)
 
     @property
     def full_rank(self) -> int:
@@ -136,7 +137,7 @@ def spectrum(w: np.ndarray, gram: Optional[np.ndarray], whiten: bool, damping: f
         contrib = sv2 * (np.sum(u * (h @ u), axis=0) if h is not None else 1.0)
     right = root[:, None] * vt
     total = float(np.sum((h @ w64) * w64)) if h is not None else float(np.sum(w64 * w64))
-    return Spectrum(left, right, sv2, np.maximum(contrib, 0.0), total, h)
+    return Spectrum(left, right, sv2, np.maximum(contrib, 0.0), total, h, h is not None)
 
 
 def refit_second(a: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -402,8 +403,15 @@ class Lowrank(WeightPass):
         """Decompose every planned layer, whitened by its input Gram where one of the right size was collected,
         choose its candidate ranks (`rule`: rank rule, value, sensitivity ladder), and keep only the factors up to
         the largest candidate (a full-rank decomposition per layer at once would be several times the weights)."""
+        uses: dict[str, int] = {}
         for lay in plan:
-            g = grams.get(lay.layer.x.name)
+            uses[lay.layer.x.name] = uses.get(lay.layer.x.name, 0) + 1
+        for lay in plan:
+            name = lay.layer.x.name
+            g = grams.get(name)
+            uses[name] -= 1
+            if not uses[name]:  # the last layer reading this input: the dict lets go of its Gram
+                grams.pop(name, None)
             if g is not None and g.shape[0] * lay.kron != lay.k:
                 g = None
             lay.spec = spectrum(lay.m, g, self.whiten and g is not None, self.damping, lay.kron)
@@ -413,6 +421,8 @@ class Lowrank(WeightPass):
             top = max(lay.ranks, default=0)
             lay.spec.left = np.ascontiguousarray(lay.spec.left[:, :top])
             lay.spec.right = np.ascontiguousarray(lay.spec.right[:top])
+            if not self.refit:  # only the refit reads the Gram again (errors come from the spectrum)
+                lay.spec.gram = None
 
     def _check_speed(self, plan: list[_Layer], ctx: PassContext, speed_rows: int, guessed_rows: bool,
                      details: dict[str, Any], notes: list[str]) -> None:
@@ -524,7 +534,7 @@ class Lowrank(WeightPass):
         row = {"node": lay.layer.name, "op": lay.layer.op, "k": lay.k, "n": lay.n, "rank": lay.rank,
                "params_before": lay.dense_params, "params_after": lay.params(lay.rank),
                "energy_kept": spec.energy_kept(lay.rank),
-               ("rel_err" if spec.gram is not None else "weight_rel_err"): err}
+               ("rel_err" if spec.measured else "weight_rel_err"): err}
         if lay.rank in lay.probe:
             row["output_error"] = lay.probe[lay.rank]
         if lay.rank in lay.speed:
