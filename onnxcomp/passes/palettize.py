@@ -187,21 +187,35 @@ class Palettize(WeightPass):
         def make(t: _Tensor, bits: int) -> _Palette:
             return _cluster(t, bits, self.group_size, _moment(t, grams, model) if weighting == "activation" else None)
 
-        for t in tensors:
-            _importance(t, grams, model)
         if allocation == "sensitivity" and tensors:
-            self._allocate(tensors, source, ctx, feeds, make, details, notes)
-        else:
             for t in tensors:
+                _importance(t, grams, model)
+            self._allocate(tensors, source, ctx, feeds, make, details, notes)
+            for t in tensors:
+                if t.palette is not None:
+                    _measure(t, grams, model)
+                _release(t)
+        else:  # one weight at a time, its statistics let go when it is done (a model over 2 GB)
+            uses: dict[str, int] = {}
+            for t in tensors:
+                for layer in t.layers:
+                    uses[layer.x.name] = uses.get(layer.x.name, 0) + 1
+            for t in tensors:
+                _importance(t, grams, model)
                 t.palette = make(t, self.bits)
+                _measure(t, grams, model)
+                _release(t)
+                for layer in t.layers:
+                    uses[layer.x.name] -= 1
+                    if not uses[layer.x.name]:
+                        grams.pop(layer.x.name, None)
+        grams.clear()
         chosen = [t for t in tensors if t.palette is not None]
         for t in tensors:
             if t.palette is None:
                 for name in t.node_names():
                     rejections[name] = ("left as it was by the sensitivity allocation (its error costs most per byte "
                                        "saved)")
-        for t in chosen:
-            _measure(t, grams, model)
         _rewrite(model, chosen)
         details.update({
             "layers": [t.row for t in chosen],
@@ -510,6 +524,12 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
     return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(w.dtype).reshape(-1),
                     (chan_group * k).astype(np.int32) if n_groups > 1 else None, n_groups, cb.iterations,
                     bool(cb.pinned_zero.any()), tuple(w.shape))
+
+
+def _release(t: _Tensor) -> None:
+    """Drop what only the clustering needed (the sorted copy and importance: several times the weight)."""
+    t.sorted_values = None
+    t.importance = None
 
 
 def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
