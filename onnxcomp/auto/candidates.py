@@ -8,7 +8,7 @@ first, then quantize, so the second calibrates on the first's output). The order
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -113,32 +113,33 @@ def _channel(level: float) -> Pass:
     return _p("sparsify", pattern="channel", sparsity=level)
 
 
+def _ladder_steps(by_name: dict[str, Outcome], prefix: str, ladder: tuple) -> list[tuple[Outcome, Any]]:
+    """(outcome, next level) for each level of `ladder` that ran as `<prefix>-<level>`: one step further along the
+    ladder after it met the budget without back-off, one step back after it missed."""
+    out = []
+    for i, level in enumerate(ladder):
+        o = by_name.get(f"{prefix}-{level}")
+        if o is None:
+            continue
+        j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
+        if j is not None and 0 <= j < len(ladder):
+            out.append((o, ladder[j]))
+    return out
+
+
 def _palette(bits: int, before: tuple[Pass, ...]) -> Candidate:
     return Candidate(f"palettize-{bits}", before + (_p("palettize", bits=bits),), backoff=(len(before),))
 
 
 def followups(done: list[Outcome], best_quantize: Optional[Candidate]) -> list[Candidate]:
     """The next stage, from what ran so far: the next channel level (and palettization width) after each one that
-    met the budget without back-off (one that needed it would need more), and each structural candidate that met the budget and still
-    changed the model, followed by `best_quantize` (the quantization that met the budget and beat the input on
-    the objective)."""
-    out = []
+    met the budget without back-off (one that needed it would need more), and each structural candidate that met
+    the budget and still changed the model, followed by `best_quantize` (the quantization that met the budget and
+    beat the input on the objective)."""
     by_name = {o.candidate.name: o for o in done}
-    for i, level in enumerate(CHANNEL_LEVELS):
-        o = by_name.get(f"channel-{level}")
-        if o is None:
-            continue
-        j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
-        if j is not None and 0 <= j < len(CHANNEL_LEVELS):
-            nxt = CHANNEL_LEVELS[j]
-            out.append(Candidate(f"channel-{nxt}", o.passes[:-1] + (_channel(nxt),), kind="structure"))
-    for i, bits in enumerate(PALETTE_BITS):
-        o = by_name.get(f"palettize-{bits}")
-        if o is None:
-            continue
-        j = i + 1 if o.met and not o.backed_off else i - 1 if not o.met else None
-        if j is not None and 0 <= j < len(PALETTE_BITS):
-            out.append(_palette(PALETTE_BITS[j], o.candidate.passes[:-1]))
+    out = [Candidate(f"channel-{lv}", o.passes[:-1] + (_channel(lv),), kind="structure")
+           for o, lv in _ladder_steps(by_name, "channel", CHANNEL_LEVELS)]
+    out += [_palette(bits, o.candidate.passes[:-1]) for o, bits in _ladder_steps(by_name, "palettize", PALETTE_BITS)]
     if best_quantize is not None:
         q = best_quantize.passes[-1]
         for o in by_name.values():
