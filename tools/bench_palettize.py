@@ -54,9 +54,10 @@ def _create_ratio(ref: Path, cand: Path, pairs: int) -> tuple[float, float]:
 
 def _load_peak_mb(path: Path) -> float:
     """Peak RSS (MB) of a fresh process that imports onnxruntime and creates a session on `path`."""
-    code = ("import resource, onnxruntime as ort; o = ort.SessionOptions(); o.log_severity_level = 3; "
+    # VmHWM (this process image's peak), not ru_maxrss: Linux carries the parent's peak into ru_maxrss of a child
+    code = ("import onnxruntime as ort; o = ort.SessionOptions(); o.log_severity_level = 3; "
             f"ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider']); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024
 
