@@ -146,8 +146,8 @@ class Palettize(WeightPass):
         group = details.get("group_size")
         lines = [f"{how} codebooks ({details.get('weighting')} weighting, "
                  f"{f'{group} channel(s) per codebook' if group else 'one per tensor'}) on {len(rows)} weight(s): "
-                 f"{before:,} -> {after:,} bytes; {len(details.get('left_float', []))} candidate(s) left in float "
-                 "(reasons in the JSON/HTML report)"]
+                 f"{before:,} -> {after:,} bytes; {len(details.get('left_float', []))} candidate(s) left as they "
+                 "were (reasons in the JSON/HTML report)"]
         worst = sorted(rows, key=lambda r: -(r.get("output_rel_err") or r["weight_rel_err"]))[:3]
         if worst:
             lines.append("largest errors: " + ", ".join(
