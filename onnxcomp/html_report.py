@@ -13,6 +13,8 @@ import io
 import json
 from typing import Any, Optional
 
+from .summary import human_bytes
+
 __all__ = ["render"]
 
 _CSS = """
@@ -62,16 +64,6 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def _bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _card(title: str, value: str, note: str, tone: str = "") -> str:
     return f"<div class='card {tone}'><span>{_e(title)}</span><b>{_e(value)}</b><span>{_e(note)}</span></div>"
 
@@ -79,7 +71,7 @@ def _card(title: str, value: str, note: str, tone: str = "") -> str:
 def _cards(d: dict[str, Any]) -> str:
     v = d.get("validation")
     out = [_card("file size", f"{d['size_ratio']:.3f}x",
-                 f"{_bytes(d['before']['model_bytes'])} -> {_bytes(d['after']['model_bytes'])}",
+                 f"{human_bytes(d['before']['model_bytes'])} -> {human_bytes(d['after']['model_bytes'])}",
                  "good" if d["size_ratio"] < 1 else "")]
     if v and v.get("latency_ratio") is not None:
         shapes = "; ".join(f"{k} {x[0] if len(x) == 1 else f'{len(x)} shapes'}" for k, x in v["timed_shapes"].items())
@@ -237,7 +229,7 @@ def _pass_section(i: int, p: dict[str, Any]) -> str:
     det = p.get("details") or {}
     out = [f"<h3>{_e(p['name'])}</h3>",
            f"<p class='sub'>{_e(p['status'])}; nodes {p['nodes_before']} -> {p['nodes_after']}; "
-           f"{_bytes(p['bytes_before'])} -> {_bytes(p['bytes_after'])}; {p['seconds']:.2f} s</p>"]
+           f"{human_bytes(p['bytes_before'])} -> {human_bytes(p['bytes_after'])}; {p['seconds']:.2f} s</p>"]
     if p.get("summary"):
         out.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in p["summary"]) + "</ul>")
     if p.get("notes"):

@@ -125,10 +125,10 @@ class WeightLayer:
     def weight(self) -> np.ndarray:
         return np.asarray(ir.const_value(self.w), np.float32)
 
-    def matrix(self) -> np.ndarray:
-        """The weight as [k inputs, n outputs] with y = x @ M (Gemm's transB and alpha applied); Conv:
-        [C_in/group * kh * kw, C_out]."""
-        w = self.weight
+    def matrix(self, value: Optional[np.ndarray] = None) -> np.ndarray:
+        """The weight (or `value`, another array in its stored layout) as [k inputs, n outputs] with y = x @ M
+        (Gemm's transB and alpha applied); Conv: [C_in/group * kh * kw, C_out]."""
+        w = self.weight if value is None else np.asarray(value, np.float32)
         if self.op == "Gemm":
             m = w.T if self.node.attrs.get("transB", 0) else w
             return np.ascontiguousarray(m * np.float32(self.node.attrs.get("alpha", 1.0)))

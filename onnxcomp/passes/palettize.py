@@ -31,9 +31,8 @@ from .. import ir
 from ..errors import CalibrationDataError, InternalError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
 from ..algorithms import palette
-from ..algorithms.select import (ALREADY_QUANTIZED, WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern, embedding_problem,
-                                 find_weight_layers, is_excluded, weight_pattern2,
-                                 weight_pattern3)
+from ..algorithms.select import (ALREADY_QUANTIZED, WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern,
+                                 embedding_problem, find_weight_layers, is_excluded, weight_pattern2, weight_pattern3)
 from ..algorithms.sparsegpt import error_terms
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
@@ -316,7 +315,7 @@ def _tensors(model: ir.Model, p: Palettize, rejections: dict[str, str]) -> list[
         lookups = [f.match.bindings["node"] for f in found]
     quantized = _quantized_readers(model, p, rejections) if p.quantized else []
     if p.quantized and p.embeddings:
-        lookups += _integer_tables(model, p, rejections)
+        lookups += _integer_tables(model, p)
     by_w: dict[int, _Tensor] = {}
     for node, pos, axis, imp in quantized:
         w = node.inputs[pos]
@@ -426,7 +425,7 @@ def _quantized_readers(model: ir.Model, p: "Palettize", rejections: dict[str, st
     return out
 
 
-def _integer_tables(model: ir.Model, p: "Palettize", rejections: dict[str, str]) -> list[gs.Node]:
+def _integer_tables(model: ir.Model, p: "Palettize") -> list[gs.Node]:
     """Gather lookups on int8/uint8 2-D tables (quantize's int8 embeddings)."""
     def check(ctx, w, idx, node):
         v = ctx.const_value(w)
@@ -547,9 +546,8 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
         if h is None:
             continue
         if layer.op in ("MatMul", "Gemm"):
-            m = layer.matrix().astype(np.float64)  # [k, n] with y = x @ m
-            dm = _as_matrix(layer, decoded) - m
-            num, den = error_terms(m.T, (m + dm).T, h)
+            m = layer.matrix()  # [k, n] with y = x @ m
+            num, den = error_terms(m.T, layer.matrix(decoded).T, h)
             e, kind_here = (float(np.sqrt(num / den)) if den > 0 else 0.0), "exact"
         else:
             imp = t.importance
@@ -567,15 +565,6 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
         "output_rel_err": out_err, "output_err_kind": kind,
         "bytes_before": int(t.value.nbytes), "bytes_after": p.nbytes,
     })
-
-
-def _as_matrix(layer: WeightLayer, stored: np.ndarray) -> np.ndarray:
-    """A value in the layer's stored layout as [k inputs, n outputs] (WeightLayer.matrix for another value)."""
-    w = np.asarray(stored, np.float64)
-    if layer.op == "Gemm":
-        m = w.T if layer.node.attrs.get("transB", 0) else w
-        return m * float(layer.node.attrs.get("alpha", 1.0))
-    return w
 
 
 # ---------------------------------------------------------------------------------------------- rewriting
@@ -620,21 +609,15 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
             made[t.name] = _decode(op, t)
         return made[t.name]
 
-    def check(ctx, x, w, node, b=None):
+    def selected(ctx, node, **_):
         return True if id(node) in plan else fail("not selected for palettization")
 
     def replacement(op, x, w, node, b=None):
         ins = [x, decoded(op, plan[id(node)])] + ([b] if b is not None else [])
         return getattr(op, node.op)(*ins, _name=node.name, **node.attrs)
 
-    def lookup_check(ctx, w, idx, node):
-        return True if id(node) in plan else fail("not selected for palettization")
-
     def lookup(op, w, idx, node):
         return op.Gather(decoded(op, plan[id(node)]), idx, _name=node.name, **node.attrs)
-
-    def quantized_check(ctx, q, s, node, **_):
-        return True if id(node) in plan else fail("not selected for palettization")
 
     def quantized(op, q, s, node, x=None, z=None, b=None):
         ins = [t for t in (x, decoded(op, plan[id(node)]), s, z, b) if t is not None]
@@ -642,15 +625,15 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
 
     rules = []
     if any(t.quantized for t in tensors):
-        rules += [RewriteRule(f"palettize-quantized-{n}", f, quantized, quantized_check)
+        rules += [RewriteRule(f"palettize-quantized-{n}", f, quantized, selected)
                   for n, f in _QUANTIZED_PATTERNS]
     for op_type in sorted({layer.op for t in tensors for layer in t.layers}):
-        rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement, check))
+        rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement, selected))
         if op_type != "MatMul":
             rules.append(RewriteRule(f"palettize-{op_type.lower()}-bias", weight_pattern3(op_type), replacement,
-                                     check))
+                                     selected))
     if any(t.lookups for t in tensors):
-        rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup, lookup_check))
+        rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup, selected))
     stats = apply_rules(model, rules)
     missing = [n.name for t in tensors for n in t.w.outputs]  # readers still on the original weight
     if missing:
