@@ -744,6 +744,8 @@ def _export_onnx(graph: gs.Graph) -> onnx.ModelProto:
                 g.sparse_initializer.append(Ex.export_sparse_tensor_proto(t))
             else:
                 g.initializer.append(Ex.export_tensor_proto(t))
+    for t in _constants_shared_by_subgraphs(graph, set(tensor_map)):  # once here; the bodies' copies are dropped
+        g.initializer.append(Ex.export_tensor_proto(t))
     for t in graph.inputs + graph.outputs:
         tensor_map.pop(t.name, None)
     g.value_info.extend(Ex.export_value_info_proto(t, False) for t in tensor_map.values()
@@ -756,6 +758,24 @@ def _export_onnx(graph: gs.Graph) -> onnx.ModelProto:
     model.producer_name = graph.producer_name or ""
     model.producer_version = graph.producer_version or ""
     return model
+
+
+def _constants_shared_by_subgraphs(graph: gs.Graph, taken: set[str]) -> list[gs.Constant]:
+    """Dense constants read in two or more If/Loop bodies and not in the main graph: an outer-scope initializer
+    (e.g. one packed weight both branches slice), which gs would export into every body that reads it."""
+    from onnx_graphsurgeon.ir.tensor import SparseValues
+
+    where: dict[int, set[int]] = {}
+    obj: dict[int, gs.Constant] = {}
+    for sub in iter_graphs(graph):
+        if sub is graph:
+            continue
+        for n in sub.nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant) and t.name and not isinstance(t._values, SparseValues):
+                    where.setdefault(id(t), set()).add(id(sub))
+                    obj[id(t)] = t
+    return [obj[k] for k, graphs in where.items() if len(graphs) > 1 and obj[k].name not in taken]
 
 
 def _has_sparse_weights(proto: onnx.ModelProto) -> bool:

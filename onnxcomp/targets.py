@@ -83,11 +83,15 @@ _CONVT = OpPlacement("ConvTranspose", _axis1, (), size_only_modes=("weight_only"
 # embedding table stored int8 row-wise, rows dequantized after the lookup (weight is input 0)
 _GATHER = OpPlacement("Gather", _axis0, ("static", "dynamic", "weight_only"))
 
+# W/R int8 per gate channel, activations quantized at run time: ORT's DynamicQuantizeLSTM (no QDQ form: static
+# mode uses it too)
+_LSTM = OpPlacement("LSTM", _axis1, ("dynamic", "static"))
+
 TARGETS: dict[str, Target] = {
     "ort-cpu": Target(
         "ort-cpu", ("CPUExecutionProvider",),  # ONNX Runtime, CPU execution provider
         activation_dtype="uint8", activation_symmetric=False, reduce_range=True,
-        ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER)}, keep_float=_KEEP_FLOAT),
+        ops={p.op: p for p in (_MATMUL, _GEMM, _CONV, _CONVT, _GATHER, _LSTM)}, keep_float=_KEEP_FLOAT),
     "ort-cuda": Target(
         "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),  # falls back to CPU where no GPU
         activation_dtype="int8", activation_symmetric=True,

@@ -20,11 +20,14 @@ ROWS: list[tuple[str, tuple[str, ...], Any, bool]] = [
     ("default", ("minilm", "digits_cnn", "digits_mlp"), None, True),
     ("cleanup", ("minilm", "digits_cnn", "digits_mlp"), [{"type": "cleanup"}], True),
     ("q_dynamic", ("minilm", "digits_cnn", "digits_mlp"), [{"type": _Q, "mode": "dynamic"}], True),
+    ("q_dynamic_rtn", ("minilm", "digits_cnn"), [{"type": _Q, "mode": "dynamic", "algorithm": "rtn"}], True),
     ("q_static", ("digits_cnn", "digits_mlp"), [{"type": _Q, "mode": "static"}], True),
     ("q_static", ("minilm",), [{"type": _Q, "mode": "static"}], False),
     ("q_static_no_smooth", ("minilm", "digits_cnn"), [{"type": _Q, "mode": "static", "smoothquant": None}], True),
     ("q_static_percentile", ("digits_cnn",), [{"type": _Q, "mode": "static", "calibration": "percentile"}], True),
     ("q_wo_int8", ("minilm", "digits_mlp"), [{"type": _Q, "mode": "weight_only", "weight_dtype": "int8"}], True),
+    ("q_wo_int4_rtn", ("minilm",), [{"type": _Q, "mode": "weight_only", "weight_dtype": "int4", "block_size": 32,
+                                     "algorithm": "rtn"}], True),
     ("q_wo_int4", ("minilm", "digits_mlp"), [{"type": _Q, "mode": "weight_only", "weight_dtype": "int4",
                                               "block_size": 32}], True),
     ("s_unstructured_mag_0.5", ("minilm", "digits_cnn"), [{"type": _S, "method": "magnitude", "sparsity": 0.5,
@@ -60,7 +63,9 @@ ROWS: list[tuple[str, tuple[str, ...], Any, bool]] = [
 
 #: rows whose output depends on ORT-computed statistics (calibration, probes): their bytes can differ on a CPU with
 #: other float kernels, so the test checks them only on the machine kind that recorded them
-DATA_FREE = {"default", "cleanup", "q_dynamic", "q_wo_int8", "q_wo_int4", "s_unstructured_mag_0.5",
+#: (quantize's default rounding, algorithm auto, reads the layer inputs' second moment: default/q_dynamic/q_wo_*
+#: are calibrated rows; their *_rtn twins stay data-free)
+DATA_FREE = {"cleanup", "q_dynamic_rtn", "q_wo_int4_rtn", "s_unstructured_mag_0.5",
              "s_block_mag_0.5", "s_mag_0.8_storage+cleanup", "lr_plain_p0.5", "pal_4_plain"}
 
 

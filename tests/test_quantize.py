@@ -235,13 +235,15 @@ def test_degenerate_activation_is_reported_and_exact():
     np.testing.assert_array_equal(out, np.zeros((2, 4), np.float32))
 
 
-def test_4bit_matmulnbits_layout_matches_numpy_dequantization():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_4bit_matmulnbits_layout_matches_numpy_dequantization(symmetric):
     rng = np.random.default_rng(5)
     k, n, bs = 100, 48, 32  # K not a multiple of the block: padded
     w = rng.standard_normal((k, n)).astype(np.float32)
     m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [3, k])], [vi("y", [3, n])],
                    [const("W", w)])
-    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": bs, "min_weight_elements": 0})
+    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": bs, "min_weight_elements": 0,
+                 "symmetric_weights": symmetric})
     (node,) = res.model.graph.node
     assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
     attrs = {a.name: a.i for a in node.attribute}
@@ -250,9 +252,17 @@ def test_4bit_matmulnbits_layout_matches_numpy_dequantization():
     packed, scale = inits[node.input[1]], inits[node.input[2]]
     blocks = -(-k // bs)
     assert packed.shape == (n, blocks, bs // 2) and scale.shape == (n * blocks,)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, bs).astype(np.int32) - 8
+    if symmetric:
+        assert len(node.input) == 3  # zero point 8 implied
+        zp = np.full((n, blocks), 8)
+    else:  # zero points packed two a byte per column, low nibble first
+        zpk = inits[node.input[3]]
+        assert zpk.shape == (n * -(-blocks // 2),)
+        zp = np.stack([zpk & 0x0F, zpk >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int32)
+        assert not (zp == 8).all()
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, bs).astype(np.int32) - zp[..., None]
     w_deq = (q * scale.reshape(n, blocks, 1)).reshape(n, blocks * bs)[:, :k].T
-    assert np.abs(w_deq - w).max() <= np.abs(w).max() / 7  # 4-bit rounding, per-block scale
+    assert np.abs(w_deq - w).max() <= (np.abs(w).max() / 7 if symmetric else 2 * np.abs(w).max() / 15)
     x = rng.standard_normal((3, k)).astype(np.float32)
     y = testing.session(res.model).run(None, {"x": x})[0]
     ref = x @ w_deq  # ORT's kernel (accuracy_level 4) also rounds x to int8: close, not exact
@@ -346,22 +356,31 @@ def test_shared_weight_stored_once_and_if_bodies_quantized(mode):
             _close_to_float(m, res.model, {"x": x}, rtol=0.03)
 
 
-def test_4bit_embedding_table_matches_numpy_dequantization():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_4bit_embedding_table_matches_numpy_dequantization(symmetric):
     rng = np.random.default_rng(9)
-    table = rng.standard_normal((300, 64)).astype(np.float32)
+    table = rng.standard_normal((300, 96)).astype(np.float32)  # 3 blocks a row: an odd count of zero points
     m = make_model([helper.make_node("Gather", ["E", "ids"], ["y"], name="emb")],
-                   [vi("ids", [2, 5], TensorProto.INT64)], [vi("y", [2, 5, 64])], [const("E", table)])
-    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32}, validate=False)
+                   [vi("ids", [2, 5], TensorProto.INT64)], [vi("y", [2, 5, 96])], [const("E", table)])
+    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32, "symmetric_weights": symmetric},
+             validate=False)
     (node,) = res.model.graph.node
     assert node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft"
     inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     packed, scale = inits[node.input[0]], inits[node.input[2]]
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(300, 64).astype(np.int32) - 8
-    deq = (q.reshape(300, 2, 32) * scale[..., None]).reshape(300, 64)
+    if symmetric:
+        assert len(node.input) == 3
+        zp = np.full((300, 3), 8)
+    else:
+        zpk = inits[node.input[3]]
+        assert zpk.shape == (300, 2)
+        zp = np.stack([zpk & 0x0F, zpk >> 4], axis=-1).reshape(300, 4)[:, :3].astype(np.int32)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(300, 3, 32).astype(np.int32) - zp[..., None]
+    deq = (q * scale[..., None]).reshape(300, 96)
     ids = rng.integers(0, 300, (2, 5)).astype(np.int64)
     y = testing.session(res.model).run(None, {"ids": ids})[0]
     np.testing.assert_allclose(y, deq[ids], atol=1e-6)
-    assert np.abs(deq - table).max() <= np.abs(table).max() / 7
+    assert np.abs(deq - table).max() <= (np.abs(table).max() / 7 if symmetric else 2 * np.abs(table).max() / 15)
     int8 = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32, "embedding_bits": 8},
               validate=False)
     assert [n.op_type for n in int8.model.graph.node].count("Gather") == 2  # int8 rows + row scales

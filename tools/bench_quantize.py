@@ -23,7 +23,9 @@ Methods (``--methods`` takes these names):
   ort_nbits4           ORT MatMulNBitsQuantizer, 4-bit, block 32, symmetric, accuracy_level=4 (MiniLM, MLP)
   ort_nbits4_gather    the same plus the word-embedding Gather -> GatherBlockQuantized (MiniLM only)
   oc_static, oc_static_percentile, oc_dynamic, oc_weight_only_int8, oc_weight_only_int4
-                       onnxcomp.compress(...) with the ``quantize`` pass (rows print "n/a: reason" on failure)
+                       onnxcomp.compress(...) with the ``quantize`` pass (rows print "n/a: reason" on failure);
+                       weight_only rows use the default rounding (algorithm auto with calibration data: per
+                       layer GPTQ or nearest, whichever has the smaller output error); *_rtn / *_gptq force one
 
 ORT's static calibrators need every calibration sample to have one shape, so ORT gets the calibration
 sentences padded to the longest of them; onnxcomp gets them unpadded. The quantized models are written to a
@@ -70,9 +72,16 @@ OC_RECIPES: dict[str, dict] = {
     "oc_static_no_smooth": {"passes": [{"type": "quantize", "mode": "static", "smoothquant": None}]},
     "oc_static_percentile": {"passes": [{"type": "quantize", "mode": "static", "calibration": "percentile"}]},
     "oc_dynamic": {"passes": [{"type": "quantize", "mode": "dynamic"}]},
+    "oc_dynamic_rtn": {"passes": [{"type": "quantize", "mode": "dynamic", "algorithm": "rtn"}]},
     "oc_weight_only_int8": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int8"}]},
     "oc_weight_only_int4": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
                                         "block_size": 32}]},
+    "oc_weight_only_int8_rtn": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int8",
+                                            "algorithm": "rtn"}]},
+    "oc_weight_only_int4_rtn": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                            "block_size": 32, "algorithm": "rtn"}]},
+    "oc_weight_only_int4_gptq": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                             "block_size": 32, "algorithm": "gptq"}]},
     "oc_weight_only_int4_b16": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
                                             "block_size": 16}]},
     "oc_default_recipe": None,  # onnxcomp's default recipe (what `onnxcomp compress` does without --recipe)

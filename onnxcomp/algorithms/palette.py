@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from .gptq import gptq_columns
+
 __all__ = ["Codebooks", "GroupedValues", "kmeans_groups", "nearest", "gptq_assign", "WordLayout", "word_layout", "pack", "shifts", "unpack"]
 
 _MAX_ITER = 100
@@ -190,29 +192,11 @@ def gptq_assign(w: np.ndarray, h: np.ndarray, codebooks: np.ndarray, row_group: 
     inputs), in order of decreasing H_jj (act-order). Minimises ||X (W - W_hat)^T|| far better than nearest
     rounding of each weight alone. `row_group[r]` is the codebook of row r; codebooks [G, k] are ascending in
     each row (as kmeans_groups returns them). Returns int64 [rows, cols]."""
-    from .sparsegpt import damped_hessian, inverse_cholesky
-
-    rows, cols = w.shape
     cb = np.asarray(codebooks, np.float64)
-    perm = np.argsort(-np.diag(h), kind="stable")
-    wk = np.array(np.asarray(w, np.float64)[:, perm], copy=True)
-    hinv = inverse_cholesky(damped_hessian(np.asarray(h, np.float64)[np.ix_(perm, perm)], damping), damping)
-    labels = np.zeros((rows, cols), np.int64)
     rg = np.asarray(row_group, np.int64)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = wk[:, i1:i2].copy()
-        h1 = hinv[i1:i2, i1:i2]
-        err1 = np.zeros_like(w1)
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            lab = nearest(col, cb, rg)
-            e = (col - cb[rg, lab]) / h1[i, i]
-            w1[:, i:] -= np.outer(e, h1[i, i:])
-            err1[:, i] = e
-            labels[:, i1 + i] = lab
-        if i2 < cols:
-            wk[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = np.empty_like(labels)
-    out[:, perm] = labels
-    return out
+
+    def rounder(_j: int, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lab = nearest(col, cb, rg)
+        return lab, cb[rg, lab]
+
+    return gptq_columns(w, h, rounder, damping=damping, blocksize=blocksize)

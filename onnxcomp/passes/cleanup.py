@@ -1,8 +1,11 @@
 """`cleanup`: remove what computes nothing, without changing a single output value.
 
 Rules on the rewrite engine: Identity, inference-mode Dropout, Cast to the dtype the tensor already has,
-Transpose of a constant folded into the constant, two Transposes in a row merged into one (or none). Then dead nodes, duplicated initializers (same dtype,
-shape and bytes) and initializers nobody reads are dropped.
+Transpose of a constant folded into the constant, two Transposes in a row merged into one (or none). Then
+constant-only layout subgraphs (Slice/Reshape/Concat/Cast/Unsqueeze/Squeeze/Gather/Flatten of constants, in
+every graph, If/Loop bodies included) are evaluated by onnx's reference implementation and become constants,
+so weights stored packed (a Slice of one big initializer) are weights the other passes see. Then dead nodes,
+duplicated initializers (same dtype, shape and bytes) and initializers nobody reads are dropped.
 """
 from __future__ import annotations
 
@@ -179,21 +182,80 @@ def dedupe_initializers(graph: gs.Graph) -> tuple[int, int]:
     return merged, saved
 
 
+# ops whose output is a function of constant inputs that onnx's reference evaluates exactly (data movement and
+# dtype casts): folded when every input is a constant and the result is no larger than its inputs
+FOLDABLE_OPS = ("Slice", "Reshape", "Transpose", "Concat", "Cast", "Unsqueeze", "Squeeze", "Gather", "Flatten")
+
+
+def _evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    """The node's one output by onnx.reference (the operator's specified semantics at `opset`)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
+    proto = onnx.helper.make_node(node.op, names, ["out"], **{k: v for k, v in node.attrs.items()})
+    feeds = {n: v for n, v in zip(names, values) if v is not None}
+    return np.asarray(ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds)[0])
+
+
+def fold_constant_subgraphs(graph: gs.Graph, opset: int) -> tuple[int, list[str]]:
+    """Replace every FOLDABLE_OPS node whose inputs are all constants (in this graph and its subgraphs, in
+    topological order so chains fold whole) by a constant under its output's name; returns (nodes folded,
+    notes on nodes left because folding would grow the model)."""
+    folded, notes = 0, []
+    for g in list(ir.iter_graphs(graph)):
+        index = GraphIndex(g)
+        done = []
+        for n in list(g.nodes):
+            if n.op not in FOLDABLE_OPS or n.domain not in ("", "ai.onnx", None) or len(n.outputs) != 1:
+                continue
+            out = n.outputs[0]
+            if index.is_graph_output(out) or not index.has_consumers(out):
+                continue
+            values = [None if not t.name else ir.const_value(t) for t in n.inputs]
+            if any(v is None for v, t in zip(values, n.inputs) if t.name) or not any(v is not None for v in values):
+                continue
+            if any(a for a in n.attrs.values() if isinstance(a, gs.Graph)):
+                continue
+            try:
+                y = _evaluate(n, values, opset)
+            except Exception as e:  # onnx.reference lacks some old-opset forms: leave the node as it is
+                notes.append(f"{n.op} '{n.name}' left unfolded: onnx.reference cannot evaluate it at opset {opset} "
+                             f"({type(e).__name__})")
+                continue
+            if y.nbytes > sum(np.asarray(v).nbytes for v in values if v is not None):
+                notes.append(f"{n.op} '{n.name}' left unfolded: its result ({y.nbytes} bytes) is larger than its "
+                             "constant inputs")
+                continue
+            const = gs.Constant(out.name, np.ascontiguousarray(y))
+            index.replace_all_uses(out, const)
+            index.remove_node(n)
+            done.append(n)
+        if done:
+            index.remove_dead([p for n in done for t in n.inputs for p in t.inputs])
+            index.commit()
+            folded += len(done)
+    return folded, notes
+
+
 @dataclass(frozen=True)
 class Cleanup(Pass):
-    """Remove Identity/no-op Cast/Dropout, fold constant Transposes, drop dead nodes and duplicate initializers."""
+    """Remove Identity/no-op Cast/Dropout, fold constant Transposes and constant-only layout subgraphs, drop dead
+    nodes and duplicate initializers."""
 
     name: ClassVar[str] = "cleanup"
     dedupe: bool = True
     fold_transpose: bool = True
+    fold_constants: bool = True  # evaluate FOLDABLE_OPS nodes of constants (packed weights become weights)
 
     def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
         rules = [r for r in cleanup_rules() if self.fold_transpose or r.name != "fold-constant-transpose"]
         stats = apply_rules(model, rules)
+        folded, notes = fold_constant_subgraphs(model.graph, model.graph.opset) if self.fold_constants else (0, [])
         dead = remove_dead_nodes(model.graph)
         merged, saved = dedupe_initializers(model.graph) if self.dedupe else (0, 0)
-        out = PassOutcome(details={"rewrites": stats.to_dict(), "dead_nodes_removed": dead,
-                                   "initializers_deduplicated": merged, "bytes_deduplicated": saved})
+        out = PassOutcome(details={"rewrites": stats.to_dict(), "constants_folded": folded, "dead_nodes_removed": dead,
+                                   "initializers_deduplicated": merged, "bytes_deduplicated": saved},
+                          notes=notes[:20])
         if not stats.fixpoint:
             out.notes.append("rule application stopped before a fixpoint (step limit)")
         return out

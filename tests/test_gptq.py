@@ -1,0 +1,130 @@
+"""GPTQ rounding (algorithms/gptq.py) against a direct numpy implementation, and through the quantize pass."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxcomp
+from onnxcomp import testing
+from onnxcomp.algorithms import gptq
+from onnxcomp.algorithms.sparsegpt import damped_hessian
+from onnxcomp.errors import CalibrationDataError, RecipeError
+
+
+def _direct_gptq(w, h, scale, qmin, qmax, damping, order):
+    """The textbook sequential form: full H^-1, one column at a time, H^-1 updated by eliminating the column."""
+    w = np.array(w, np.float64)
+    hinv = np.linalg.inv(damped_hessian(h, damping))
+    q = np.zeros(w.shape, np.int64)
+    left = list(order)
+    for j in order:
+        qj = np.clip(np.rint(w[:, j] / scale), qmin, qmax)
+        q[:, j] = qj
+        err = (w[:, j] - qj * scale) / hinv[j, j]
+        left.remove(j)
+        w[:, left] -= np.outer(err, hinv[j, left])
+        hinv = hinv - np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return q
+
+
+def _correlated(rng, n, d):
+    mix = rng.standard_normal((d, d)) * 0.5 + np.eye(d)
+    return (rng.standard_normal((n, d)) * rng.uniform(0.2, 3.0, d)) @ mix
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_direct_numpy(act_order):
+    rng = np.random.default_rng(0)
+    rows, cols = 12, 40
+    w = rng.standard_normal((rows, cols))
+    x = _correlated(rng, 500, cols)
+    h = x.T @ x / len(x)
+    scale = np.abs(w).max(axis=1) / 7
+    codes = gptq.quantize_grid(w, h, scale, np.zeros(rows), -8, 7, damping=0.01, act_order=act_order)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    ref = _direct_gptq(w, h, scale, -8, 7, 0.01, list(order))
+    np.testing.assert_array_equal(codes, ref)
+
+
+def test_gptq_lowers_output_error_on_held_out_inputs():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 96))
+    x = _correlated(rng, 4000, 96)
+    fit, held = x[:2000], x[2000:]
+    h = fit.T @ fit / len(fit)
+    scale = np.abs(w).max(axis=1) / 7
+    rtn = np.clip(np.rint(w / scale[:, None]), -8, 7) * scale[:, None]
+    g = gptq.quantize_grid(w, h, scale, np.zeros(64), -8, 7) * scale[:, None]
+    h_held = held.T @ held / len(held)
+    assert gptq.output_error(w, g, h_held) < 0.7 * gptq.output_error(w, rtn, h_held)
+    # blocks of the grid: scale per (row, block of 32 inputs)
+    bscale = np.abs(w.reshape(64, 3, 32)).max(axis=2) / 7
+    gb = gptq.quantize_grid(w, h, bscale, np.zeros((64, 3)), -8, 7, block_size=32)
+    assert gb.min() >= -8 and gb.max() <= 7
+    deq = (gb.reshape(64, 3, 32) * bscale[..., None]).reshape(64, 96)
+    rtn_b = (np.clip(np.rint(w.reshape(64, 3, 32) / bscale[..., None]), -8, 7) * bscale[..., None]).reshape(64, 96)
+    assert gptq.output_error(w, deq, h_held) < gptq.output_error(w, rtn_b, h_held)
+
+
+def _mlp(rng, d=64, hidden=256):
+    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, 16)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+                          [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds(rng, n, d=64):
+    mix = (rng.standard_normal((d, d)) * 0.4 + np.eye(d)).astype(np.float32)
+    return [{"x": (_correlated(np.random.default_rng(100 + i), 32, d).astype(np.float32) @ mix)} for i in range(n)]
+
+
+@pytest.mark.parametrize("recipe", [
+    {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32},
+    {"mode": "weight_only", "weight_dtype": "int8"},
+    {"mode": "dynamic"},
+])
+def test_quantize_gptq_beats_rtn_on_held_out_data(recipe):
+    rng = np.random.default_rng(2)
+    model = _mlp(rng)
+    feeds = _feeds(rng, 24)
+    calib, held = feeds[:16], feeds[16:]
+    base = {"type": "quantize", "min_weight_elements": 0, **recipe}
+    ref = testing.session(model)
+    errs = {}
+    for alg in ("rtn", "gptq", "auto"):
+        res = onnxcomp.compress(model, {"passes": [{**base, "algorithm": alg}]}, calibration_data=calib,
+                                validation_data=held)
+        onnx.checker.check_model(res.model, full_check=True)
+        sess = testing.session(res.model)
+        num = sum(float(np.sum((sess.run(None, f)[0] - ref.run(None, f)[0]) ** 2)) for f in held)
+        den = sum(float(np.sum(ref.run(None, f)[0] ** 2)) for f in held)
+        errs[alg] = num / den
+        details = res.report.passes[0].details
+        assert details["algorithm"] == alg
+        if alg != "rtn":
+            rounding = details["rounding"]
+            assert rounding["gptq"] + rounding["rtn"] == 2
+            for row in rounding["layers"]:
+                assert row["gptq_error"] <= row["rtn_error"] or row["algorithm"] == "rtn"
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+    assert errs["auto"] <= errs["rtn"], errs
+
+
+def test_gptq_needs_calibration_data_and_is_refused_for_static():
+    model = _mlp(np.random.default_rng(3))
+    with pytest.raises(CalibrationDataError, match="algorithm 'gptq' needs calibration_data"):
+        onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "algorithm": "gptq",
+                                              "min_weight_elements": 0}]})
+    with pytest.raises(RecipeError, match="'gptq' applies to modes"):
+        onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "static", "algorithm": "gptq"}]})
+    # auto without data: nearest rounding, the same bytes as asking for rtn
+    a = onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "min_weight_elements": 0}]})
+    b = onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "algorithm": "rtn",
+                                              "min_weight_elements": 0}]})
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.report.passes[0].details["algorithm"] == "rtn"
