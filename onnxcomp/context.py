@@ -38,6 +38,14 @@ class PassContext:
         return self.statistics.collect(model, tensor_names, feeds, providers=self.providers,
                                        progress=self.progress, **kwargs)
 
+    def second_moments(self, model: onnx.ModelProto, feeds, axes: dict[str, int]) -> dict:
+        """E[x x^T] / rows of each named tensor with its channel axis (`axes`: name -> axis), from one run;
+        tensors never observed are left out."""
+        if not axes:
+            return {}
+        stats = self.collect(model, [], feeds, histogram=False, gram_axes=axes)
+        return {n: st.second_moment for n, st in stats.items() if st.second_moment is not None}
+
 
 @dataclass(frozen=True)
 class LayerChange:

@@ -36,3 +36,15 @@ def random_feeds(proto: onnx.ModelProto, seed: int = 0, **fixed) -> dict[str, np
         shape = [d.dim_value for d in tt.shape.dim]
         feeds[i.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return feeds
+
+
+def run_one_pass(model, spec: dict, calib=None):
+    """compress(model) with the one pass `spec` (no validation); the pass must report ok and the output pass the
+    full checker."""
+    import onnxcomp
+
+    res = onnxcomp.compress(model, [spec], calibration_data=calib, progress=False, validate=False)
+    rec = res.report.passes[0]
+    assert rec.status == "ok", rec.status
+    onnx.checker.check_model(res.model, full_check=True)
+    return res

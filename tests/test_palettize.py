@@ -14,18 +14,13 @@ from onnxcomp import testing
 from onnxcomp.algorithms import palette
 from onnxcomp.algorithms.sparsegpt import error_terms
 from onnxcomp.errors import CalibrationDataError, RecipeError
-from tests.graphs import const, make_model, vi
+from tests.graphs import const, make_model, run_one_pass, vi
 
 F = onnx.TensorProto.FLOAT
 
 
 def _pal(model, calib=None, **opts):
-    res = onnxcomp.compress(model, [{"type": "palettize", **opts}], calibration_data=calib, progress=False,
-                            validate=False)
-    rec = res.report.passes[0]
-    assert rec.status == "ok", rec.status
-    onnx.checker.check_model(res.model, full_check=True)
-    return res
+    return run_one_pass(model, {"type": "palettize", **opts}, calib)
 
 
 def _anisotropic(n, k, seed=0):

@@ -11,18 +11,13 @@ from onnxcomp import storage, testing
 from onnxcomp.errors import CalibrationDataError, RecipeError
 from onnxcomp.algorithms import sparsegpt as sg
 from onnxcomp.recipe import Recipe
-from tests.graphs import const, make_model, vi
+from tests.graphs import const, make_model, run_one_pass, vi
 
 
 def _sp(model, calib=None, **opts):
     """Sparsify with `opts` (allocation uniform unless given: these tests check the per-layer mechanics)."""
     opts.setdefault("allocation", "uniform")
-    res = onnxcomp.compress(model, [{"type": "sparsify", **opts}], calibration_data=calib, progress=False,
-                            validate=False)
-    rec = res.report.passes[0]
-    assert rec.status == "ok", rec.status
-    onnx.checker.check_model(res.model, full_check=True)
-    return res
+    return run_one_pass(model, {"type": "sparsify", **opts}, calib)
 
 
 def _weights(model):

@@ -192,7 +192,7 @@ def _evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.
     from onnx.reference import ReferenceEvaluator
 
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
-    proto = onnx.helper.make_node(node.op, names, ["out"], **{k: v for k, v in node.attrs.items()})
+    proto = onnx.helper.make_node(node.op, names, ["out"], **node.attrs)
     feeds = {n: v for n, v in zip(names, values) if v is not None}
     return np.asarray(ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds)[0])
 
@@ -200,7 +200,8 @@ def _evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> np.
 def fold_constant_subgraphs(graph: gs.Graph, opset: int) -> tuple[int, list[str]]:
     """Replace every FOLDABLE_OPS node whose inputs are all constants (in this graph and its subgraphs, in
     topological order so chains fold whole) by a constant under its output's name; returns (nodes folded,
-    notes on nodes left because folding would grow the model)."""
+    notes on nodes left unfolded). Constant nodes left unread are for `remove_dead_nodes`, which cleanup runs
+    next."""
     folded, notes = 0, []
     for g in list(ir.iter_graphs(graph)):
         index = GraphIndex(g)
@@ -213,8 +214,6 @@ def fold_constant_subgraphs(graph: gs.Graph, opset: int) -> tuple[int, list[str]
                 continue
             values = [None if not t.name else ir.const_value(t) for t in n.inputs]
             if any(v is None for v, t in zip(values, n.inputs) if t.name) or not any(v is not None for v in values):
-                continue
-            if any(a for a in n.attrs.values() if isinstance(a, gs.Graph)):
                 continue
             try:
                 y = _evaluate(n, values, opset)
@@ -230,8 +229,7 @@ def fold_constant_subgraphs(graph: gs.Graph, opset: int) -> tuple[int, list[str]
             index.replace_all_uses(out, const)
             index.remove_node(n)
             done.append(n)
-        if done:
-            index.remove_dead([p for n in done for t in n.inputs for p in t.inputs])
+        if done:  # the Constant nodes that fed them are left for the dead-node sweep
             index.commit()
             folded += len(done)
     return folded, notes

@@ -449,10 +449,7 @@ def _input_moments(tensors: list[_Tensor], model: ir.Model, source: onnx.ModelPr
         for layer in t.layers:
             if layer.graph is model.graph:
                 axes[layer.x.name] = 1 if layer.op in ("Conv", "ConvTranspose") else -1
-    if not axes:
-        return {}
-    stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
-    return {n: st.second_moment for n, st in stats.items() if st.second_moment is not None}
+    return ctx.second_moments(source, feeds, axes)
 
 
 def _importance(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:

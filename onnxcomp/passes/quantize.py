@@ -183,7 +183,7 @@ class Quantize(WeightPass):
         layer_input = {f.match.outputs[0].name: _unsmoothed(f.match.bindings["x"]).name for f in found
                        if isinstance(f.match.bindings.get("x"), gs.Tensor)}
         if self.mode in ("weight_only", "dynamic"):
-            run.algorithm = self._algorithm(ctx, notes)
+            run.algorithm = self._algorithm(ctx)
             if run.algorithm != "rtn":
                 run.grams = self._input_grams(found, model, source, ctx, observable)
             details["algorithm"] = run.algorithm
@@ -226,7 +226,7 @@ class Quantize(WeightPass):
                 row["node"] = layer_node.get(row["tensor"], "")
         return PassOutcome(details=details, notes=notes)
 
-    def _algorithm(self, ctx: PassContext, notes: list[str]) -> str:
+    def _algorithm(self, ctx: PassContext) -> str:
         """The weight rounding this run uses: auto needs calibration data (rtn without), gptq insists on it."""
         if self.algorithm == "auto":
             return "auto" if ctx.calibration_data else "rtn"
@@ -244,10 +244,7 @@ class Quantize(WeightPass):
             if isinstance(node, gs.Node) and node.op in ("MatMul", "Gemm") and isinstance(x, gs.Tensor) \
                     and x.name in observable:
                 axes[x.name] = -1
-        if not axes:
-            return {}
-        stats = ctx.collect(source, [], self.calibration_feeds(ctx), histogram=False, gram_axes=axes)
-        return {n: st.second_moment for n, st in stats.items() if st.second_moment is not None}
+        return ctx.second_moments(source, self.calibration_feeds(ctx), axes)
 
     # -- SmoothQuant ----------------------------------------------------------------------------
     _ALPHAS: ClassVar[tuple[float, ...]] = (0.5, 0.65, 0.8, 0.9)
@@ -438,8 +435,8 @@ class _Run:
         self.reduce_range = False  # set by Quantize._quantize from the option or the target
         self.wcache: dict[tuple[int, int], tuple[gs.Tensor, np.ndarray]] = {}
         self.ccache: dict[tuple[int, bool], list[gs.Constant]] = {}
-        self.algorithm = "rtn"  # weight_only: rtn | gptq | auto (Quantize._algorithm)
-        self.grams: dict[str, np.ndarray] = {}  # layer input name -> E[x x^T] (weight_only with gptq/auto)
+        self.algorithm = "rtn"  # weight_only/dynamic: rtn | gptq | auto (Quantize._algorithm)
+        self.grams: dict[str, np.ndarray] = {}  # layer input name -> E[x x^T] (algorithm gptq/auto)
         self.rounding: dict[str, dict] = {}  # weight name -> {"algorithm", "rtn_error", "gptq_error"}
 
     def _excluded(self, node: gs.Node) -> bool:
@@ -484,6 +481,13 @@ class _Run:
         self.rounding[name] = {"algorithm": use, "rtn_error": e_rtn, "gptq_error": e_gptq}
         return g if use == "gptq" else rtn
 
+    def _round_channels(self, name: str, wm: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray,
+                        qt: qmath.QType) -> np.ndarray:
+        """`_round` for a per-channel (or per-tensor) grid of `qt` on the output-major `wm`, as `qt`'s dtype."""
+        rows = wm.shape[0]
+        return self._round(name, wm, h, np.broadcast_to(scale, (rows,)), np.broadcast_to(zp, (rows,)),
+                           qt.qmin, qt.qmax).astype(qt.np_dtype)
+
     def rounding_summary(self) -> dict[str, Any]:
         """Per weight rounded against calibration data: the algorithm used and both output errors."""
         rows = [{"weight": k, **v} for k, v in sorted(self.rounding.items())]
@@ -503,11 +507,10 @@ class _Run:
         scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights, reduce_range=reduce)
         if h is not None and v.ndim == 2:
             qt = qmath.QTYPES[qd]
-            wm = v.T if axis % 2 == 1 else v  # output-major: rows are the per-channel axis
-            rows = wm.shape[0]
-            codes = self._round(w.name, wm, h, np.broadcast_to(scale, (rows,)), np.broadcast_to(zp, (rows,)),
-                                qt.qmin, qt.qmax)
-            q = (codes.T if axis % 2 == 1 else codes).astype(qt.np_dtype)
+            if axis % 2 == 1:  # [in, out]: round the output-major transpose
+                q = self._round_channels(w.name, v.T, h, scale, zp, qt).T
+            else:
+                q = self._round_channels(w.name, v, h, scale, zp, qt)
         else:
             q = qmath.quantize(v, scale, zp, ax, qd)
         attrs = {"axis": axis} if self.q.per_channel else {}
@@ -663,9 +666,7 @@ class _Run:
                 q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
             else:
                 qt = qmath.reduced(qmath.QTYPES["int8"]) if self.reduce_range else qmath.QTYPES["int8"]
-                rows = v.shape[1]
-                q = self._round(w.name, v.T, h, np.broadcast_to(scale, (rows,)), np.broadcast_to(zp, (rows,)),
-                                qt.qmin, qt.qmax).T.astype(np.int8)
+                q = self._round_channels(w.name, v.T, h, scale, zp, qt).T
             consts = self.ccache[key] = [op.const(q, name=f"{w.name}_quantized"),
                                          op.const(scale, name=f"{w.name}_scale"),
                                          op.const(zp, name=f"{w.name}_zero_point")]
@@ -679,21 +680,31 @@ class _Run:
 def _block_grid(wb: np.ndarray, symmetric: bool, importance: Optional[np.ndarray] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """4-bit (scale, zero point) per block of wb [..., blocks, block]: codes 0..15 with w ~ (q - zp) * scale.
-    Symmetric: zero point 8 and the best shrink of absmax / 7; asymmetric: the block's [min, max] (widened to
-    contain 0) shrunk by the factor with the least (importance-weighted) squared error, zero point rounded."""
+    Symmetric: zero point 8 and a shrink of absmax / 7; asymmetric: the block's [min, max] (widened to contain 0)
+    shrunk, zero point rounded. The shrink factor (searched over a fixed grid, vectorised over all blocks) is the
+    one with the least squared rounding+clipping error, each weight's error weighed by `importance` (broadcast to
+    wb; e.g. E[x_j^2] of its input) when given: clipping a block's one or two largest weights often lowers the
+    error of all the others."""
     if symmetric:
         amax = np.abs(wb).max(axis=-1)
-        scale = _best_block_scale(wb, np.where(amax > 0, amax / 7.0, 1.0), importance=importance)
-        return scale, np.full(scale.shape, 8.0, np.float32)
-    lo = np.minimum(wb.min(axis=-1), 0.0)
-    hi = np.maximum(wb.max(axis=-1), 0.0)
-    best_s = np.ones(lo.shape, np.float32)
-    best_z = np.zeros(lo.shape, np.float32)
-    best_err = np.full(lo.shape, np.inf, np.float32)
+        base = np.where(amax > 0, amax / 7.0, 1.0)
+        eight = np.full(base.shape, 8.0, np.float32)
+        best_s, best_z = base.astype(np.float32), eight
+
+        def grid(f: np.float32) -> tuple[np.ndarray, np.ndarray]:
+            return (base * f).astype(np.float32), eight
+    else:
+        lo = np.minimum(wb.min(axis=-1), 0.0)
+        hi = np.maximum(wb.max(axis=-1), 0.0)
+        best_s, best_z = np.ones(lo.shape, np.float32), np.zeros(lo.shape, np.float32)
+
+        def grid(f: np.float32) -> tuple[np.ndarray, np.ndarray]:
+            sc = ((hi - lo) * f / 15.0).astype(np.float32)
+            sc = np.where(sc > 0, sc, 1.0).astype(np.float32)
+            return sc, np.clip(np.rint(-lo * f / sc), 0, 15).astype(np.float32)
+    best_err = np.full(best_s.shape, np.inf, np.float32)
     for f in np.linspace(1.0, 0.7, 13, dtype=np.float32):
-        sc = ((hi - lo) * f / 15.0).astype(np.float32)
-        sc = np.where(sc > 0, sc, 1.0).astype(np.float32)
-        zp = np.clip(np.rint(-lo * f / sc), 0, 15).astype(np.float32)
+        sc, zp = grid(f)
         deq = (np.clip(np.rint(wb / sc[..., None]) + zp[..., None], 0, 15) - zp[..., None]) * sc[..., None]
         err = ((deq - wb) ** 2 if importance is None else (deq - wb) ** 2 * importance).sum(axis=-1)
         better = err < best_err
@@ -708,25 +719,6 @@ def _pack_nibbles(zp: np.ndarray) -> np.ndarray:
     if z.shape[-1] % 2:
         z = np.concatenate([z, np.full(z.shape[:-1] + (1,), 8, np.uint8)], axis=-1)
     return (z[..., 0::2] | (z[..., 1::2] << 4)).astype(np.uint8)
-
-
-def _best_block_scale(wb: np.ndarray, base: np.ndarray, qmin: int = -8, qmax: int = 7,
-                      importance: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per block, the scale (a shrink of the absmax scale) with the least squared rounding+clipping error,
-    each weight's error weighed by `importance` (broadcast to wb; e.g. E[x_j^2] of its input) when given.
-
-    Clipping a block's one or two largest weights often lowers the error of all the others; searched over
-    a fixed grid of shrink factors, vectorised over all blocks."""
-    best = base.astype(np.float32)
-    best_err = np.full(base.shape, np.inf, np.float32)
-    for f in np.linspace(1.0, 0.7, 13, dtype=np.float32):
-        sc = (base * f).astype(np.float32)
-        deq = np.clip(np.rint(wb / sc[..., None]), qmin, qmax) * sc[..., None]
-        err = ((deq - wb) ** 2 if importance is None else (deq - wb) ** 2 * importance).sum(axis=-1)
-        better = err < best_err
-        best = np.where(better, sc, best)
-        best_err = np.where(better, err, best_err)
-    return best.astype(np.float32)
 
 
 def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
@@ -946,13 +938,13 @@ def _lstm_rules(q: _Run) -> list[RewriteRule]:
 
     def quantized(op, t: gs.Tensor) -> list[gs.Tensor]:
         v = np.asarray(ir.const_value(t), np.float32)  # [dirs, 4H, n]
-        scale, zp = qmath.weight_params(v, None, "int8", True) if not q.q.per_channel else (None, None)
-        if q.q.per_channel:
+        if q.q.per_channel:  # one scale per (direction, gate channel)
             flat = v.reshape(-1, v.shape[2])
             scale, zp = qmath.weight_params(flat, 0, "int8", True)
             qv = qmath.quantize(flat, scale, zp, 0, "int8").reshape(v.shape)
             scale, zp = scale.reshape(v.shape[:2]), zp.reshape(v.shape[:2])
-        else:
+        else:  # one per direction (the kernel's per-tensor form), the same for both
+            scale, zp = qmath.weight_params(v, None, "int8", True)
             qv = qmath.quantize(v, scale, zp, None, "int8")
             scale, zp = np.full(v.shape[:1], scale, np.float32), np.zeros(v.shape[:1], np.int8)
         return [op.const(np.ascontiguousarray(qv.transpose(0, 2, 1)), name=f"{t.name}_quantized"),
