@@ -71,9 +71,13 @@ def test_matmul_weight_axis_is_last_and_bias_fused_in_dynamic_mode():
                     helper.make_node("Add", ["B", "mm"], ["y"], name="bias")],
                    [vi("x", [1, 3, 64])], [vi("y", [1, 3, 256])],
                    [const("W", w), const("B", rng.standard_normal(256).astype(np.float32))])
-    wo = _q(m, {"mode": "weight_only"})
-    _, _, scale, axis = _dq_feeding(wo.model, "MatMul")
-    assert axis == 1 and scale.shape == (256,)
+    wo = _q(m, {"mode": "weight_only"})  # ort-cpu: 8-bit MatMulNBits, blocks of 64 (K) per output column
+    (nb,) = [n for n in wo.model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in nb.attribute}
+    assert (attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]) == (8, 64, 64, 256)
+    scale = numpy_helper.to_array(next(t for t in wo.model.graph.initializer if t.name == nb.input[2]))
+    assert scale.shape == (256,)
+    _close_to_float(m, wo.model, random_feeds(m), rtol=0.02)
     dyn = _q(m, {"mode": "dynamic"})
     ops = [n.op_type for n in dyn.model.graph.node]
     assert ops == ["DynamicQuantizeMatMul"]  # MatMul and its bias Add became one kernel
@@ -389,6 +393,8 @@ def test_4bit_embedding_table_matches_numpy_dequantization(symmetric):
 # ------------------------------------------------------------------------------------ reduce_range (7-bit weights)
 def _int_weight(model) -> np.ndarray:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if any(k.endswith("_q8") for k in inits):  # 8-bit MatMulNBits: stored as q + 128
+        return next(v for k, v in inits.items() if k.endswith("_q8")).astype(np.int32) - 128
     return next(v for k, v in inits.items() if k.endswith("_quantized"))
 
 

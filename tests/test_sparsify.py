@@ -205,6 +205,12 @@ def test_sparsify_then_quantize_keeps_zeros_exact(mode):
     pruned = _sp(m, method="magnitude", sparsity=0.6)
     zeros = _weights(pruned.model)["W"] == 0
     ints = [v for v in _weights(res.model).values() if v.dtype == np.int8 and v.shape == w.shape]
+    nbits = [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
+    if mode == "weight_only":  # ort-cpu: 8-bit MatMulNBits, codes [N, blocks, block] stored as q + 128
+        (node,) = nbits
+        codes = _weights(res.model)[node.input[1]]
+        assert codes.dtype == np.uint8 and len(node.input) == 3  # symmetric: zero point 128 implied
+        ints = [(codes.reshape(w.shape[1], -1)[:, :w.shape[0]].T.astype(np.int32) - 128)]
     assert len(ints) == 1
     np.testing.assert_array_equal(ints[0] == 0, zeros)  # zero pattern survives (and no new zeros at this scale)
     _run(res.model, {"x": np.ones((2, 128), np.float32)})
