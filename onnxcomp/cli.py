@@ -343,7 +343,8 @@ def _channel_candidates(proto) -> dict:
     model = ir.Model.from_proto(proto)
     groups, refused = find_groups(model, heads=True)
     return {"groups": [{"producer": g.producer.name, "consumers": [c.name for c in g.consumers],
-                        "channels": g.channels} for g in groups if g.attention is None],
+                        "channels": g.channels, **({"joined": [e.name for e in g.extra]} if g.extra else {})}
+                       for g in groups if g.attention is None],
             "attention_blocks": sum(g.attention is not None for g in groups),
             "not_prunable": refused}
 

@@ -12,6 +12,10 @@ Only numpy, onnx and onnxruntime are needed here (no pytest, no tokenizers, no t
   "output" and "463" are Identity copies of input_ids and attention_mask.
   ``minilm_embed()`` reads "461", or mean-pools a [batch,seq,384] output if a model lacks it.
 * ``minilm_metrics()``: lines 2k and 2k+1 of the first 200 lines of sentences.txt are paraphrases.
+* decoder (byte-level Llama-style LM: RMSNorm, rotary, GQA 8/2 heads, SwiGLU; trained on sentences.txt lines
+  0..339): input "input_ids" int64 [batch,seq] (bytes), output "logits" [batch,seq,256].
+  ``decoder_windows("calib"|"eval")`` cuts the training / held-out (lines 340..399) text into byte windows;
+  ``decoder_metrics()`` gives next-byte top-1 agreement and bits per byte against the fp32 model.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ __all__ = [
     "digits_data",
     "digits_mlp_path",
     "digits_top1",
+    "decoder_feeds",
+    "decoder_logits",
+    "decoder_metrics",
+    "decoder_path",
+    "decoder_windows",
     "minilm_embed",
     "minilm_feeds",
     "minilm_metrics",
@@ -294,3 +303,57 @@ def digits_top1(
     x = x.reshape(len(x), 64) if len(inp.shape) == 2 else x.reshape(len(x), 1, 8, 8)
     logits = sess.run(None, {inp.name: x})[0]
     return float((logits.argmax(axis=1) == np.asarray(y)).mean())
+
+
+DECODER_TRAIN_LINES = 340  # sentences.txt lines 0..339 trained the decoder; 340..399 are held out
+
+
+def decoder_path() -> Path:
+    """models/decoder.onnx (committed), trained by tools/build_fixtures.py if missing."""
+    path = models_dir() / "decoder.onnx"
+    if not path.is_file():
+        _build("build_decoder")
+    return path
+
+
+def decoder_windows(split: str = "eval", n: int | None = None, seq: int = 64) -> np.ndarray:
+    """Non-overlapping byte windows int64 [n, seq+1] of the training ("calib") or held-out ("eval") sentences
+    joined by newlines: the first `seq` bytes are the input, the last `seq` the next-byte targets."""
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    lines = sentences()
+    text = "\n".join(lines[:DECODER_TRAIN_LINES] if split == "calib" else lines[DECODER_TRAIN_LINES:])
+    stream = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)
+    count = (len(stream) - 1) // seq
+    count = count if n is None else min(n, count)
+    return np.stack([stream[i * seq: i * seq + seq + 1] for i in range(count)])
+
+
+def decoder_feeds(windows: np.ndarray, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    """Feeds {"input_ids": [b, seq]} of byte windows (their inputs, without the last byte)."""
+    return [{"input_ids": np.ascontiguousarray(windows[i: i + batch_size, :-1])}
+            for i in range(0, len(windows), batch_size)]
+
+
+def decoder_logits(model: ModelLike | ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]],
+                   providers: Sequence[str] | None = None) -> np.ndarray:
+    """Logits [N, seq, 256] of the decoder on `feeds`."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, providers)
+    return np.concatenate([sess.run(["logits"], dict(f))[0] for f in feeds])
+
+
+def _bits_per_byte(logits: np.ndarray, targets: np.ndarray) -> float:
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, targets[..., None], axis=-1)
+    return float(-picked.mean() / np.log(2.0))
+
+
+def decoder_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, windows: np.ndarray) -> dict[str, float]:
+    """Next-byte top-1 agreement of the candidate with the reference, both models' bits per byte on the windows'
+    targets, and their ratio (candidate / reference)."""
+    targets = windows[:, 1:]
+    ref_bpb, bpb = _bits_per_byte(ref_logits, targets), _bits_per_byte(cand_logits, targets)
+    return {"top1_agreement": float((ref_logits.argmax(-1) == cand_logits.argmax(-1)).mean()),
+            "bits_per_byte": bpb, "bits_per_byte_ref": ref_bpb, "bpb_ratio": bpb / ref_bpb}

@@ -165,3 +165,58 @@ def test_minilm_embed_mean_pools_when_pooled_output_is_absent(minilm: str, minil
     m.graph.output.extend(keep)
     emb = fx.minilm_embed(m, fx.minilm_feeds(n=32, batch_size=16))
     np.testing.assert_allclose(emb, minilm_ref[:32], rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------- decoder
+
+
+def _decoder_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_decoder_fixture",
+                                                  Path(__file__).parents[1] / "tools" / "decoder_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decoder_trainer_gradients_match_finite_differences() -> None:
+    """The hand-written backward of the Llama-style trainer (RMSNorm, rotary, GQA, SwiGLU) in float64."""
+    dfx = _decoder_module()
+    cfg = dfx.config(V=11, D=8, L=2, HQ=4, HKV=2, DH=2, FF=6)
+    rng = np.random.default_rng(0)
+    p = {k: v + rng.normal(0, 0.3, v.shape) for k, v in dfx.init_params(cfg, dtype=np.float64).items()}
+    tok, tgt = rng.integers(0, 11, (2, 5)), rng.integers(0, 11, (2, 5))
+    logits, cache = dfx.forward(p, tok, cfg)
+    grads = dfx.backward(p, cache, dfx.loss_grad(logits, tgt)[1], cfg)
+    for k in p:
+        for _ in range(3):
+            idx = tuple(int(rng.integers(0, s)) for s in p[k].shape)
+            old = p[k][idx]
+            p[k][idx] = old + 1e-6
+            up = dfx.loss_grad(dfx.forward(p, tok, cfg)[0], tgt)[0]
+            p[k][idx] = old - 1e-6
+            down = dfx.loss_grad(dfx.forward(p, tok, cfg)[0], tgt)[0]
+            p[k][idx] = old
+            assert abs((up - down) / 2e-6 - grads[k][idx]) < 1e-6 * max(1.0, abs(grads[k][idx])), (k, idx)
+
+
+def test_decoder_model_interface_and_held_out_quality() -> None:
+    path = fx.decoder_path()
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path))
+    assert [i.name for i in m.graph.input] == ["input_ids"] and _dims(m.graph.input[0]) == ["batch", "sequence"]
+    assert _dims(m.graph.output[0]) == ["batch", "sequence", 256]
+    ops = {n.op_type for n in m.graph.node}
+    assert {"Sigmoid", "Expand", "Softmax", "ReduceMean", "Neg", "Concat"} <= ops  # SwiGLU, GQA, RMSNorm, rotary
+    held = fx.decoder_windows("eval")
+    assert held.shape[1] == 65 and len(held) >= 50
+    logits = fx.decoder_logits(path, fx.decoder_feeds(held))
+    met = fx.decoder_metrics(logits, logits, held)
+    assert met["top1_agreement"] == 1.0 and met["bpb_ratio"] == 1.0
+    assert met["bits_per_byte"] < 3.0  # a unigram byte model gives ~4.3 on this text
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert abs(float(meta["heldout_bits_per_byte"]) - met["bits_per_byte"]) < 0.02
+    calib = fx.decoder_windows("calib", 8)
+    assert not any((calib[i, :16] == held[j, :16]).all() for i in range(len(calib)) for j in range(len(held)))

@@ -35,7 +35,7 @@ from onnxcomp import testing  # noqa: E402
 
 import bench_quantize as bq  # noqa: E402
 
-ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp"]
+ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp", "decoder"]
 _Q, _S = "quantize", "sparsify"
 SINGLES: list[tuple[str, Any]] = [
     ("default", None),
@@ -90,8 +90,7 @@ def _autos(name: str) -> list[tuple[str, dict]]:
 
 
 def run_model(name: str, args, log) -> dict[str, Any]:
-    bench = (bq.minilm_bench(args.quick, testing.session) if name == "minilm"
-             else bq.digits_bench(name, args.quick, testing.session))
+    bench = bq.model_bench(name, args.quick, testing.session)
     if name == "minilm":
         bench.calib_oc = testing.minilm_feeds(32 if args.quick else 64, start=200)
     eval_feeds = _eval_feeds(name)

@@ -36,7 +36,7 @@ from onnxcomp import testing  # noqa: E402
 
 import bench_quantize as bq  # noqa: E402
 
-ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp"]
+ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp", "decoder"]
 
 
 def _create_ratio(ref: Path, cand: Path, pairs: int) -> tuple[float, float]:
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
     report: dict[str, Any] = {"machine": facts, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-palettize-") as tmp:
         for name in args.models:
-            bench = (bq.minilm_bench(args.quick, testing.session) if name == "minilm"
-                     else bq.digits_bench(name, args.quick, testing.session))
+            bench = bq.model_bench(name, args.quick, testing.session)
             runner = bq.Runner(bench, Path(tmp), testing.session, args.budget, log)
             lat_cols = list(bench.latency_feeds)
             base = runner.fp32()

@@ -5,7 +5,8 @@
         [--calib N] [--budget S] [--quick] [--json out.json]
 
 Models, metrics, latency and calibration/evaluation splits are those of tools/bench_quantize.py (same
-ModelBench and Runner): MiniLM-L3 embedding cosine vs fp32 and the paraphrase pair_top1; digits CNN/MLP top-1.
+ModelBench and Runner): MiniLM-L3 embedding cosine vs fp32 and the paraphrase pair_top1; digits CNN/MLP top-1;
+the Llama-style byte decoder's next-byte top-1 agreement and bits per byte on held-out text.
 Columns: size = file bytes / fp32 file; gzip = gzip-compressed bytes / gzip of the fp32 file (what the zeros
 are worth on disk); latency ratios vs fp32 measured interleaved in this process; sparsity = achieved over the
 pruned weights. N:M rows take the sparsity the pattern implies (2:4 -> 0.5); block rows use 1x4 tiles.
@@ -32,7 +33,7 @@ from onnxcomp import testing  # noqa: E402
 
 import bench_quantize as bq  # noqa: E402
 
-ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp"]
+ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp", "decoder"]
 
 
 def _gzip(path: str | os.PathLike) -> int:
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
     report: dict[str, Any] = {"machine": facts, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-sparsify-") as tmp:
         for name in args.models:
-            bench = (bq.minilm_bench(args.quick, testing.session) if name == "minilm"
-                     else bq.digits_bench(name, args.quick, testing.session))
+            bench = bq.model_bench(name, args.quick, testing.session)
             if name == "minilm":
                 bench.calib_oc = testing.minilm_feeds(args.calib, start=200)
             runner = bq.Runner(bench, Path(tmp), testing.session, args.budget, log)
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                 rows.append((pat, meth, s, row, gz, info.get("sparsity")))
             print(f"\n## {name} ({bench.path.name}, {os.path.getsize(bench.path) / 1e6:.2f} MB fp32)")
             mcols = [(k, h, f) for k, h, f in bench.metric_cols if k in ("cosine_mean", "cosine_min", "pair_top1",
-                                                                         "top1", "top1_delta_pt")]
+                                                                         "top1", "top1_delta_pt", "top1_agreement",
+                                                                         "bits_per_byte", "bpb_ratio")]
             hdr = ["pattern", "method", "target", "achieved"] + [h for _, h, _ in mcols] + ["size", "gzip"] + \
                 lat_cols + ["build s"]
             print(" | ".join(hdr))

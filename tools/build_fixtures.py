@@ -11,6 +11,8 @@ Outputs (in DIR, default $ONNXCOMP_MODELS or <repo>/models):
   minilm-l3/sentences_tokens.npz  sentences.txt tokenized (committed, so tests need no tokenizers)
   digits_mlp.onnx, digits_cnn.onnx, digits.npz
                                   trained here, in numpy, with a fixed seed on scikit-learn's digits
+  decoder.onnx                    a byte-level Llama-style decoder (RMSNorm, rotary, GQA, SwiGLU) trained
+                                  here in numpy on sentences.txt 0..339 (tools/decoder_fixture.py; ~4 min)
 
 Every step is idempotent: an output that is already there and up to date is skipped
 (--force rebuilds everything). Training is deterministic for a given numpy/BLAS build.
@@ -564,6 +566,46 @@ def build_digits(out: Path, force: bool = False) -> tuple[list[Path], str, dict[
     return paths, "built", results
 
 
+DECODER_FILE = "decoder.onnx"
+
+
+def build_decoder(out: Path, force: bool = False) -> tuple[Path, str, dict[str, float]]:
+    """Train and export the Llama-style byte decoder (tools/decoder_fixture.py); returns (path, status, metrics)."""
+    import importlib.util
+
+    import numpy as np
+
+    path = out / DECODER_FILE
+    if not force and path.is_file():
+        return path, "skipped", {}
+    spec = importlib.util.spec_from_file_location("_onnxcomp_decoder_fixture",
+                                                  Path(__file__).with_name("decoder_fixture.py"))
+    assert spec is not None and spec.loader is not None
+    dfx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dfx)
+    sentences = _sentences_file(out).read_text(encoding="utf-8").splitlines()
+    with _single_thread_blas():
+        params, metrics = dfx.train(sentences, _Adam)
+    _, held = dfx.byte_streams(sentences)
+    win = dfx.heldout_windows(held)
+    ref = dfx.forward(params, win[:, :-1], dfx.config())[0]
+    meta = {"heldout_bits_per_byte": f"{metrics['heldout_bits_per_byte']:.4f}",
+            "train_split": f"sentences.txt lines 0..{dfx.TRAIN_SENTENCES - 1} and pydoc_data.topics of Python "
+                           f"{metrics.pop('python')} (sha256 {metrics.pop('docs_sha256')})",
+            "heldout_split": f"sentences.txt lines {dfx.TRAIN_SENTENCES}.."}
+    model = dfx.to_onnx(params, meta, _finish_model)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input_ids": win[:, :-1]})[0]
+    err = float(np.abs(got - ref).max())
+    if err >= 1e-3:
+        raise RuntimeError(f"decoder: ORT logits differ from the numpy forward by {err:.3g}")
+    metrics["ort_max_abs_err"] = err
+    _atomic_write(path, model.SerializeToString())
+    return path, "built", metrics
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -631,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
     _, status, res = build_digits(out, args.force)
     extra = ", ".join(f"{k}={v:.4g}" for k, v in res.items())
     report(", ".join(DIGITS_FILES), status, t0, extra)
+
+    t0 = time.perf_counter()
+    _, status, res = build_decoder(out, args.force)
+    report(DECODER_FILE, status, t0, ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
 
     if args.eval and have_minilm:
         t0 = time.perf_counter()

@@ -6,7 +6,9 @@ Flatten) into one or more consumer layers that read them on their reduction axis
 producer column/filter j, the j-th entry of every per-channel constant in the region, and the consumer rows
 that read it (a block of rows after a Flatten). Channels that reach anything else (a residual Add, a Reshape,
 a LayerNorm, a graph output) are not prunable: the group is refused with the reason, so residual streams stay
-consistent.
+consistent. A join of two producers' outputs that share one channel set -- the gated MLP
+`act(x Wg) * (x Wu) -> Wd` of SwiGLU/GeGLU/GLU blocks, or any elementwise join of two such layers -- makes them
+one group: channel j goes from every producer at once (`_Group.extra`).
 
 Which channels go: `magnitude` (producer column norm x consumer row norm, no data), `wanda` (activation
 norm x consumer row norm, then a least-squares refit), `sparsegpt` (greedy group-OBS on the consumer input's
@@ -110,6 +112,7 @@ class _Walk:
     frontier: list[gs.Tensor] = field(default_factory=list)
     block: int = 1
     final: Optional[gs.Tensor] = None
+    extra: list[WeightLayer] = field(default_factory=list)  # producers joined to the region (gated MLPs)
 
 
 def _trace(layer: WeightLayer, index: GraphIndex, by_node: dict[int, WeightLayer],
@@ -120,12 +123,19 @@ def _trace(layer: WeightLayer, index: GraphIndex, by_node: dict[int, WeightLayer
     walk = _Walk(layer, index, by_node, order, _channels(layer), _channel_axis(layer))
     walk.tensors.add(id(layer.output))
     walk.frontier.append(layer.output)
-    why = _walk_region(walk) or _check_joins(walk) or _check_consumers(walk)
+    why = _walk_region(walk)
+    while not why:  # a join with another producer's channels: take that producer in and walk on from it
+        why, joined = _check_joins(walk)
+        if not joined:
+            break
+        why = _walk_region(walk)
+    why = why or _check_consumers(walk)
     if why:
         return why
     walk.region.sort(key=lambda n: order.get(id(n), 0))
     biases = _consumer_biases(walk.consumers, index)
-    return _Group(layer, walk.region, walk.consumers, walk.final, walk.c, walk.block, walk.slices, biases)
+    return _Group(layer, walk.region, walk.consumers, walk.final, walk.c, walk.block, walk.slices, biases,
+                  extra=walk.extra)
 
 
 def _walk_region(walk: _Walk) -> Optional[str]:
@@ -200,8 +210,11 @@ def _check_elementwise(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
 
 
 def _other_operand(walk: _Walk, n: gs.Node, x: gs.Tensor) -> Optional[str]:
-    """Why non-constant input `x` of `n` stops the walk; none for a binary operand that may come from the region."""
+    """Why non-constant input `x` of `n` stops the walk; none for a binary operand that may come from the region
+    or from another producer with the same channels (then joined to the walk)."""
     if n.op in _BINARY:  # the other operand may still be reached from the region, unless
+        if _join(walk, x):
+            return None
         src = x.inputs[0] if x.inputs else None  # it is computed before the producer
         if src is None or walk.order.get(id(src), -1) < walk.order.get(id(walk.layer.node), 0):
             return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)"
@@ -248,14 +261,57 @@ def _flatten(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
     return None
 
 
-def _check_joins(walk: _Walk) -> Optional[str]:
-    """Binary ops: both operands must come from the region or be checked constants (no residual joins)."""
+def _join_partner(walk: _Walk, x: gs.Tensor) -> Optional[WeightLayer]:
+    """The one weight layer that `x` is computed from through elementwise nodes only (`act(x Wg)` of a gated
+    MLP), if it has the walk's channels on the same axis; None otherwise. Looks back at most 16 tensors."""
+    found: Optional[WeightLayer] = None
+    stack, seen = [x], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen or ir.const_value(t) is not None:
+            continue
+        seen.add(id(t))
+        src = t.inputs[0] if t.inputs else None
+        if len(seen) > 16 or src is None or id(t) in walk.tensors:
+            return None
+        wl = walk.by_node.get(id(src))
+        if wl is not None and wl.output is t:
+            if found is not None and found is not wl:
+                return None
+            found = wl
+        elif src.op in _UNARY or src.op in _BINARY:
+            stack.extend(i for i in src.inputs if i.name)
+        else:
+            return None
+    if found is None or found is walk.layer or any(found is e for e in walk.extra) \
+            or _channels(found) != walk.c or _channel_axis(found) != walk.axis \
+            or (found.op == "Conv" and found.node.attrs.get("group", 1) != 1):
+        return None
+    return found
+
+
+def _join(walk: _Walk, x: gs.Tensor) -> bool:
+    """Take the producer behind binary operand `x` into the walk (see `_join_partner`); whether one was."""
+    partner = _join_partner(walk, x)
+    if partner is None:
+        return False
+    walk.extra.append(partner)
+    walk.tensors.add(id(partner.output))
+    walk.frontier.append(partner.output)
+    return True
+
+
+def _check_joins(walk: _Walk) -> tuple[Optional[str], bool]:
+    """Binary ops: both operands must come from the region or be checked constants (no residual joins); an
+    operand computed from another producer with the same channels joins it to the walk. (why not, joined)"""
     for n in walk.region:
         for i, x in enumerate(n.inputs):
             if n.op in _BINARY and x.name and id(x) not in walk.tensors and (id(n), i) not in walk.slices \
                     and ir.const_value(x) is None:
-                return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)"
-    return None
+                if _join(walk, x):
+                    return None, True
+                return f"{n.op} '{n.name}' joins the channels with '{x.name}' (a residual or another branch)", False
+    return None, False
 
 
 def _check_consumers(walk: _Walk) -> Optional[str]:
@@ -375,8 +431,9 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}
     groups: list[_Group] = []
     refused: list[dict[str, str]] = []
+    claimed: set[int] = set()  # producers already in a group (the other half of a gated MLP)
     for l in layers:
-        if l.op not in ops or is_excluded(l.node, exclude):
+        if l.op not in ops or is_excluded(l.node, exclude) or id(l.node) in claimed:
             continue
         g = _trace(l, index, by_node, order)
         if isinstance(g, str):
@@ -386,6 +443,11 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
         if bad:
             refused.append({"layer": l.name, "reason": f"consumer {bad[0]} excluded by the recipe"})
             continue
+        bad = [e.name for e in g.extra if e.op not in ops or is_excluded(e.node, exclude)]
+        if bad:
+            refused.append({"layer": l.name, "reason": f"joined producer {bad[0]} excluded by the recipe"})
+            continue
+        claimed.update(id(p.node) for p in g.producers)
         if g.channels < 2:
             refused.append({"layer": l.name, "reason": "a single channel"})
             continue
@@ -518,6 +580,8 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
     row = {"kind": "heads" if g.attention is not None else "channels",
            "producer": g.producer.name, "consumers": [c.name for c in g.consumers],
            "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
+    if g.extra and g.attention is None:
+        row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
     if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
         d = _zero_removed(wf, keep, g.block, fixed) - w
         row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
@@ -713,12 +777,12 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
             if b.ndim == 1 and b.shape[0] == d.shape[0]:
                 new[(id(bnode), bi)] = (b + d).astype(np.float32)
     for g in comp:
-        p = g.producer
-        new[(id(p.node), 1)] = np.take(cur(p.node, 1), g.keep, axis=_out_axis(p))
-        if p.bias is not None:
-            bv = cur(p.node, 2)
-            if bv.ndim == 1 and bv.shape[0] == g.channels:
-                new[(id(p.node), 2)] = bv[g.keep]
+        for p in g.producers:
+            new[(id(p.node), 1)] = np.take(cur(p.node, 1), g.keep, axis=_out_axis(p))
+            if p.bias is not None:
+                bv = cur(p.node, 2)
+                if bv.ndim == 1 and bv.shape[0] == g.channels:
+                    new[(id(p.node), 2)] = bv[g.keep]
         for n in g.region:
             for i in range(len(n.inputs)):
                 ax = g.slices.get((id(n), i))
@@ -743,7 +807,7 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
 
     owner: dict[int, int] = {}
     for g in groups:
-        for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:
+        for n in [*(p.node for p in g.producers), *g.region, *(c.node for c in g.consumers)]:
             if id(n) in owner:
                 parent[find(id(g))] = find(owner[id(n)])
             else:
@@ -751,7 +815,7 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     comps: dict[int, list[_Group]] = {}
     for g in groups:
         comps.setdefault(find(id(g)), []).append(g)
-    layers = {id(l.node): l for g in groups for l in [g.producer, *g.consumers]}
+    layers = {id(l.node): l for g in groups for l in [*g.producers, *g.consumers]}
     before = sum(l.weight.size for l in layers.values())
     consts = [_new_constants(comp) for comp in comps.values()]
     after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
@@ -855,7 +919,7 @@ def _component(comp: list[_Group], new_const: dict[tuple[int, int], np.ndarray],
                index: GraphIndex) -> _Component:
     nodes: dict[int, gs.Node] = {}
     for g in comp:
-        for n in [g.producer.node, *g.region, *(c.node for c in g.consumers)]:
+        for n in [*(p.node for p in g.producers), *g.region, *(c.node for c in g.consumers)]:
             nodes[id(n)] = n
         for c in g.consumers:
             add = g.biases.get(c.name)

@@ -131,8 +131,9 @@ class Sparsify(WeightPass):
             lines = [f"structured ({details['method']}): {made}; {details.get('params_removed', 0):,} of "
                      f"{details.get('params_before', 0):,} weights removed; {len(details.get('refused', []))} "
                      "layer(s) not prunable (reasons in the JSON/HTML report)"]
-            lines += [f"{g['producer']}: {g['kept']}/{g['channels']} {'heads' if g.get('kind') == 'heads' else 'channels'}"
-                      f" kept" + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "") for g in groups[:6]]
+            lines += [f"{g['producer']}{' + ' + ', '.join(g['joined']) if g.get('joined') else ''}: {g['kept']}/"
+                      f"{g['channels']} {'heads' if g.get('kind') == 'heads' else 'channels'} kept"
+                      + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "") for g in groups[:6]]
             return lines
         size = details.get("size", {})
         lines = [f"{details['pattern']} ({details['method']}, {details['allocation']}): sparsity "
