@@ -60,6 +60,10 @@ def _recipes(patterns, methods, sparsities, sensitivity, heads=None) -> list[tup
                     p["block"] = [1, 4]
                 out.append((pat, "sparsegpt+sens", s, p))
         if heads and pat == "channel":  # attention heads too (uniform fraction, and in the sensitivity budget)
+            for s in [0.0, *levels]:
+                out.append((pat, f"sparsegpt+heads{heads:g}+uniform", s,
+                            {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
+                             "heads": heads, "allocation": "uniform"}))
             for s in levels:
                 out.append((pat, f"sparsegpt+heads{heads:g}", s, {"type": "sparsify", "method": "sparsegpt",
                                                                   "pattern": pat, "sparsity": s, "heads": heads}))

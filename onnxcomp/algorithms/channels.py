@@ -411,6 +411,15 @@ def _obs_prune(w: np.ndarray, h: Optional[np.ndarray], block: int, remove: list[
     return out
 
 
+def _round_for(g: "_Group", k: int) -> int:
+    """Channels removed from group g for a wish of k: GQA query heads equally many per KV group (at least one
+    kept in each), other groups rounded by `_round`."""
+    if g.attention is not None and g.attention.get("form") == "gqa":
+        hkv = g.attention["hkv"]
+        return min(g.channels // hkv - 1, max(0, int(round(k / hkv)))) * hkv
+    return _round(k, g.channels)
+
+
 def _round(k: int, c: int) -> int:
     """Channels removed, rounded so the kept count is a multiple of 8 for wide layers (SIMD-friendly shapes)."""
     if c >= 64:
@@ -454,6 +463,7 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
         groups.append(g)
     if heads:
         groups += _head_groups(model, by_node, ops, exclude, refused, notes)
+        groups += _gqa_groups(model, by_node, index, ops, exclude, refused, notes)
     return groups, refused
 
 
@@ -543,8 +553,8 @@ def _plans(groups: list[_Group], stats: dict[str, Any], data_aware: bool, notes:
 
 def _counts(groups: list[_Group], opts: Any) -> dict[int, int]:
     """Channels to remove per group (by id) under uniform allocation: heads or sparsity of its channels, rounded."""
-    return {id(g): _round(int(round((opts.heads if g.attention is not None else opts.sparsity) * g.channels)),
-                          g.channels) for g in groups}
+    return {id(g): _round_for(g, int(round((opts.heads if g.attention is not None else opts.sparsity) * g.channels)))
+            for g in groups}
 
 
 def _prune_groups(plans: list[tuple], counts: dict[int, int], sens: dict, method: str, data_aware: bool, opts: Any,
@@ -582,6 +592,9 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
            "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
     if g.extra and g.attention is None:
         row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
+    if g.attention is not None and g.attention.get("form") == "gqa":
+        row["form"] = "gqa"
+        row["kv_heads"] = g.attention["hkv"]  # kept: the query heads are removed alike in every KV group
     if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
         d = _zero_removed(wf, keep, g.block, fixed) - w
         row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
@@ -591,8 +604,9 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
 def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str, Any]], refused: list,
                       details: dict[str, Any], notes: list[str]) -> PassOutcome:
     """Rewrite the pruned groups into `model` and report the weights removed."""
-    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None])
-    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None])
+    gqa = [g for g in groups if g.attention is not None and g.attention.get("form") == "gqa"]
+    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None] + gqa)
+    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and g not in gqa])
     total_b, total_a = total_b + hb, total_a + ha
     details["groups"] = rows
     details["params_before"], details["params_after"] = total_b, total_a
@@ -647,6 +661,8 @@ def _simulate(sim: onnx.ModelProto, updates: dict[str, np.ndarray]) -> None:
 def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
             fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(kept channels, new consumer rows) for each count of removed channels, by the method's criterion."""
+    if g.attention is not None and g.attention.get("form") == "gqa":
+        return _choose_per_kv_group(method, g, w, h, counts, damping, fixed)
     if h is None or method == "magnitude":
         return _obs_prune(w, None, g.block, counts, damping, fixed, score=_magnitude_score(g, w))
     if method == "sparsegpt":
@@ -655,6 +671,36 @@ def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], coun
     score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
     runs = _obs_prune(w, None, g.block, counts, damping, fixed, score=score)
     return [(keep, _refit(w, h, keep, g.block, fixed, damping)) for keep, _ in runs]
+
+
+def _choose_per_kv_group(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int],
+                         damping: float, fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`_choose` for grouped-query attention: the same number of query heads goes from every KV group (the
+    repeat stays uniform), each group's choice by the method on its own rows, then one joint refit."""
+    hkv = g.attention["hkv"]
+    rep, d = g.channels // hkv, g.block
+    score = None
+    if h is None or method == "magnitude":
+        score = _magnitude_score(g, w)
+    elif method == "wanda":
+        n = g.channels * d
+        score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
+    out = []
+    for k in counts:
+        r = k // hkv
+        keep = []
+        for gi in range(hkv):
+            heads = np.arange(gi * rep, (gi + 1) * rep)
+            if score is not None:
+                keep.append(np.sort(heads[np.argsort(-score[heads], kind="stable")[: rep - r]]))
+            else:
+                rows = _expand(heads, d)
+                ((local, _),) = _obs_prune(w[rows], h[np.ix_(rows, rows)], d, [r], damping)
+                keep.append(heads[local])
+        kept = np.concatenate(keep)
+        refit = h is not None and r > 0  # nothing removed: the weights stay as they are
+        out.append((kept, _refit(w, h, kept, d, fixed, damping) if refit else w.astype(np.float64)))
+    return out
 
 
 def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
@@ -717,7 +763,7 @@ def _allocate(plans, method: str, opts: Any, source: onnx.ModelProto, ctx: PassC
     budget = 0.0
     for g, mats, w, h, fixed in plans:
         per_channel = g.params / g.channels
-        ks = sorted({_round(int(round(f * g.channels)), g.channels) for f in _LEVELS})
+        ks = sorted({_round_for(g, int(round(f * g.channels))) for f in _LEVELS})
         runs = _choose(method, g, w, h, ks, opts.damping, fixed)
         opts_g = []
         for k, (keep, wf) in zip(ks, runs):
@@ -726,7 +772,8 @@ def _allocate(plans, method: str, opts: Any, source: onnx.ModelProto, ctx: PassC
             opts_g.append(((g.channels - k) * per_channel, err))
         choices[id(g)] = opts_g
         level_counts[id(g)] = ks
-        budget += g.channels * per_channel * (1.0 - opts.sparsity)
+        # the budget: every group at its own target (heads for attention blocks, sparsity for channel groups)
+        budget += g.channels * per_channel * (1.0 - (opts.heads if g.attention is not None else opts.sparsity))
         sens[id(g)] = {str(k): e for k, (_, e) in zip(ks, opts_g)}
     pick = allocate(choices, budget)
     return {gid: level_counts[gid][i] for gid, i in pick.items()}, sens
@@ -777,6 +824,11 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
             if b.ndim == 1 and b.shape[0] == d.shape[0]:
                 new[(id(bnode), bi)] = (b + d).astype(np.float32)
     for g in comp:
+        if g.attention is not None:  # grouped-query attention: the q projection and the head counts
+            from . import gqa
+
+            new.update(gqa.constants(g.attention, g.keep, cur))
+            continue
         for p in g.producers:
             new[(id(p.node), 1)] = np.take(cur(p.node, 1), g.keep, axis=_out_axis(p))
             if p.bias is not None:
@@ -863,6 +915,29 @@ def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude,
         out.append(_Group(v, [], [o], b["rc"].outputs[0], h, d, {}, {o.name: b.get("ao")}, attention=b,
                           extra=[q, k]))
     notes.append(f"attention heads: {len(out)} block(s) recognised")
+    return out
+
+
+def _gqa_groups(model: ir.Model, by_node: dict[int, WeightLayer], index: GraphIndex, ops, exclude, refused: list,
+                notes: list[str]) -> list[_Group]:
+    """One group per grouped-query / rotary attention block (gqa.py): its query heads, read by the output
+    projection in blocks of head_dim rows; rebuilt by the channel rewrite with gqa.constants."""
+    from . import gqa
+
+    blocks, why = gqa.find_blocks(model)
+    refused.extend(why)
+    out = []
+    for b in blocks:
+        q, o = by_node.get(id(b["q"]["mm"])), by_node.get(id(b["mo"]))
+        if q is None or o is None or any(l.op not in ops or is_excluded(l.node, exclude) for l in (q, o)):
+            refused.append({"layer": b["mo"].name, "reason": "grouped-query attention: a projection is excluded"})
+            continue
+        b["form"] = "gqa"
+        out.append(_Group(q, b["region"], [o], b["rc"].outputs[0], b["hq"], b["dim"], {},
+                          _consumer_biases([o], index), attention=b))
+    if blocks:
+        notes.append(f"grouped-query attention: {len(out)} block(s) recognised ({blocks[0]['hq']} query heads, "
+                     f"{blocks[0]['hkv']} KV heads)")
     return out
 
 

@@ -69,7 +69,8 @@ class Sparsify(WeightPass):
     sequential: bool = False
     storage: Literal["auto", "dense"] = "auto"
     # pattern channel: fraction of attention heads removed per recognised attention block (None: heads kept);
-    # with allocation sensitivity, attention blocks then share the budget with the other channel groups
+    # MHA (BERT form) and grouped-query/rotary attention (Llama form: query heads alike in every KV group); with
+    # allocation sensitivity the heads' and the channels' targets make one budget, spent where outputs suffer least
     heads: Optional[float] = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,305 @@
+"""Grouped-query (and rotary multi-head) attention blocks, in the form torch.onnx gives Llama-style decoders:
+
+    q = Transpose(Reshape(MatMul(x, Wq) [+ bq], [.., Hq, d]), [0,2,1,3]) -> rotary   (k alike with Hkv heads)
+    rotary: Slice / Neg / Concat on the last axis and Mul / Add with cos, sin tables that do not vary per head
+    k, v repeated to Hq heads: Reshape(Expand(Unsqueeze(k, 2), [1,1,rep,1,1]), [.., Hq, -1, d])   (absent if rep 1)
+    p = Softmax(Add(Mul|Div(MatMul(q, Transpose(k, [0,1,3,2])), scale), mask))
+    y = MatMul(Reshape(Transpose(MatMul(p, v), [0,2,1,3]), [.., Hq*d]), Wo) [+ bo]
+
+Query heads are removed alike in every KV group (rep -> rep'): the k/v projections, and so the KV cache, stay;
+Wq loses d columns and Wo d rows per removed head, and the head counts in the q Reshape, the repeat's Expand and
+Reshape, and the context Reshape are rewritten. Which heads go and how Wo is refitted is decided like a channel
+group (channels.py) with block d, one KV group at a time. The block is found with an engine query rooted at the
+output projection; the rotary region between the q projection and the scores is checked node by node.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..rewrite import GraphIndex, fail, find_matches, query
+
+_PERM = (0, 2, 1, 3)
+_PERM_KT = (0, 1, 3, 2)
+_ROTARY_OPS = frozenset({"Slice", "Neg", "Concat", "Mul", "Add", "Sub"})
+
+
+def _make_pattern(scale_op: str, masked: bool, repeat: bool):
+    def core(op, qr, kx, vx, scale, mask, so, wo):
+        s = getattr(op, scale_op)(op.MatMul(qr, op.Transpose(kx, _bind="tk"), _bind="qk"), scale, _bind="scale_node")
+        if masked:
+            s = op.Add(s, mask, _bind="mask_add")
+        c = op.Reshape(op.Transpose(op.MatMul(op.Softmax(s, _bind="sm"), vx, _bind="pv"), _bind="tc"), so,
+                       _bind="rc")
+        return op.MatMul(c, wo, _bind="mo")
+
+    if repeat:
+        def pattern(op, qr, kr, vh, ak, ek, sk, av, ev, sv, scale, mask, so, wo):
+            kx = op.Reshape(op.Expand(op.Unsqueeze(kr, ak, _bind="uk"), ek, _bind="ek_node"), sk, _bind="xk")
+            vx = op.Reshape(op.Expand(op.Unsqueeze(vh, av, _bind="uv"), ev, _bind="ev_node"), sv, _bind="xv")
+            return core(op, qr, kx, vx, scale, mask, so, wo)
+    else:
+        def pattern(op, qr, kr, vh, scale, mask, so, wo):
+            return core(op, qr, kr, vh, scale, mask, so, wo)
+    pattern.__name__ = f"gqa_{scale_op.lower()}{'_mask' if masked else ''}{'_repeat' if repeat else ''}"
+    return pattern
+
+
+_PATTERNS = [_make_pattern(s, m, r) for s in ("Mul", "Div") for m in (True, False) for r in (True, False)]
+
+
+def _producer(t: gs.Tensor) -> Optional[gs.Node]:
+    return t.inputs[0] if t.inputs else None
+
+
+def _entries(t: gs.Tensor, rank: int) -> Optional[list[Any]]:
+    """Entries of a shape tensor of `rank`: ints where constant, None where computed (a Concat of pieces)."""
+    v = ir.const_value(t)
+    if v is not None:
+        return [int(x) for x in v.reshape(-1)] if v.size == rank else None
+    n = _producer(t)
+    if n is None or n.op != "Concat" or len(n.inputs) != rank:
+        return None
+    out: list[Any] = []
+    for x in n.inputs:
+        c = ir.const_value(x)
+        if c is not None and c.size != 1:
+            return None
+        out.append(int(c.reshape(-1)[0]) if c is not None else None)
+    return out
+
+
+def _projection(tr: gs.Node) -> Optional[dict[str, Any]]:
+    """Transpose([0,2,1,3]) <- Reshape([.., H, d]) <- [Add(bias) <-] MatMul(x, W): the head source, or None."""
+    if tr.op != "Transpose" or tuple(tr.attrs.get("perm", ())) != _PERM:
+        return None
+    rs = _producer(tr.inputs[0])
+    if rs is None or rs.op != "Reshape" or len(rs.inputs) < 2:
+        return None
+    e = _entries(rs.inputs[1], 4)
+    if e is None or not isinstance(e[2], int) or not isinstance(e[3], int) or e[2] <= 0 or e[3] <= 0:
+        return None
+    mm = _producer(rs.inputs[0])
+    add = None
+    if mm is not None and mm.op == "Add":
+        add = mm
+        consts = [i for i, x in enumerate(mm.inputs) if ir.const_value(x) is not None]
+        if len(consts) != 1:
+            return None
+        mm = _producer(mm.inputs[1 - consts[0]])
+    if mm is None or mm.op != "MatMul":
+        return None
+    w = ir.const_value(mm.inputs[1])
+    if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != e[2] * e[3]:
+        return None
+    if add is not None:
+        bi = next(i for i, x in enumerate(add.inputs) if ir.const_value(x) is not None)
+        if ir.const_value(add.inputs[bi]).shape != (w.shape[1],):
+            return None
+    return {"mm": mm, "add": add, "reshape": rs, "transpose": tr, "heads": e[2], "dim": e[3]}
+
+
+def _head_source(t: gs.Tensor) -> Optional[dict[str, Any]]:
+    """The one projection whose heads `t` is computed from (looking back at most 32 tensors), or None."""
+    found: dict[int, dict[str, Any]] = {}
+    seen: set[int] = set()
+    todo = deque([t])
+    while todo and len(seen) < 32:
+        x = todo.popleft()
+        if id(x) in seen or ir.const_value(x) is not None:
+            continue
+        seen.add(id(x))
+        n = _producer(x)
+        if n is None:
+            continue
+        src = _projection(n)
+        if src is not None:
+            found[id(n)] = src
+        elif n.op in _ROTARY_OPS:
+            todo.extend(i for i in n.inputs if i.name)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _no_head_axis(x: gs.Tensor) -> bool:
+    """Whether `x` (a cos/sin table) is the same for every head: rank <= 2, or its axis -3 is 1."""
+    v = ir.const_value(x)
+    shape = list(v.shape) if v is not None else (list(x.shape) if getattr(x, "shape", None) is not None else None)
+    if shape is None:
+        return False
+    return len(shape) <= 2 or shape[-3] == 1
+
+
+def _rotary_region(index: GraphIndex, head: gs.Tensor, end: gs.Tensor) -> list[gs.Node] | str:
+    """The nodes between a projection's head tensor and `end` (what the scores read): rotary ops on the last
+    axis only, every other operand the same for all heads, nothing read from outside. Or why not."""
+    if head is end:
+        return []
+    nodes: dict[int, gs.Node] = {}
+    tensors = {id(head)}
+    todo = [head]
+    while todo:
+        t = todo.pop()
+        if t is end:
+            continue
+        if index.is_graph_output(t):
+            return f"head values '{t.name}' are a graph output"
+        for c in index.consumers(t):
+            if id(c) in nodes:
+                continue
+            if c.op not in _ROTARY_OPS or len(nodes) >= 32:
+                return f"{c.op} '{c.name}' reads the heads between the projection and the scores"
+            nodes[id(c)] = c
+            for o in c.outputs:
+                tensors.add(id(o))
+                todo.append(o)
+    if id(end) not in tensors:
+        return "the scores do not read the projection's heads"
+    for n in nodes.values():
+        if n.op == "Slice":
+            params = [ir.const_value(x) for x in n.inputs[1:]]
+            if any(p is None for p in params) or len(params) < 3 or \
+                    any(int(a) not in (-1, 3) for a in params[2].reshape(-1)):
+                return f"Slice '{n.name}' is not a constant slice of the last axis"
+        elif n.op == "Concat" and n.attrs.get("axis") not in (-1, 3):
+            return f"Concat '{n.name}' is not on the last axis"
+        for x in n.inputs:
+            if x.name and id(x) not in tensors and ir.const_value(x) is None and n.op != "Slice" \
+                    and not _no_head_axis(x):
+                return f"{n.op} '{n.name}' operand '{x.name}' may differ per head"
+            if n.op == "Concat" and id(x) not in tensors:
+                return f"Concat '{n.name}' joins the heads with '{x.name}'"
+    return list(nodes.values())
+
+
+def _check(ctx, **b) -> Any:
+    if tuple(b["tk"].attrs.get("perm", ())) != _PERM_KT or tuple(b["tc"].attrs.get("perm", ())) != _PERM:
+        return fail("unexpected key or context transpose")
+    if b["sm"].attrs.get("axis", -1) not in (-1, 3):
+        return fail("softmax is not over the keys")
+    sc = ctx.const_value(b["scale"])
+    if sc is None or sc.size != 1:
+        return fail("the score scale is not a constant scalar")
+    if "mask" in b:
+        m = b["mask"]
+        shape = m.shape if ctx.const_value(m) is None else ctx.const_value(m).shape
+        if shape is None or (len(shape) >= 3 and shape[-3] != 1):
+            return fail("the mask may differ per head (head axis not 1)")
+    q, k, v = (_head_source(b[n]) for n in ("qr", "kr", "vh"))
+    if q is None or k is None or v is None:
+        return fail("q, k or v is not one projection split into heads")
+    hq, hkv, d = q["heads"], k["heads"], q["dim"]
+    if v["heads"] != hkv or k["dim"] != d or v["dim"] != d or hq % hkv:
+        return fail(f"heads do not form groups: q {hq}x{q['dim']}, k {hkv}x{k['dim']}, v {v['heads']}x{v['dim']}")
+    rep = hq // hkv
+    if "ek" in b:
+        for t in ("k", "v"):
+            ax, e, s = ctx.const_value(b[f"a{t}"]), _entries(b[f"e{t}"], 5), _entries(b[f"s{t}"], 4)
+            if ax is None or [int(a) for a in ax.reshape(-1)] != [2] or e is None or e[2] != rep \
+                    or s is None or s[1] != hq:
+                return fail(f"the {t} repeat is not Unsqueeze(2) -> Expand(x{rep}) -> Reshape to {hq} heads")
+    elif rep != 1:
+        return fail("fewer KV heads than query heads but no repeat")
+    so = _entries(b["so"], 3)
+    if so is None or so[2] not in (hq * d, -1):
+        return fail("the context reshape's last entry is not heads*head_dim")
+    wo = ctx.const_value(b["wo"])
+    if wo is None or wo.ndim != 2 or wo.shape[0] != hq * d or wo.dtype != np.float32:
+        return fail("the output projection is not a constant [heads*head_dim, n] weight")
+    return True
+
+
+def find_blocks(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every grouped-query / rotary attention block of the main graph whose query heads can be removed (its
+    bindings plus 'q' (the q projection), 'region' (the nodes rebuilt besides the q MatMul and the output MatMul),
+    'hq', 'hkv', 'dim', 'sites'), and the blocks refused with the reason."""
+    rules = [query(p.__name__, p, _check) for p in _PATTERNS]
+    index = GraphIndex(model.graph)
+    blocks, refused, seen = [], [], set()
+    for f in find_matches(model, rules, exclusive=False):
+        b = dict(f.match.bindings)
+        if f.graph is not model.graph or id(b["mo"]) in seen:
+            continue
+        seen.add(id(b["mo"]))
+        why = _plan(b, index)
+        if isinstance(why, str):
+            refused.append({"layer": b["mo"].name, "reason": f"grouped-query attention: {why}"})
+        else:
+            blocks.append(why)
+    return blocks, refused
+
+
+def _site(t: gs.Tensor, reader: gs.Node, rank: int, pos: int) -> Optional[tuple[gs.Node, int, list[gs.Node]]]:
+    """Where entry `pos` of shape tensor `t` (read by `reader` at input 1) is stored: (node, input index, extra
+    nodes to rebuild) -- the reader itself for a constant shape, the Concat for a computed one."""
+    if ir.const_value(t) is not None:
+        return reader, 1, []
+    n = _producer(t)
+    if n is not None and n.op == "Concat" and ir.const_value(n.inputs[pos]) is not None:
+        return n, pos, [n]
+    return None
+
+
+def _plan(b: dict[str, Any], index: GraphIndex) -> dict[str, Any] | str:
+    """The block's nodes and the constants its query-head count lives in; why it cannot be rebuilt, if so."""
+    q, k = _head_source(b["qr"]), _head_source(b["kr"])
+    hq, hkv, d = q["heads"], k["heads"], q["dim"]
+    if hq == hkv and "ek" not in b:
+        rep_nodes: list[gs.Node] = []
+    else:
+        rep_nodes = [b["ek_node"], b["xk"], b["ev_node"], b["xv"]]
+    rot = _rotary_region(index, q["transpose"].outputs[0], b["qr"])
+    if isinstance(rot, str):
+        return rot
+    core = [b[n] for n in ("tk", "qk", "scale_node", "mask_add", "sm", "pv", "tc", "rc") if n in b]
+    chain = [x for x in (q["add"], q["reshape"], q["transpose"]) if x is not None]
+    region = chain + rot + rep_nodes + core
+    sites: dict[str, tuple[gs.Node, int, list[gs.Node]]] = {}
+    want = {"q": (q["reshape"], 4, 2)}
+    if rep_nodes:
+        want.update({"ek": (b["ek_node"], 5, 2), "ev": (b["ev_node"], 5, 2), "sk": (b["xk"], 4, 1),
+                     "sv": (b["xv"], 4, 1)})
+    if _entries(b["so"], 3)[2] != -1:
+        want["so"] = (b["rc"], 3, 2)
+    for key, (reader, rank, pos) in want.items():
+        s = _site(reader.inputs[1], reader, rank, pos)
+        if s is None:
+            return f"the head count of '{reader.name}' is computed, not a constant"
+        sites[key] = s
+        region += s[2]
+    inside = {id(n) for n in region} | {id(q["mm"]), id(b["mo"])}
+    for n in region + [q["mm"]]:
+        for o in n.outputs:
+            if index.is_graph_output(o) or any(id(c) not in inside for c in index.consumers(o)):
+                return f"'{o.name}' inside the block is read outside it"
+    return {**b, "q": q, "region": region, "hq": hq, "hkv": hkv, "dim": d, "sites": sites}
+
+
+def constants(block: dict[str, Any], keep: np.ndarray, current: Callable[[gs.Node, int], np.ndarray]
+              ) -> dict[tuple[int, int], np.ndarray]:
+    """(id(node), input index) -> new constant for the q projection and every head count when only the query
+    heads `keep` (equally many per KV group) remain; `current(node, i)` reads a constant as planned so far."""
+    d, hkv, hq = block["dim"], block["hkv"], block["hq"]
+    h2 = len(keep)
+    rep2 = h2 // hkv
+    cols = (keep[:, None] * d + np.arange(d)).reshape(-1)
+    q = block["q"]
+    new = {(id(q["mm"]), 1): np.ascontiguousarray(current(q["mm"], 1)[:, cols])}
+    if q["add"] is not None:
+        bi = next(i for i, x in enumerate(q["add"].inputs) if ir.const_value(x) is not None)
+        new[(id(q["add"]), bi)] = np.ascontiguousarray(current(q["add"], bi)[cols])
+    values = {"q": (2, h2), "ek": (2, rep2), "ev": (2, rep2), "sk": (1, h2), "sv": (1, h2), "so": (2, h2 * d)}
+    for key, (node, i, _) in block["sites"].items():
+        pos, value = values[key]
+        arr = np.array(current(node, i), copy=True)
+        flat = arr.reshape(-1)
+        if node.op == "Concat":
+            flat[0] = value
+        else:
+            flat[pos] = value
+        new[(id(node), i)] = arr
+    assert h2 % hkv == 0 and h2 <= hq
+    return new
