@@ -19,7 +19,6 @@ component, built from the component's own nodes, so every replacement keeps its 
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -30,8 +29,9 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..errors import CalibrationDataError
-from ..rewrite import GraphIndex, RewriteRule, apply_rules, fail
+from ..rewrite import GraphIndex, apply_rules
 from ..context import LayerChange, PassContext, PassOutcome
+from .components import Component, component, component_rule
 from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
 
 _UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu",
@@ -479,9 +479,13 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
     ops = check_ops(opts.ops, _CHANNEL_OPS, "sparsify.ops")
     groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(opts.heads), notes)
     details["refused"] = refused
+    stream = _residual_stream(model, opts, ctx, refused, notes)
     if not groups:
         notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
         details["groups"] = []
+        if stream is not None:
+            _, stats = _group_statistics([], source, ctx, "residual", opts, stream.normed)
+            _slice_residual(model, opts, stats, details, notes)
         return PassOutcome(details=details, notes=notes)
 
     data_aware = method != "magnitude"
@@ -498,15 +502,19 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
             rows += _prune_groups(plans, counts, {}, method, True, opts, source, ctx, feeds, details)
             del plans
         return _channels_outcome(model, groups, rows, refused, details, notes)
-    feeds, stats = _group_statistics(groups, source, ctx, method, opts) if data_aware else (None, {})
+    extra = stream.normed if stream is not None else ()
+    feeds, stats = _group_statistics(groups, source, ctx, method, opts, extra) if data_aware or extra \
+        else (None, {})
     plans = _plans(groups, stats, data_aware, notes)
-    del stats
     sens = {}
     if opts.allocation == "sensitivity" and data_aware:
         counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = _prune_groups(plans, counts, sens, method, data_aware, opts, source, ctx, feeds, details)
-    return _channels_outcome(model, groups, rows, refused, details, notes)
+    out = _channels_outcome(model, groups, rows, refused, details, notes)
+    if stream is not None:
+        _slice_residual(model, opts, stats, details, notes)
+    return out
 
 
 #: Gram bytes collected in one calibration run by uniform channel pruning; more groups take several runs
@@ -529,14 +537,55 @@ def _statistics_chunks(groups: list[_Group]) -> list[list[_Group]]:
 
 
 def _group_statistics(groups: list[_Group], source: onnx.ModelProto, ctx: PassContext, method: str,
-                      opts: Any) -> tuple[list, dict[str, Any]]:
-    """The calibration feeds and the Gram statistics of every group's consumer input (data-aware methods)."""
+                      opts: Any, extra: tuple[str, ...] | list[str] = ()) -> tuple[list, dict[str, Any]]:
+    """The calibration feeds and the Gram statistics of every group's consumer input (data-aware methods) and
+    of the `extra` tensors (last axis), in one calibration run."""
     if ctx.calibration_data is None:
-        raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
-                                   "statistics); use method 'magnitude' without data")
+        what = "sparsify.hidden (the residual stream's principal directions)" if method == "residual" else \
+            f"sparsify method '{method}'"
+        raise CalibrationDataError(f"{what} needs calibration_data (activation statistics); use method "
+                                   "'magnitude' without data" + (" and leave hidden out" if extra else ""))
     feeds = opts.calibration_feeds(ctx)
     axes = {g.tensor.name: _gram_axis(g) for g in groups}
+    axes.update({name: -1 for name in extra})
     return feeds, ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
+
+
+def _residual_stream(model: ir.Model, opts: Any, ctx: PassContext, refused: list, notes: list[str]):
+    """The residual stream to slice when the recipe asks for it (`hidden`), else None; why not, in `refused`."""
+    if not opts.hidden:
+        return None
+    from . import residual
+
+    if ctx.calibration_data is None:
+        raise CalibrationDataError("sparsify.hidden (slicing the residual stream) needs calibration_data: the "
+                                   "stream's principal directions are measured on it")
+    stream = residual.find_stream(model)
+    if isinstance(stream, str):
+        refused.append({"layer": "residual stream", "reason": stream})
+        notes.append(f"residual stream not sliced: {stream}")
+        return None
+    return stream
+
+
+def _slice_residual(model: ir.Model, opts: Any, stats: dict[str, Any], details: dict[str, Any],
+                    notes: list[str]) -> None:
+    """Rotate and slice the residual stream (found again: channel pruning may have rebuilt its readers)."""
+    from . import residual
+
+    stream = residual.find_stream(model)
+    rot = residual.rotation(stream, stats) if not isinstance(stream, str) else None
+    if rot is None:
+        notes.append("residual stream not sliced: " + (stream if isinstance(stream, str) else "no statistics"))
+        return
+    q, energy = rot
+    k = residual.kept_dims(stream.dim, float(opts.hidden))
+    before, after = residual.slice_stream(model, stream, q[:, :k])
+    details["residual"] = {"dim": stream.dim, "kept": k, "energy_kept": float(energy[:k].sum() / energy.sum()),
+                           "norms": len(stream.norms), "weights": before, "weights_after": after}
+    details["params_removed"] = details.get("params_removed", 0) + before - after
+    notes.append(f"residual stream sliced {stream.dim} -> {k} ({100 * energy[:k].sum() / energy.sum():.1f}% of "
+                 "the normalised stream's energy kept)")
 
 
 def _plans(groups: list[_Group], stats: dict[str, Any], data_aware: bool, notes: list[str]) -> list[tuple]:
@@ -873,11 +922,11 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}  # built once: rules stay linear in graph size
     index = GraphIndex(model.graph)
-    shapes: dict[tuple, list[_Component]] = {}
+    shapes: dict[tuple, list[Component]] = {}
     for comp, c in zip(comps.values(), consts):
         spec = _component(comp, c, order, index)
         shapes.setdefault(spec.signature, []).append(spec)
-    rules = [_component_rule(k, specs) for k, specs in enumerate(shapes.values())]
+    rules = [component_rule(k, specs) for k, specs in enumerate(shapes.values())]
     stats = apply_rules(model, rules)
     done = sum(stats.rules[r.name].applied for r in rules)
     if done != len(comps):
@@ -972,97 +1021,11 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     return before, after
 
 
-@dataclass
-class _Component:
-    """The nodes one rewrite replaces, their inputs from outside (pattern variables) and the outputs kept."""
-
-    seq: list[gs.Node]
-    ext: dict[int, str]  # id(outside tensor) -> variable name, in order of first use
-    outputs: list[gs.Tensor]
-    consts: dict[tuple[int, int], np.ndarray]
-
-    @property
-    def signature(self) -> tuple:
-        """Components with the same signature match the same pattern (same ops, same wiring)."""
-        pos = {id(t): (i, j) for i, n in enumerate(self.seq) for j, t in enumerate(n.outputs)}
-        wiring = tuple((n.op, n.domain or "", len(n.outputs),
-                        tuple(self.ext.get(id(t)) or pos.get(id(t)) or "" for t in n.inputs)) for n in self.seq)
-        return wiring, tuple(pos[id(t)] for t in self.outputs)
-
-
 def _component(comp: list[_Group], new_const: dict[tuple[int, int], np.ndarray], order: dict[int, int],
-               index: GraphIndex) -> _Component:
-    nodes: dict[int, gs.Node] = {}
+               index: GraphIndex) -> Component:
+    """The nodes a group component rebuilds: its producers, regions, consumers and the consumers' bias Adds."""
+    nodes = []
     for g in comp:
-        for n in [*(p.node for p in g.producers), *g.region, *(c.node for c in g.consumers)]:
-            nodes[id(n)] = n
-        for c in g.consumers:
-            add = g.biases.get(c.name)
-            if add is not None:
-                nodes[id(add)] = add
-    seq = sorted(nodes.values(), key=lambda n: order[id(n)])
-    made = {id(t) for n in seq for t in n.outputs}
-    ext: dict[int, str] = {}
-    for n in seq:
-        for t in n.inputs:
-            if t.name and id(t) not in made and id(t) not in ext:
-                ext[id(t)] = f"v{len(ext)}"
-    outputs = [t for n in seq for t in n.outputs
-               if t.name and (index.is_graph_output(t) or any(id(c) not in nodes for c in index.consumers(t)))]
-    return _Component(seq, ext, outputs, new_const)
-
-
-def _component_rule(k: int, comps: list[_Component]) -> RewriteRule:
-    """One rule for components of one signature: the pattern is their common structure, the check picks the
-    planned component by its nodes, the replacement rebuilds that component with its new constants."""
-    first = comps[0]
-    var_names = list(first.ext.values())
-    root_pos = next(i for i, n in enumerate(first.seq) if any(t is first.outputs[0] for t in n.outputs))
-    by_root = {id(c.seq[root_pos]): c for c in comps}
-
-    def pattern(op, *vs):
-        val: dict[int, Any] = {}
-        byname = dict(zip(var_names, vs))
-        for t_id, nm in first.ext.items():
-            val[t_id] = byname[nm]
-        for i, n in enumerate(first.seq):
-            ins = [val[id(t)] if t.name else None for t in n.inputs]
-            outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _bind=f"n{i}")
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            for t, o in zip(n.outputs, outs):
-                val[id(t)] = o
-        res = tuple(val[id(t)] for t in first.outputs)
-        return res if len(res) > 1 else res[0]
-
-    pattern.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("op", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [inspect.Parameter(v, inspect.Parameter.POSITIONAL_OR_KEYWORD) for v in var_names])
-    pattern.__name__ = f"channel_component_{k}"
-
-    def check(ctx, **b):
-        comp = by_root.get(id(b.get(f"n{root_pos}")))
-        if comp is None or not all(b.get(f"n{i}") is n for i, n in enumerate(comp.seq)):
-            return fail("not a planned component")
-        return True
-
-    def replacement(op, **b):
-        comp = by_root[id(b[f"n{root_pos}"])]
-        val: dict[int, gs.Tensor] = {t_id: b[nm] for t_id, nm in comp.ext.items()}
-        for n in comp.seq:
-            ins = []
-            for j, t in enumerate(n.inputs):
-                if (id(n), j) in comp.consts:
-                    ins.append(op.const(comp.consts[(id(n), j)], name=f"{t.name}_pruned"))
-                elif not t.name:
-                    ins.append(None)
-                else:
-                    ins.append(val[id(t)])
-            outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _name=n.name,
-                                     **dict(n.attrs))
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            for t, o in zip(n.outputs, outs):
-                val[id(t)] = o
-        res = [val[id(t)] for t in comp.outputs]
-        return tuple(res) if len(res) > 1 else res[0]
-
-    return RewriteRule(f"prune-channels-{k}", pattern, replacement, check)
+        nodes += [*(p.node for p in g.producers), *g.region, *(c.node for c in g.consumers)]
+        nodes += [a for a in (g.biases.get(c.name) for c in g.consumers) if a is not None]
+    return component(nodes, new_const, order, index)

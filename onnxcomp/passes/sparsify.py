@@ -72,6 +72,10 @@ class Sparsify(WeightPass):
     # MHA (BERT form) and grouped-query/rotary attention (Llama form: query heads alike in every KV group); with
     # allocation sensitivity the heads' and the channels' targets make one budget, spent where outputs suffer least
     heads: Optional[float] = None
+    # pattern channel: fraction of the residual stream sliced (SliceGPT-style: the stream rotated onto its principal
+    # directions on the calibration data, the weakest directions removed from every weight that reads or writes it;
+    # pre-norm RMSNorm models; needs calibration data); None: the stream is kept
+    hidden: Optional[float] = None
 
     def __post_init__(self) -> None:
         pat = self.pattern
@@ -103,6 +107,9 @@ class Sparsify(WeightPass):
         if self.heads is not None and (self.pattern != "channel" or not 0.0 <= self.heads < 1.0):
             raise RecipeError(f"sparsify.heads (fraction of attention heads removed, in [0, 1)) applies to pattern "
                               f"'channel' only; got heads={self.heads:g} with pattern {self.pattern!r}")
+        if self.hidden is not None and (self.pattern != "channel" or not 0.0 <= self.hidden < 1.0):
+            raise RecipeError(f"sparsify.hidden (fraction of the residual stream sliced, in [0, 1)) applies to "
+                              f"pattern 'channel' only; got hidden={self.hidden:g} with pattern {self.pattern!r}")
         if not self.damping > 0:
             raise RecipeError(f"sparsify.damping must be > 0, got {self.damping:g}")
         super().__post_init__()
@@ -132,6 +139,10 @@ class Sparsify(WeightPass):
             lines = [f"structured ({details['method']}): {made}; {details.get('params_removed', 0):,} of "
                      f"{details.get('params_before', 0):,} weights removed; {len(details.get('refused', []))} "
                      "layer(s) not prunable (reasons in the JSON/HTML report)"]
+            res = details.get("residual")
+            if res:
+                lines.append(f"residual stream: {res['dim']} -> {res['kept']} dimensions ({100 * res['energy_kept']:.1f}% "
+                             f"of its energy kept), {res['norms']} RMSNorms, {res['weights']} weights rotated")
             lines += [f"{g['producer']}{' + ' + ', '.join(g['joined']) if g.get('joined') else ''}: {g['kept']}/"
                       f"{g['channels']} {'heads' if g.get('kind') == 'heads' else 'channels'} kept"
                       + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "") for g in groups[:6]]

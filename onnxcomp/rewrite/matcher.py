@@ -240,13 +240,26 @@ class Matcher:
             yield from self._inputs(wanted, actual, order, i + 1, st)
 
     def _rest(self, st: _State) -> Iterator[None]:
-        """Bind the pattern outputs not reached from the root, via consumers of already-bound inputs."""
+        """Bind the pattern nodes not reached from the root, via consumers of already-bound inputs: the first
+        pending output, or, when it has no bound input yet, the first pending node that has one."""
         pending = [o.node for o in self.p.outputs if id(o.node) not in st.nodes]
         if not pending:
             yield
             return
+
+        def anchored(n):  # the graph tensors of n's inputs that are bound (or outputs of bound nodes)
+            out = []
+            for v in n.inputs:
+                if v is not None and id(v) in st.values:
+                    out.append(st.values[id(v)])
+                elif isinstance(v, NodeOutput) and id(v.node) in st.nodes:
+                    out.append(st.nodes[id(v.node)].outputs[v.index])
+            return out
+
         pn = pending[0]
-        anchors = [st.values[id(v)] for v in pn.inputs if v is not None and id(v) in st.values]
+        if not anchored(pn):
+            pn = next((n for n in self.p.nodes if id(n) not in st.nodes and anchored(n)), pn)
+        anchors = anchored(pn)
         if not anchors:
             self._fail(st, f"no bound input to find the {pn.op} output of the pattern from")
             return

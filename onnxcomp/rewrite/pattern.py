@@ -146,9 +146,10 @@ class Pattern:
         return list(seen.values())
 
     def _check_connected(self) -> None:
-        """Every output node must be reachable from the root's cone through a shared input."""
+        """Every node must be reachable from the root's cone through shared inputs (the matcher binds the rest
+        from consumers of values it has bound)."""
         reached = self.cone(self.root)
-        pending = [o.node for o in self.outputs if id(o.node) not in reached]
+        pending = [n for n in self.nodes if id(n) not in reached]
         progress = True
         while pending and progress:
             progress = False
