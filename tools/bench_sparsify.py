@@ -40,7 +40,7 @@ def _gzip(path: str | os.PathLike) -> int:
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
-def _recipes(patterns, methods, sparsities, sensitivity, heads=None) -> list[tuple[str, str, float, dict]]:
+def _recipes(patterns, methods, sparsities, sensitivity, heads=None, hidden=()) -> list[tuple[str, str, float, dict]]:
     out = []
     for pat in patterns:
         levels = [0.5] if ":" in pat else sparsities
@@ -71,6 +71,13 @@ def _recipes(patterns, methods, sparsities, sensitivity, heads=None) -> list[tup
                     out.append((pat, f"sparsegpt+sens+heads{heads:g}", s,
                                 {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
                                  "heads": heads, "allocation": "sensitivity"}))
+        if hidden and pat == "channel":  # residual-stream slicing alone, then with the channel levels
+            for hd in hidden:
+                out.append((pat, f"hidden{hd:g}", 0.0, {"type": "sparsify", "method": "sparsegpt", "pattern": pat,
+                                                        "sparsity": 0.0, "hidden": hd, "allocation": "uniform"}))
+                for s in levels:
+                    out.append((pat, f"sparsegpt+hidden{hd:g}", s, {"type": "sparsify", "method": "sparsegpt",
+                                                                    "pattern": pat, "sparsity": s, "hidden": hd}))
     return out
 
 
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", action="store_true", help="add sparsegpt rows with allocation: sensitivity")
     ap.add_argument("--heads", type=float, default=None,
                     help="channel rows that also remove this fraction of attention heads")
+    ap.add_argument("--hidden", type=float, nargs="+", default=[],
+                    help="channel rows that also slice this fraction of the residual stream (RMSNorm models)")
     ap.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences (from sentence 200)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per latency column per row")
     ap.add_argument("--quick", action="store_true", help="40 MiniLM evaluation sentences, fewer timed runs")
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
             rows = []
             base = runner.fp32()
             rows.append(("fp32", "-", 0.0, base, 1.0, None))
-            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity, args.heads):
+            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity, args.heads, args.hidden):
                 log(f" {name}: {pat} {meth} {s}")
                 info: dict[str, Any] = {}
 
