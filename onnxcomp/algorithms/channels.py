@@ -63,6 +63,11 @@ class _Group:
         return [*self.extra, self.producer]
 
     @property
+    def is_gqa(self) -> bool:
+        """A grouped-query attention block (gqa.py): query heads, removed alike in every KV group."""
+        return self.attention is not None and self.attention.get("form") == "gqa"
+
+    @property
     def params(self) -> int:
         return sum(l.weight.size for l in [*self.producers, *self.consumers])
 
@@ -414,7 +419,7 @@ def _obs_prune(w: np.ndarray, h: Optional[np.ndarray], block: int, remove: list[
 def _round_for(g: "_Group", k: int) -> int:
     """Channels removed from group g for a wish of k: GQA query heads equally many per KV group (at least one
     kept in each), other groups rounded by `_round`."""
-    if g.attention is not None and g.attention.get("form") == "gqa":
+    if g.is_gqa:
         hkv = g.attention["hkv"]
         return min(g.channels // hkv - 1, max(0, int(round(k / hkv)))) * hkv
     return _round(k, g.channels)
@@ -484,7 +489,7 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         notes.append("no prunable channel group found" + (f" ({refused[0]['reason']}, ...)" if refused else ""))
         details["groups"] = []
         if stream is not None:
-            _, stats = _group_statistics([], source, ctx, "residual", opts, stream.normed)
+            _, stats = _group_statistics([], source, ctx, method, opts, stream.normed)
             _slice_residual(model, opts, stats, details, notes)
         return PassOutcome(details=details, notes=notes)
 
@@ -541,10 +546,8 @@ def _group_statistics(groups: list[_Group], source: onnx.ModelProto, ctx: PassCo
     """The calibration feeds and the Gram statistics of every group's consumer input (data-aware methods) and
     of the `extra` tensors (last axis), in one calibration run."""
     if ctx.calibration_data is None:
-        what = "sparsify.hidden (the residual stream's principal directions)" if method == "residual" else \
-            f"sparsify method '{method}'"
-        raise CalibrationDataError(f"{what} needs calibration_data (activation statistics); use method "
-                                   "'magnitude' without data" + (" and leave hidden out" if extra else ""))
+        raise CalibrationDataError(f"sparsify method '{method}' needs calibration_data (activation "
+                                   "statistics); use method 'magnitude' without data")
     feeds = opts.calibration_feeds(ctx)
     axes = {g.tensor.name: _gram_axis(g) for g in groups}
     axes.update({name: -1 for name in extra})
@@ -641,7 +644,7 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
            "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
     if g.extra and g.attention is None:
         row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
-    if g.attention is not None and g.attention.get("form") == "gqa":
+    if g.is_gqa:
         row["form"] = "gqa"
         row["kv_heads"] = g.attention["hkv"]  # kept: the query heads are removed alike in every KV group
     if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
@@ -653,9 +656,8 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
 def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str, Any]], refused: list,
                       details: dict[str, Any], notes: list[str]) -> PassOutcome:
     """Rewrite the pruned groups into `model` and report the weights removed."""
-    gqa = [g for g in groups if g.attention is not None and g.attention.get("form") == "gqa"]
-    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None] + gqa)
-    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and g not in gqa])
+    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None or g.is_gqa])
+    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and not g.is_gqa])
     total_b, total_a = total_b + hb, total_a + ha
     details["groups"] = rows
     details["params_before"], details["params_after"] = total_b, total_a
@@ -710,7 +712,7 @@ def _simulate(sim: onnx.ModelProto, updates: dict[str, np.ndarray]) -> None:
 def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
             fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(kept channels, new consumer rows) for each count of removed channels, by the method's criterion."""
-    if g.attention is not None and g.attention.get("form") == "gqa":
+    if g.is_gqa:
         return _choose_per_kv_group(method, g, w, h, counts, damping, fixed)
     if h is None or method == "magnitude":
         return _obs_prune(w, None, g.block, counts, damping, fixed, score=_magnitude_score(g, w))
@@ -873,7 +875,7 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
             if b.ndim == 1 and b.shape[0] == d.shape[0]:
                 new[(id(bnode), bi)] = (b + d).astype(np.float32)
     for g in comp:
-        if g.attention is not None:  # grouped-query attention: the q projection and the head counts
+        if g.is_gqa:  # the q projection and the head counts
             from . import gqa
 
             new.update(gqa.constants(g.attention, g.keep, cur))

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..rewrite import GraphIndex, fail, find_matches, query
+from .heads import check_scores, shape_entries
 
 _PERM = (0, 2, 1, 3)
 _PERM_KT = (0, 1, 3, 2)
@@ -56,23 +57,6 @@ def _producer(t: gs.Tensor) -> Optional[gs.Node]:
     return t.inputs[0] if t.inputs else None
 
 
-def _entries(t: gs.Tensor, rank: int) -> Optional[list[Any]]:
-    """Entries of a shape tensor of `rank`: ints where constant, None where computed (a Concat of pieces)."""
-    v = ir.const_value(t)
-    if v is not None:
-        return [int(x) for x in v.reshape(-1)] if v.size == rank else None
-    n = _producer(t)
-    if n is None or n.op != "Concat" or len(n.inputs) != rank:
-        return None
-    out: list[Any] = []
-    for x in n.inputs:
-        c = ir.const_value(x)
-        if c is not None and c.size != 1:
-            return None
-        out.append(int(c.reshape(-1)[0]) if c is not None else None)
-    return out
-
-
 def _projection(tr: gs.Node) -> Optional[dict[str, Any]]:
     """Transpose([0,2,1,3]) <- Reshape([.., H, d]) <- [Add(bias) <-] MatMul(x, W): the head source, or None."""
     if tr.op != "Transpose" or tuple(tr.attrs.get("perm", ())) != _PERM:
@@ -80,27 +64,26 @@ def _projection(tr: gs.Node) -> Optional[dict[str, Any]]:
     rs = _producer(tr.inputs[0])
     if rs is None or rs.op != "Reshape" or len(rs.inputs) < 2:
         return None
-    e = _entries(rs.inputs[1], 4)
+    e = shape_entries(rs.inputs[1], 4)
     if e is None or not isinstance(e[2], int) or not isinstance(e[3], int) or e[2] <= 0 or e[3] <= 0:
         return None
     mm = _producer(rs.inputs[0])
-    add = None
+    add, bi = None, None
     if mm is not None and mm.op == "Add":
         add = mm
         consts = [i for i, x in enumerate(mm.inputs) if ir.const_value(x) is not None]
         if len(consts) != 1:
             return None
-        mm = _producer(mm.inputs[1 - consts[0]])
+        bi = consts[0]
+        mm = _producer(mm.inputs[1 - bi])
     if mm is None or mm.op != "MatMul":
         return None
     w = ir.const_value(mm.inputs[1])
     if w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != e[2] * e[3]:
         return None
-    if add is not None:
-        bi = next(i for i, x in enumerate(add.inputs) if ir.const_value(x) is not None)
-        if ir.const_value(add.inputs[bi]).shape != (w.shape[1],):
-            return None
-    return {"mm": mm, "add": add, "reshape": rs, "transpose": tr, "heads": e[2], "dim": e[3]}
+    if add is not None and ir.const_value(add.inputs[bi]).shape != (w.shape[1],):
+        return None
+    return {"mm": mm, "add": add, "bias_index": bi, "reshape": rs, "transpose": tr, "heads": e[2], "dim": e[3]}
 
 
 def _head_source(t: gs.Tensor) -> Optional[dict[str, Any]]:
@@ -178,16 +161,9 @@ def _rotary_region(index: GraphIndex, head: gs.Tensor, end: gs.Tensor) -> list[g
 def _check(ctx, **b) -> Any:
     if tuple(b["tk"].attrs.get("perm", ())) != _PERM_KT or tuple(b["tc"].attrs.get("perm", ())) != _PERM:
         return fail("unexpected key or context transpose")
-    if b["sm"].attrs.get("axis", -1) not in (-1, 3):
-        return fail("softmax is not over the keys")
-    sc = ctx.const_value(b["scale"])
-    if sc is None or sc.size != 1:
-        return fail("the score scale is not a constant scalar")
-    if "mask" in b:
-        m = b["mask"]
-        shape = m.shape if ctx.const_value(m) is None else ctx.const_value(m).shape
-        if shape is None or (len(shape) >= 3 and shape[-3] != 1):
-            return fail("the mask may differ per head (head axis not 1)")
+    scores = check_scores(ctx, b)
+    if scores is not True:
+        return scores
     q, k, v = (_head_source(b[n]) for n in ("qr", "kr", "vh"))
     if q is None or k is None or v is None:
         return fail("q, k or v is not one projection split into heads")
@@ -197,13 +173,13 @@ def _check(ctx, **b) -> Any:
     rep = hq // hkv
     if "ek" in b:
         for t in ("k", "v"):
-            ax, e, s = ctx.const_value(b[f"a{t}"]), _entries(b[f"e{t}"], 5), _entries(b[f"s{t}"], 4)
+            ax, e, s = ctx.const_value(b[f"a{t}"]), shape_entries(b[f"e{t}"], 5), shape_entries(b[f"s{t}"], 4)
             if ax is None or [int(a) for a in ax.reshape(-1)] != [2] or e is None or e[2] != rep \
                     or s is None or s[1] != hq:
                 return fail(f"the {t} repeat is not Unsqueeze(2) -> Expand(x{rep}) -> Reshape to {hq} heads")
     elif rep != 1:
         return fail("fewer KV heads than query heads but no repeat")
-    so = _entries(b["so"], 3)
+    so = shape_entries(b["so"], 3)
     if so is None or so[2] not in (hq * d, -1):
         return fail("the context reshape's last entry is not heads*head_dim")
     wo = ctx.const_value(b["wo"])
@@ -262,7 +238,7 @@ def _plan(b: dict[str, Any], index: GraphIndex) -> dict[str, Any] | str:
     if rep_nodes:
         want.update({"ek": (b["ek_node"], 5, 2), "ev": (b["ev_node"], 5, 2), "sk": (b["xk"], 4, 1),
                      "sv": (b["xv"], 4, 1)})
-    if _entries(b["so"], 3)[2] != -1:
+    if shape_entries(b["so"], 3)[2] != -1:
         want["so"] = (b["rc"], 3, 2)
     for key, (reader, rank, pos) in want.items():
         s = _site(reader.inputs[1], reader, rank, pos)
@@ -289,7 +265,7 @@ def constants(block: dict[str, Any], keep: np.ndarray, current: Callable[[gs.Nod
     q = block["q"]
     new = {(id(q["mm"]), 1): np.ascontiguousarray(current(q["mm"], 1)[:, cols])}
     if q["add"] is not None:
-        bi = next(i for i, x in enumerate(q["add"].inputs) if ir.const_value(x) is not None)
+        bi = q["bias_index"]
         new[(id(q["add"]), bi)] = np.ascontiguousarray(current(q["add"], bi)[cols])
     values = {"q": (2, h2), "ek": (2, rep2), "ev": (2, rep2), "sk": (1, h2), "sv": (1, h2), "so": (2, h2 * d)}
     for key, (node, i, _) in block["sites"].items():

@@ -50,7 +50,7 @@ def _make_pattern(scale_op: str, masked: bool, out_bias: bool):
 _PATTERNS = [_make_pattern(s, m, b) for s in ("Div", "Mul") for m in (True, False) for b in (True, False)]
 
 
-def _shape_entries(t: gs.Tensor, rank: int) -> Optional[list[Any]]:
+def shape_entries(t: gs.Tensor, rank: int) -> Optional[list[Any]]:
     """Entries of a Reshape shape of `rank`: ints where constant, None where computed; None if unreadable."""
     v = ir.const_value(t)
     if v is not None:
@@ -67,7 +67,7 @@ def _shape_entries(t: gs.Tensor, rank: int) -> Optional[list[Any]]:
 
 
 def _head_shape(t: gs.Tensor) -> Optional[tuple[int, int]]:
-    e = _shape_entries(t, 4)
+    e = shape_entries(t, 4)
     if e is None or not isinstance(e[2], int) or not isinstance(e[3], int) or e[2] <= 0 or e[3] <= 0:
         return None
     return e[2], e[3]
@@ -89,7 +89,7 @@ def _check(ctx, **b):
     wq, wk, wv = (ctx.const_value(b[f"w{t}"]) for t in "qkv")
     if not (wq.shape[1] == wk.shape[1] == wv.shape[1] == h * d):
         return fail(f"projections are not {h} heads of {d}")
-    so = _shape_entries(b["so"], 3)
+    so = shape_entries(b["so"], 3)
     if so is None or so[2] not in (h * d, -1):
         return fail("the output reshape's last entry is not heads*head_dim")
     wo = ctx.const_value(b["wo"])
@@ -97,6 +97,12 @@ def _check(ctx, **b):
         return fail("the output projection is not a constant [heads*head_dim, n] weight")
     if "bo" in b and (ctx.const_value(b["bo"]) is None or ctx.const_value(b["bo"]).shape != (wo.shape[1],)):
         return fail("the output bias is not a constant vector")
+    return check_scores(ctx, b)
+
+
+def check_scores(ctx, b: dict[str, Any]) -> Any:
+    """The scores part shared by the attention forms: a constant scalar scale ("scale"), Softmax over the keys
+    ("sm"), and an optional mask ("mask") that is the same for every head."""
     if ctx.const_value(b["scale"]) is None or ctx.const_value(b["scale"]).size != 1:
         return fail("the score scale is not a constant scalar")
     if b["sm"].attrs.get("axis", -1) not in (-1, 3):
@@ -197,7 +203,7 @@ def head_rules(plans: dict[int, dict[str, np.ndarray]]) -> list[RewriteRule]:
         if mask is not None:
             scores = op.Add(scores, mask)
         c = op.Transpose(op.MatMul(op.Softmax(scores, **dict(n["sm"].attrs)), v), perm=_PERM)
-        entries = _shape_entries(so, 3)
+        entries = shape_entries(so, 3)
         new_so = so if entries[2] == -1 else _shape_with(op, so, 2, h * d, f"{so.name}_heads")
         y = op.MatMul(op.Reshape(c, new_so, **dict(n["rc"].attrs)), op.const(p["wo"], name=f"{wo.name}_heads"))
         if bo is not None:
