@@ -41,10 +41,16 @@ class PassContext:
     def second_moments(self, model: onnx.ModelProto, feeds, axes: dict[str, int]) -> dict:
         """E[x x^T] / rows of each named tensor with its channel axis (`axes`: name -> axis), from one run;
         tensors never observed are left out."""
+        return {n: h for n, (h, _) in self.moments(model, feeds, axes).items()}
+
+    def moments(self, model: onnx.ModelProto, feeds, axes: dict[str, int]) -> dict:
+        """(E[x x^T], E[x]) of each named tensor's vectors along its axis (`axes`: name -> axis), from one run;
+        tensors never observed are left out."""
         if not axes:
             return {}
         stats = self.collect(model, [], feeds, histogram=False, gram_axes=axes)
-        return {n: st.second_moment for n, st in stats.items() if st.second_moment is not None}
+        return {n: (st.second_moment, st.gram_sum / st.gram_rows) for n, st in stats.items()
+                if st.second_moment is not None}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import onnxcomp
 from onnxcomp import testing
 from onnxcomp.algorithms import gptq
 from onnxcomp.algorithms.sparsegpt import damped_hessian
-from onnxcomp.errors import CalibrationDataError, RecipeError
+from onnxcomp.errors import CalibrationDataError
 
 
 def _direct_gptq(w, h, scale, qmin, qmax, damping, order):
@@ -115,16 +115,37 @@ def test_quantize_gptq_beats_rtn_on_held_out_data(recipe):
     assert errs["auto"] <= errs["rtn"], errs
 
 
-def test_gptq_needs_calibration_data_and_is_refused_for_static():
+def test_gptq_needs_calibration_data():
     model = _mlp(np.random.default_rng(3))
     with pytest.raises(CalibrationDataError, match="algorithm 'gptq' needs calibration_data"):
         onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "algorithm": "gptq",
                                               "min_weight_elements": 0}]})
-    with pytest.raises(RecipeError, match="'gptq' applies to modes"):
-        onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "static", "algorithm": "gptq"}]})
     # auto without data: nearest rounding, the same bytes as asking for rtn
     a = onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "min_weight_elements": 0}]})
     b = onnxcomp.compress(model, {"passes": [{"type": "quantize", "mode": "weight_only", "algorithm": "rtn",
                                               "min_weight_elements": 0}]})
     assert a.model.SerializeToString() == b.model.SerializeToString()
     assert a.report.passes[0].details["algorithm"] == "rtn"
+
+
+def test_static_gptq_rounds_against_the_smoothed_inputs_and_keeps_the_logits_closer():
+    """Static int8 (SmoothQuant, 7-bit weights on ort-cpu): GPTQ rounds each Gemm against its input's second
+    moment (scaled by the smoothing where there is one); the rounding it picks has the smaller output error on
+    the calibration data, and the logits on the held-out test images come closer to the float ones."""
+    d = testing.digits_data()
+    path = str(testing.digits_mlp_path())
+    calib = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
+    out = {}
+    for algo in ("rtn", "gptq"):
+        r = onnxcomp.compress(path, {"passes": [{"type": "quantize", "mode": "static", "algorithm": algo}]},
+                              calibration_data=calib)
+        onnx.checker.check_model(r.model, full_check=True)
+        det = r.report.passes[0].details
+        assert det["algorithm"] == algo
+        out[algo] = testing.session(r.model).run(None, {"input": d["x_test_flat"].astype(np.float32)})[0]
+        if algo == "gptq":
+            rows = det["rounding"]["layers"]
+            assert len(rows) == 3 and all(x["gptq_error"] < x["rtn_error"] for x in rows), rows
+    ref = testing.session(path).run(None, {"input": d["x_test_flat"].astype(np.float32)})[0]
+    err = {a: float(np.linalg.norm(o - ref) / np.linalg.norm(ref)) for a, o in out.items()}
+    assert err["gptq"] < 0.8 * err["rtn"], err

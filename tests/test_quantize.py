@@ -42,7 +42,9 @@ def test_gemm_per_channel_axis_matches_numpy(trans_b):
     w *= spread[:, None] if trans_b else spread
     m = make_model([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="gemm", transB=trans_b)],
                    [vi("x", [4, 16])], [vi("y", [4, 8])], [const("W", w), const("b", np.ones(8, np.float32))])
-    res = _q(m, {"mode": "weight_only", "ops": ["Gemm"], "min_weight_elements": 0})
+    # ort-cuda: a DequantizeLinear-fed Gemm (on ort-cpu a weight-only Gemm becomes MatMulNBits, tested below)
+    res = onnxcomp.compress(m, {"target": "ort-cuda", "passes": [
+        {"type": "quantize", "mode": "weight_only", "ops": ["Gemm"], "min_weight_elements": 0}]}, progress=False)
     dq, q, scale, axis = _dq_feeding(res.model, "Gemm")
     want_axis = 0 if trans_b else 1
     assert axis == want_axis
@@ -102,7 +104,10 @@ def test_static_minilm_accuracy_and_shared_qdq(minilm, minilm_static):
     # 18 weight MatMuls read 12 distinct activations (Q, K, V share one): one Q/DQ pair per tensor
     assert ops.count("QuantizeLinear") == 12
     details = minilm_static.report.passes[0].details
-    assert details["quantized"]["static-matmul-2"] == 18
+    # each weight MatMul and its bias Add are one MatMulIntegerToFloat (ORT leaves the QDQ MatMul's Add apart)
+    assert details["quantized"]["static-matmul-bias"] == 18 and "static-matmul-2" not in details["quantized"]
+    assert ops.count("MatMulIntegerToFloat") == 18 and ops.count("DequantizeLinear") == 0
+    assert details["algorithm"] == "auto" and details["rounding"]["gptq"] > 0
     sens = details["sensitivity"]
     assert len(sens) == 18 + 2 and sens == sorted(sens, key=lambda r: -r["introduced"])
     assert all(r["introduced"] <= r["rel_l2_err"] + 1e-12 and r["node"] for r in sens)
@@ -403,6 +408,8 @@ def _int_weight(model) -> np.ndarray:
     ("static", "ort-cpu", None, 63),
     ("dynamic", "ort-cpu", False, 127),    # asked for the full range
     ("static", "ort-cuda", None, 127),     # s8 x s8 on CUDA: full range
+    ("static", "ort-cpu-vnni", None, 127),  # CPUs whose u8 x s8 kernels do not saturate (VNNI, ARM64)
+    ("dynamic", "ort-cpu-vnni", None, 127),
     ("weight_only", "ort-cpu", None, 127),  # dequantized to float: no integer kernel to saturate
 ])
 def test_reduce_range_follows_the_target(mode, target, option, limit):
@@ -477,3 +484,56 @@ def test_placement_table_decides_whether_conv_output_is_quantized(monkeypatch):
     assert off.report.passes[0].details["quantized"] and on.report.passes[0].details["quantized"]
     on_ranges, off_ranges = on.report.passes[0].details["ranges"], off.report.passes[0].details["ranges"]
     assert set(off_ranges) < set(on_ranges)  # and were not calibrated
+
+
+@pytest.mark.parametrize("saturates", [True, False, None])
+def test_report_suggests_full_8bit_weights_only_where_the_kernels_do_not_saturate(monkeypatch, saturates):
+    import onnxcomp.runtime.cpu as cpu
+
+    monkeypatch.setattr(cpu, "u8s8_saturates", lambda: saturates)
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
+    res = onnxcomp.compress(str(testing.digits_mlp_path()), {"passes": [{"type": "quantize", "mode": "static"}]},
+                            calibration_data=calib, validate=False)
+    assert res.report.passes[0].details["reduce_range"] is True
+    hint = [s for s in res.report.suggestions if "ort-cpu-vnni" in s]
+    assert bool(hint) == (saturates is False)
+
+
+def test_cpu_flags_are_read_on_linux_x86():
+    import platform
+
+    from onnxcomp.runtime.cpu import u8s8_saturates
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        pytest.skip("reads /proc/cpuinfo on x86-64 Linux")
+    with open("/proc/cpuinfo") as f:
+        vnni = "vnni" in f.read()
+    assert u8s8_saturates() is (not vnni)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_weight_only_gemm_becomes_matmulnbits_with_its_corrected_bias(dtype):
+    """Digits MLP (three Gemms with biases, transB=1): weight_only on ort-cpu stores every Gemm as MatMulNBits
+    (4-bit blocks of 32 / 8-bit) carrying the Gemm's bias, corrected for the mean shift of the rounded weights;
+    top-1 on the held-out images stays within 1 point (4-bit) / 0.2 point (8-bit) of fp32."""
+    d = testing.digits_data()
+    path = str(testing.digits_mlp_path())
+    calib = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
+    opts = {"mode": "weight_only", "weight_dtype": dtype, "min_weight_elements": 0}
+    if dtype == "int4":
+        opts["block_size"] = 32
+    res = _q(path, opts, calib)
+    onnx.checker.check_model(res.model, full_check=True)
+    nbits = [n for n in res.model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3 and not [n for n in res.model.graph.node if n.op_type == "Gemm"]
+    assert all(len(n.input) == 6 and n.input[5] for n in nbits)  # the bias input
+    bits = {a.name: a.i for n in nbits for a in n.attribute}["bits"]
+    assert bits == (4 if dtype == "int4" else 8)
+    det = res.report.passes[0].details
+    assert det["bias_correction"]["layers"] == 3
+    fp32 = testing.digits_top1(path, d["x_test"], d["y_test"])
+    top1 = testing.digits_top1(res.model, d["x_test"], d["y_test"])
+    assert top1 >= fp32 - (0.01 if dtype == "int4" else 0.002), (top1, fp32)
+    if dtype == "int4":
+        assert res.report.size_ratio < 0.3

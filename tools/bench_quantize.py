@@ -24,6 +24,9 @@ Methods (``--methods`` takes these names):
   ort_nbits4_gather    the same plus the word-embedding Gather -> GatherBlockQuantized (MiniLM only)
   oc_static, oc_static_percentile, oc_dynamic, oc_weight_only_int8, oc_weight_only_int4
                        onnxcomp.compress(...) with the ``quantize`` pass (rows print "n/a: reason" on failure);
+                       static rows: *_rtn / *_gptq rounding, *_no_bc without bias correction, *_cle / *_no_cle
+                       with / without cross-layer equalization (default: chosen on calibration data),
+                       *_per_tensor one weight scale per tensor, *_vnni target ort-cpu-vnni (8-bit weights);
                        weight_only rows use the default rounding (algorithm auto with calibration data: per
                        layer GPTQ or nearest, whichever has the smaller output error); *_rtn / *_gptq force one
 
@@ -70,6 +73,20 @@ ORT_METHODS = ["ort_static_default", "ort_static_best", "ort_dynamic", "ort_nbit
 OC_RECIPES: dict[str, dict] = {
     "oc_static": {"passes": [{"type": "quantize", "mode": "static"}]},  # SmoothQuant alpha searched (default)
     "oc_static_no_smooth": {"passes": [{"type": "quantize", "mode": "static", "smoothquant": None}]},
+    "oc_static_rtn": {"passes": [{"type": "quantize", "mode": "static", "algorithm": "rtn"}]},
+    "oc_static_gptq": {"passes": [{"type": "quantize", "mode": "static", "algorithm": "gptq"}]},
+    "oc_static_no_bc": {"passes": [{"type": "quantize", "mode": "static", "bias_correction": False}]},
+    "oc_static_rtn_no_bc": {"passes": [{"type": "quantize", "mode": "static", "algorithm": "rtn",
+                                        "bias_correction": False}]},
+    "oc_static_cle": {"passes": [{"type": "quantize", "mode": "static", "equalize": True}]},
+    "oc_static_no_cle": {"passes": [{"type": "quantize", "mode": "static", "equalize": False}]},
+    "oc_static_per_tensor": {"passes": [{"type": "quantize", "mode": "static", "per_channel": False,
+                                         "equalize": False}]},
+    "oc_static_per_tensor_cle": {"passes": [{"type": "quantize", "mode": "static", "per_channel": False,
+                                             "equalize": True}]},
+    # 8-bit integer weights for CPUs whose u8 x s8 kernels do not saturate (VNNI, ARM64)
+    "oc_static_vnni": {"target": "ort-cpu-vnni", "passes": [{"type": "quantize", "mode": "static"}]},
+    "oc_dynamic_vnni": {"target": "ort-cpu-vnni", "passes": [{"type": "quantize", "mode": "dynamic"}]},
     "oc_static_percentile": {"passes": [{"type": "quantize", "mode": "static", "calibration": "percentile"}]},
     "oc_dynamic": {"passes": [{"type": "quantize", "mode": "dynamic"}]},
     "oc_dynamic_rtn": {"passes": [{"type": "quantize", "mode": "dynamic", "algorithm": "rtn"}]},
@@ -84,6 +101,18 @@ OC_RECIPES: dict[str, dict] = {
                                              "block_size": 32, "algorithm": "gptq"}]},
     "oc_weight_only_int4_b16": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
                                             "block_size": 16}]},
+    # every MatMul/Gemm however small (min_weight_elements 0: the digits models' layers are under the default)
+    "oc_wo_int4_all": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                   "block_size": 32, "min_weight_elements": 0}]},
+    "oc_wo_int4_all_no_bc": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                         "block_size": 32, "min_weight_elements": 0, "bias_correction": False}]},
+    "oc_wo_int4_all_rtn": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                       "block_size": 32, "min_weight_elements": 0, "algorithm": "rtn"}]},
+    "oc_wo_int4_all_rtn_no_bc": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                             "block_size": 32, "min_weight_elements": 0, "algorithm": "rtn",
+                                             "bias_correction": False}]},
+    "oc_wo_int4_all_no_cle": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                          "block_size": 32, "min_weight_elements": 0, "equalize": False}]},
     "oc_default_recipe": None,  # onnxcomp's default recipe (what `onnxcomp compress` does without --recipe)
 }
 ALL_METHODS = ["fp32"] + ORT_METHODS + list(OC_RECIPES)

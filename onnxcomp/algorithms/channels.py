@@ -900,6 +900,26 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     Returns the weight counts of the layers involved, before and after."""
     if not groups:
         return 0, 0
+    comps = _connected(groups)
+    layers = {id(l.node): l for g in groups for l in [*g.producers, *g.consumers]}
+    before = sum(l.weight.size for l in layers.values())
+    consts = [_new_constants(comp) for comp in comps]
+    after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
+    _apply_components(model, comps, consts, "prune-channels")
+    return before, after
+
+
+def rewrite_with(model: ir.Model, groups: list[_Group], constants: dict[tuple[int, int], np.ndarray],
+                 name: str) -> None:
+    """Rebuild the groups' nodes (producers, regions, consumers, consumer bias Adds) with `constants`
+    ((id(node), input index) -> value, shapes unchanged or consistent): one engine rule per connected component."""
+    if groups:
+        comps = _connected(groups)
+        _apply_components(model, comps, [constants] * len(comps), name)
+
+
+def _connected(groups: list[_Group]) -> list[list[_Group]]:
+    """The groups in connected components: groups that share a node are rewritten together."""
     parent = {id(g): id(g) for g in groups}
 
     def find(a):
@@ -918,26 +938,25 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     comps: dict[int, list[_Group]] = {}
     for g in groups:
         comps.setdefault(find(id(g)), []).append(g)
-    layers = {id(l.node): l for g in groups for l in [*g.producers, *g.consumers]}
-    before = sum(l.weight.size for l in layers.values())
-    consts = [_new_constants(comp) for comp in comps.values()]
-    after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
+    return list(comps.values())
+
+
+def _apply_components(model: ir.Model, comps: list[list[_Group]], consts: list[dict], name: str) -> None:
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}  # built once: rules stay linear in graph size
     index = GraphIndex(model.graph)
     shapes: dict[tuple, list[Component]] = {}
-    for comp, c in zip(comps.values(), consts):
+    for comp, c in zip(comps, consts):
         spec = _component(comp, c, order, index)
         shapes.setdefault(spec.signature, []).append(spec)
-    rules = [component_rule(k, specs) for k, specs in enumerate(shapes.values())]
+    rules = [component_rule(k, specs, name) for k, specs in enumerate(shapes.values())]
     stats = apply_rules(model, rules)
     done = sum(stats.rules[r.name].applied for r in rules)
     if done != len(comps):
-        from ..errors import InvalidModelError
+        from ..errors import InternalError
 
         reasons = sorted({reason for r in rules for reason in stats.rules[r.name].rejected
                           if "not a planned component" not in reason})
-        raise InvalidModelError(f"structured pruning rewrote {done} of {len(comps)} channel groups: {reasons[:3]}")
-    return before, after
+        raise InternalError(f"{name}: rewrote {done} of {len(comps)} channel groups: {reasons[:3]}")
 
 
 def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude, refused: list,

@@ -54,7 +54,30 @@ def _mul_chain_replacement(op, a, c1, c2):
     return op.Mul(a, op.const((v1 * const_value(c2)).astype(v1.dtype), name=f"{c2.name}_folded"))
 
 
+def _is_erf_gelu_tail(a) -> bool:
+    """`a` is x * (Erf(x / sqrt 2) + 1), the product whose Mul by 0.5 completes an Erf-GELU: ORT fuses the five
+    ops into one Gelu only while that 0.5 stays a scalar."""
+    prod = a.inputs[0] if len(a.inputs) == 1 else None
+    if prod is None or prod.op != "Mul":
+        return False
+    for t in prod.inputs:
+        add = t.inputs[0] if len(t.inputs) == 1 else None
+        if add is not None and add.op == "Add" and any(len(u.inputs) == 1 and u.inputs[0].op == "Erf"
+                                                       for u in add.inputs):
+            return True
+    return False
+
+
+def _mul_chain_keeping_fusions(ctx, a, c1, c2):
+    if _is_erf_gelu_tail(a):
+        return fail("the inner Mul completes an Erf-GELU (ORT fuses it into Gelu while its 0.5 stays a scalar)")
+    return _mul_chain_check(ctx, a, c1, c2)
+
+
 def fold_constant_mul_chain_rule() -> RewriteRule:
     """Mul(Mul(a, c1), c2) with constant c1, c2 -> Mul(a, c1*c2): one elementwise pass instead of two
-    (changes float rounding, so not part of the bit-exact cleanup; the type check guards the shape)."""
-    return RewriteRule("fold-constant-mul-chain", _mul_chain_pattern, _mul_chain_replacement, _mul_chain_check)
+    (changes float rounding, so not part of the bit-exact cleanup; the type check guards the shape). Refused
+    where the inner Mul is the 0.5 of an Erf-GELU: folding there costs ORT's Gelu fusion (MiniLM-L3 static int8:
+    Div/Erf/Add/Mul/Mul left unfused in all three layers)."""
+    return RewriteRule("fold-constant-mul-chain", _mul_chain_pattern, _mul_chain_replacement,
+                       _mul_chain_keeping_fusions)
