@@ -137,3 +137,25 @@ def test_equalization_and_batchnorm_folding_leave_shared_weights_alone():
     found = equalize.equalize(model)
     assert not found["pairs"] and any("read by several nodes" in r["reason"] for r in found["refused"])
     assert [t.name for t in model.to_proto().graph.initializer] == ["W"]
+
+
+@pytest.mark.parametrize("kind", ["MatMul", "Gemm", "Conv"])
+def test_output_mean_shift_is_the_mean_of_the_output_error(kind):
+    from onnxcomp.algorithms.bias import output_mean_shift
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 6)) + rng.uniform(-2, 2, 6)  # inputs with a nonzero mean per channel
+    if kind == "Conv":  # 1x1 kernels: the shift per output channel is exact (no padding)
+        dw = rng.standard_normal((5, 6, 1, 1)) * 0.01
+        err = x @ dw[:, :, 0, 0].T
+        attrs = {}
+    elif kind == "Gemm":
+        dw = rng.standard_normal((5, 6)) * 0.01  # stored [N, K] (transB), alpha 2, bias scaled by beta 0.5
+        err = 2.0 * x @ dw.T / 0.5
+        attrs = {"transB": 1, "alpha": 2.0, "beta": 0.5}
+    else:
+        dw = rng.standard_normal((6, 5)) * 0.01
+        err = x @ dw
+        attrs = {}
+    np.testing.assert_allclose(output_mean_shift(kind, attrs, dw, x.mean(axis=0)), err.mean(axis=0), rtol=1e-10)
+    assert output_mean_shift(kind, {"group": 2} if kind == "Conv" else attrs, dw, np.zeros(3)) is None

@@ -29,7 +29,7 @@ from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
-from ..algorithms import equalize as cle, gptq
+from ..algorithms import bias, equalize as cle, gptq
 from ..algorithms.select import embedding_pattern, embedding_problem, is_excluded, weight_problem
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
@@ -673,16 +673,8 @@ class _Run:
         bv = None if b is None else ir.const_value(b)
         if mu is None or not self.q.bias_correction or bv is None or bv.ndim != 1 or bv.dtype != np.float32:
             return b
-        if kind == "Conv":
-            if node.attrs.get("group", 1) != 1 or dw.shape[1] != mu.shape[0]:
-                return b
-            shift = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2) @ mu
-        elif kind == "Gemm":
-            m = dw.T if node.attrs.get("transB", 0) else dw
-            shift = mu @ m * float(node.attrs.get("alpha", 1.0)) / float(node.attrs.get("beta", 1.0))
-        else:
-            shift = mu @ dw
-        if shift.shape != bv.shape:
+        shift = bias.output_mean_shift(kind, node.attrs, dw, mu)
+        if shift is None or shift.shape != bv.shape:
             return b
         self.corrections.append({"node": node.name, "relative_shift": float(
             np.abs(shift).mean() / max(float(np.abs(bv).mean()), 1e-12))})
