@@ -140,7 +140,7 @@ class _Job:
         bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
         ctx = PassContext(calibration_data=calib, validation_data=valid,
                           providers=list(providers) if providers else _default_providers(rec.target),
-                          target=rec.target,
+                          target=rec.target, accuracy_budget=rec.accuracy_budget is not None,
                           progress=bars if bars is not None else (progress if callable(progress) else None))
         bad = _nonfinite_weights(proto)
         if bad:

@@ -1,8 +1,12 @@
 """Accuracy budget back-off: leave the layers that introduced the most error uncompressed until the budget holds.
 
 Each round takes the typed LayerChange records the weight passes returned, ranks the layers they still
-compress by the output error each introduced, adds the worst quarter to their pass's `exclude`, and runs the
-recipe again through the same Pipeline (which re-runs only the passes whose options or input changed).
+compress by the error each one is charged with (quantize, knowing a budget is set: how much the model's output
+error drops when that layer alone stays float; the other passes: the output error each introduced), adds the
+worst quarter to their pass's `exclude`, and runs the recipe again through the same Pipeline (which re-runs
+only the passes whose options or input changed). MiniLM-L3 static int8 under cosine 0.9995: 5 layers left
+float, size 0.364, where ranking by each layer's own output error left 11 (the embedding tables first), size
+0.867.
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ class PassContext:
     validation_data: Any = None  # feeds the result is validated on (sensitivity may use them)
     providers: Optional[list[str]] = None
     target: str = "ort-cpu"
+    #: the recipe has an accuracy budget: weight passes rank their layers by end-to-end effect for its back-off
+    accuracy_budget: bool = False
     progress: Optional[Progress] = None
     warnings: list[str] = field(default_factory=list)
     statistics: StatisticsCache = field(default_factory=StatisticsCache)
