@@ -678,6 +678,8 @@ class Model:
         for dom, ver in sorted(opsets.items()):
             out.opset_import.append(onnx.helper.make_opsetid(dom, ver))
         out.ir_version = self.meta.ir_version
+        if out.ir_version < 10 and any(t.data_type in _FOUR_BIT.values() for t in _tensors(out)):
+            out.ir_version = 10  # 4-bit tensors exist from IR 10 on
         for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
             setattr(out, field, getattr(self.meta, field))
         del out.metadata_props[:]
@@ -702,6 +704,7 @@ class Model:
         from the source by name. An export failure is a bug of ours (the graph came from a valid model)."""
         from .errors import InternalError
 
+        _pack_4bit_constants(self.graph)
         special = self.special_types or {}
         untyped = []
         for g in iter_graphs(self.graph) if special else ():  # most models have none: no walk on the hot path
@@ -722,6 +725,30 @@ class Model:
                 if vi.name in special:
                     vi.type.CopyFrom(special[vi.name])
         return out
+
+
+_FOUR_BIT = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+
+
+def _pack_4bit_constants(graph: gs.Graph) -> None:
+    """Give every 4-bit constant (numpy int4/uint4, one value a byte) its packed TensorProto, which gs exports as
+    it is: gs's own conversion writes one byte per value and onnx rejects the tensor."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+                continue
+            kind = _FOUR_BIT.get(np.dtype(t.values.dtype).name) if hasattr(t._values, "dtype") else None
+            if kind is None:
+                continue
+            flat = np.asarray(t.values).astype(np.int8 if kind == onnx.TensorProto.INT4 else np.uint8).reshape(-1)
+            nib = (flat.astype(np.uint8) & 0x0F)
+            if nib.size % 2:
+                nib = np.append(nib, np.uint8(0))
+            packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)  # first value in the low nibble
+            tp = onnx.helper.make_tensor(t.name, kind, list(t.shape), packed.tobytes(), raw=True)
+            t._values = LazyValues(tp)
 
 
 def _export_onnx(graph: gs.Graph) -> onnx.ModelProto:

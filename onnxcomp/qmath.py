@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
@@ -28,6 +29,9 @@ class QType:
 QTYPES: dict[str, QType] = {
     "int8": QType("int8", np.int8, -128, 127, TensorProto.INT8),
     "uint8": QType("uint8", np.uint8, 0, 255, TensorProto.UINT8),
+    # 4-bit weights for DequantizeLinear (opset 21); numpy holds them one per byte (ml_dtypes, onnx's own)
+    "int4": QType("int4", ml_dtypes.int4, -8, 7, TensorProto.INT4),
+    "uint4": QType("uint4", ml_dtypes.uint4, 0, 15, TensorProto.UINT4),
     "int16": QType("int16", np.int16, -32768, 32767, TensorProto.INT16),
     "uint16": QType("uint16", np.uint16, 0, 65535, TensorProto.UINT16),
 }

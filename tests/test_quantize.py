@@ -569,3 +569,27 @@ def test_budget_back_off_leaves_float_first_the_layers_whose_float_copy_helps_th
     assert set(ranking) == {"fc1", "fc2", "fc3"} and all(v >= 0 for v in ranking.values())
     assert {l.node: l.error for l in recs[0].layers} == ranking
     assert first == [max(ranking, key=ranking.get)]
+
+
+def test_four_bit_conv_weights_per_channel_on_the_digits_cnn():
+    """weight_only int4 with Conv named: each Conv kernel stored int4 per output channel (DequantizeLinear,
+    opset 21, packed two a byte), the Gemms as 4-bit MatMulNBits; top-1 on held-out images within 1 point."""
+    d = testing.digits_data()
+    path = str(testing.digits_cnn_path())
+    calib = [{"input": d["x_calib"][i:i + 20]} for i in range(0, 200, 20)]
+    res = _q(path, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32, "min_weight_elements": 0,
+                    "ops": ["Conv", "Gemm"]}, calib)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert {o.domain: o.version for o in res.model.opset_import}[""] >= 21 and res.model.ir_version >= 10
+    inits = {t.name: t for t in res.model.graph.initializer}
+    prod = {o: n for n in res.model.graph.node for o in n.output}
+    convs = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2
+    for c in convs:
+        dq = prod[c.input[1]]
+        assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == TensorProto.INT4
+        assert len(inits[dq.input[0]].raw_data) == (int(np.prod(inits[dq.input[0]].dims)) + 1) // 2
+    assert sum(n.op_type == "MatMulNBits" for n in res.model.graph.node) == 2
+    assert res.report.size_ratio < 0.2
+    fp32 = testing.digits_top1(path, d["x_test"], d["y_test"])
+    assert testing.digits_top1(res.model, d["x_test"], d["y_test"]) >= fp32 - 0.01

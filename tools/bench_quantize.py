@@ -113,6 +113,8 @@ OC_RECIPES: dict[str, dict] = {
                                              "bias_correction": False}]},
     "oc_wo_int4_all_no_cle": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
                                           "block_size": 32, "min_weight_elements": 0, "equalize": False}]},
+    "oc_wo_int4_conv": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
+                                    "block_size": 32, "min_weight_elements": 0, "ops": ["Conv", "Gemm", "MatMul"]}]},
     "oc_default_recipe": None,  # onnxcomp's default recipe (what `onnxcomp compress` does without --recipe)
 }
 ALL_METHODS = ["fp32"] + ORT_METHODS + list(OC_RECIPES)

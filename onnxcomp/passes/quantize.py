@@ -134,7 +134,11 @@ class Quantize(WeightPass):
         super().__post_init__()
 
     def min_opset(self) -> Optional[int]:
-        return 13  # per-channel DequantizeLinear (axis) needs opset 13
+        # per-channel DequantizeLinear (axis) needs opset 13; 4-bit per-channel Conv weights (int4/uint4
+        # DequantizeLinear, which ORT's CPU EP runs) need 21
+        if self.weight_dtype in ("int4", "uint4") and {"Conv", "ConvTranspose"} & set(self.ops or ()):
+            return 21
+        return 13
 
     @classmethod
     def summarize(cls, details: dict[str, Any]) -> list[str]:
