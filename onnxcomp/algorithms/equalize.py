@@ -122,10 +122,9 @@ def _producer_ranges(g: Any, prod: np.ndarray) -> np.ndarray:
     return np.abs(prod).max(axis=0)
 
 
-def equalize(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Equalize every producer/consumer pair of `model`'s main graph whose region commutes with channel scales.
-    Returns {"pairs": rows (producer, consumers, range ratio before/after), "refused": [...]} (the model is
-    rewritten in place through the engine; nothing changes when no pair qualifies)."""
+def find_pairs(model: ir.Model, exclude: tuple[str, ...] = ()) -> tuple[list, list[dict[str, str]]]:
+    """The channel groups of `model`'s main graph that can be equalized, and the refused ones with why
+    (nothing is rewritten)."""
     groups, refused = channels.find_groups(model, ops=("MatMul", "Gemm", "Conv"), exclude=exclude)
     readers: dict[int, int] = {}  # id(tensor) -> nodes reading it, in every graph (a weight may be shared)
     for gr in ir.iter_graphs(model.graph):
@@ -143,6 +142,14 @@ def equalize(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
             refused.append({"layer": g.producer.name, "reason": "a grouped/depthwise Conv consumer"})
         else:
             ok.append(g)
+    return ok, refused
+
+
+def equalize(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Equalize every producer/consumer pair of `model`'s main graph whose region commutes with channel scales.
+    Returns {"pairs": rows (producer, consumers, range ratio before/after), "refused": [...]} (the model is
+    rewritten in place through the engine; nothing changes when no pair qualifies)."""
+    ok, refused = find_pairs(model, exclude)
     if not ok:
         return {"pairs": [], "refused": refused}
     # every layer's weight as [k, n] (y = x @ M; Conv: [C_in*kh*kw, C_out]), updated by the sweeps
