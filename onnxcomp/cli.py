@@ -318,7 +318,8 @@ def inspect(model: str, as_json: bool, debug: bool) -> None:
         total = sum(r["bytes"] for r in pal["weights"])
         click.echo(f"  palettize: {len(pal['weights'])} weight(s) of {total:,} bytes "
                    f"({sum(r['op'] == 'Gather' for r in pal['weights'])} embedding table(s)) can share 2**bits "
-                   f"values each: about {total * 5 // 32:,} bytes at 5 bits, {total // 8:,} at 4; decoded when "
+                   f"values each: about {total * 5 // 32:,} bytes at 5 bits, {total * 9 // 64:,} at 4 (with a "
+                   "float16 scale per 32 weights); decoded when "
                    "the session is created, so the model runs as fast as before (calibration data: "
                    "activation-weighted codebooks and bits per weight by sensitivity)")
 

@@ -70,6 +70,15 @@ def test_latency_objective_returns_the_input_when_nothing_is_faster():
     assert win.name == "q"  # the failed candidate is never chosen, however small
 
 
+def test_size_objective_breaks_ties_by_order_not_by_timing():
+    """A composed candidate whose last pass changed nothing is the same model as its parent: which of the two ran
+    faster is timing noise, and every executor must choose alike (the earlier, simpler one)."""
+    for lat in ((1.0, 0.9), (0.9, 1.0)):
+        trials = [_T("lossless", True, 1.0, 1.0, 1000, lossless=True), _T("channel", True, 0.98, lat[0], 300),
+                  _T("channel+palettize", True, 0.98, lat[1], 300), _T("bigger", True, 0.99, 0.5, 301)]
+        assert choose(trials, "size")[0].name == "channel"
+
+
 def test_holdout_is_disjoint_and_covers_every_sample():
     feeds = [{"x": np.full((1,), i, np.float32)} for i in range(23)]
     calib, valid = split_holdout(feeds)

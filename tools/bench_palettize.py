@@ -2,13 +2,16 @@
 size, latency and session-creation time vs fp32.
 
     python tools/bench_palettize.py [--models minilm digits_cnn digits_mlp] [--bits 8 6 4 3]
-        [--weightings none activation] [--groups 0 16] [--allocation 4 5] [--quick] [--json out.json]
+        [--weightings none activation] [--groups 0 16] [--scales default off channel block32] [--allocation 4 5]
+        [--quick] [--json out.json]
 
 Models, metrics, latency columns and calibration/evaluation splits are those of tools/bench_quantize.py (same
 ModelBench and Runner): MiniLM-L3 embedding cosine vs fp32 on sentences it was not calibrated on; digits CNN/MLP
 top-1 on the test images. Rows with `alloc` are `allocation: sensitivity` at the size `bits` would take on every
 weight (bits per weight chosen by measured output error); the others are `allocation: uniform`. group 0 = one
-codebook per tensor. `create` = median session-creation time (ORT folds the decode there) / fp32's, over
+codebook per tensor. `--scales`: `default` (the pass's defaults: float16 scale per output channel, and per 32
+inputs at <= 4 bits), `off` (channel_scale false: the codebook holds the weights themselves), `channel` (block_size
+0), `blockN` (block_size N). `create` = median session-creation time (ORT folds the decode there) / fp32's, over
 `--creates` alternating pairs; `load MB` = peak RSS of a fresh process that creates the session (the folded
 weights are float in memory either way). The fp32 row is a second session against the first: the noise floor. Ratios come
 from one run on one machine; compare rows within a table.
@@ -62,16 +65,35 @@ def _load_peak_mb(path: Path) -> float:
     return int(out.stdout.split()[-1]) / 1024
 
 
-def _recipes(bits, weightings, groups, alloc) -> list[tuple[str, dict]]:
+def _scale_options(scale: str) -> dict:
+    """The palettize options of one `--scales` value."""
+    if scale == "default":
+        return {}
+    if scale == "off":
+        return {"channel_scale": False}
+    if scale == "channel":
+        return {"channel_scale": True, "block_size": 0}
+    if scale.startswith("block") and scale[5:].isdigit():
+        return {"channel_scale": True, "block_size": int(scale[5:])}
+    raise SystemExit(f"--scales: {scale!r} is not default, off, channel or blockN")
+
+
+def _recipes(bits, weightings, groups, scales, alloc) -> list[tuple[str, dict]]:
     out = []
     for b in bits:
         for w in weightings:
             for g in groups:
-                out.append((f"{b} bits, {w}, group {g}", {"type": "palettize", "bits": b, "weighting": w,
-                                                          "group_size": g or None, "allocation": "uniform"}))
+                for sc in scales:
+                    tag = "" if scales == ["default"] else f", {sc}"
+                    out.append((f"{b} bits, {w}, group {g}{tag}",
+                                {"type": "palettize", "bits": b, "weighting": w, "group_size": g or None,
+                                 "allocation": "uniform", **_scale_options(sc)}))
     for b in alloc:
-        out.append((f"{b} bits alloc, activation, group 0",
-                    {"type": "palettize", "bits": b, "weighting": "activation", "allocation": "sensitivity"}))
+        for sc in scales:
+            tag = "" if scales == ["default"] else f", {sc}"
+            out.append((f"{b} bits alloc, activation, group 0{tag}",
+                        {"type": "palettize", "bits": b, "weighting": "activation", "allocation": "sensitivity",
+                         **_scale_options(sc)}))
     return out
 
 
@@ -81,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     ap.add_argument("--weightings", nargs="+", default=["none", "activation"])
     ap.add_argument("--groups", nargs="+", type=int, default=[0, 16], help="output channels per codebook (0: tensor)")
+    ap.add_argument("--scales", nargs="+", default=["default"],
+                    help="default | off | channel | blockN (scales per output channel / and N inputs)")
     ap.add_argument("--allocation", nargs="*", type=int, default=[4, 5],
                     help="bits of the rows with allocation: sensitivity")
     ap.add_argument("--creates", type=int, default=5, help="session-creation pairs timed per row")
@@ -99,7 +123,7 @@ def main(argv=None) -> int:
             base = runner.fp32()
             rows = [("fp32", base, _create_ratio(bench.path, bench.path, args.creates))]
             peak = {"fp32": _load_peak_mb(bench.path)}
-            for label, p in _recipes(args.bits, args.weightings, args.groups, args.allocation):
+            for label, p in _recipes(args.bits, args.weightings, args.groups, args.scales, args.allocation):
                 log(f" {name}: {label}")
 
                 def build(dst: str, p=p) -> None:

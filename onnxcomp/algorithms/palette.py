@@ -18,7 +18,8 @@ import numpy as np
 
 from .gptq import gptq_columns
 
-__all__ = ["Codebooks", "GroupedValues", "kmeans_groups", "nearest", "gptq_assign", "WordLayout", "word_layout", "pack", "shifts", "unpack"]
+__all__ = ["Codebooks", "GroupedValues", "kmeans_groups", "nearest", "gptq_assign", "Scales", "absmax_scales",
+           "WordLayout", "word_layout", "pack", "shifts", "unpack"]
 
 _MAX_ITER = 100
 _WEIGHT_FLOOR = 1e-3  # relative to the mean weight: a dead input channel still pulls its values a little
@@ -184,19 +185,96 @@ def nearest(values: np.ndarray, codebooks: np.ndarray, group: np.ndarray) -> np.
     return np.clip(pos - group * (k - 1), 0, k - 1)
 
 
+@dataclass(frozen=True)
+class Scales:
+    """Scales a codebook's values are multiplied by in the decode: one per output channel (`block` 0), or per
+    output channel and block of `block` consecutive elements along `block_axis` (2-D weights).
+
+    `stored` is what the file holds: the channel scales broadcast against the weight, or for blocks
+    [n_blocks, 1, C] (block axis 0) / [C, n_blocks, 1] (block axis 1), which broadcast against the weight's
+    indices laid out as `blocked(shape)` (the block axis padded to whole blocks); `full` is one scale per element
+    in float32."""
+
+    stored: np.ndarray  # float16 where every scale is a normal float16, else float32
+    block: int = 0
+    block_axis: int = 0
+
+    def blocked(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The 3-D layout [n_blocks, block, C] / [C, n_blocks, block] of a weight of `shape` (blocks only)."""
+        st = self.stored.shape
+        return (st[0], self.block, shape[1]) if self.block_axis == 0 else (shape[0], st[1], self.block)
+
+    def padded(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`shape` with the block axis grown to whole blocks (blocks only)."""
+        b = self.blocked(shape)
+        return (b[0] * b[1], b[2]) if self.block_axis == 0 else (b[0], b[1] * b[2])
+
+    def apply(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Codebook values in the index layout (`blocked(shape)` with blocks, else `shape`) times the scales, in
+        float32 and `shape`: the numpy reference of the decode's Mul, Reshape and Slice."""
+        out = np.asarray(values, np.float32) * self.stored.astype(np.float32)
+        if not self.block:
+            return out
+        out = out.reshape(self.padded(shape))
+        return out[:shape[0]] if self.block_axis == 0 else out[:, :shape[1]]
+
+    def full(self, shape: tuple[int, ...]) -> np.ndarray:
+        """One scale per element of a weight of `shape`, float32."""
+        if not self.block:
+            return np.broadcast_to(self.stored.astype(np.float32), shape)
+        return self.apply(np.ones(self.blocked(shape), np.float32), shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored.nbytes)
+
+
+_F16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def absmax_scales(w: np.ndarray, axis: int, block: int = 0) -> Scales:
+    """Each output channel's (along `axis`) largest magnitude, or per channel and block of `block` elements of
+    the other axis of a 2-D weight (the last block may be short); 1 where all values are 0. Stored as float16
+    when every scale is a normal float16 (half the bytes; the codebook fit uses the rounded scales)."""
+    a = np.abs(np.asarray(w, np.float32))
+    if block and a.ndim == 2:
+        b = 1 - axis
+        length = a.shape[b]
+        nb = -(-length // block)
+        pad = [(0, 0), (0, 0)]
+        pad[b] = (0, nb * block - length)
+        a = np.pad(a, pad)
+        s = a.reshape(nb, block, a.shape[1]).max(axis=1)[:, None, :] if b == 0 else \
+            a.reshape(a.shape[0], nb, block).max(axis=2)[:, :, None]
+    else:
+        block, b = 0, 0
+        s = a.max(axis=tuple(i for i in range(a.ndim) if i != axis), keepdims=True)
+    s = np.where(s > 0, s, 1.0).astype(np.float32)
+    if float(s.min()) >= _F16_MIN_NORMAL and float(s.max()) <= _F16_MAX:
+        s = s.astype(np.float16)
+    return Scales(s, block, b)
+
+
 def gptq_assign(w: np.ndarray, h: np.ndarray, codebooks: np.ndarray, row_group: np.ndarray,
-                damping: float = 0.01, blocksize: int = 128) -> np.ndarray:
+                damping: float = 0.01, blocksize: int = 128, scale: Optional[np.ndarray] = None) -> np.ndarray:
     """Codebook indices for `w` [rows = outputs, cols = inputs] chosen column by column with GPTQ's error
     feedback (Frantar et al. 2023): each column is rounded to its row's nearest codebook value and the rounding
     error is spread over the columns not yet rounded through the Cholesky factor of H^-1 (H = E[x x^T] over
     inputs), in order of decreasing H_jj (act-order). Minimises ||X (W - W_hat)^T|| far better than nearest
     rounding of each weight alone. `row_group[r]` is the codebook of row r; codebooks [G, k] are ascending in
-    each row (as kmeans_groups returns them). Returns int64 [rows, cols]."""
+    each row (as kmeans_groups returns them). With `scale` [rows, cols] (> 0), the value of index i at (r, c) is
+    codebooks[row_group[r], i] * scale[r, c]. Returns int64 [rows, cols]."""
     cb = np.asarray(codebooks, np.float64)
     rg = np.asarray(row_group, np.int64)
+    sc = None if scale is None else np.asarray(scale, np.float64)
 
-    def rounder(_j: int, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lab = nearest(col, cb, rg)
-        return lab, cb[rg, lab]
+    def rounder(j: int, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if sc is None:
+            lab = nearest(col, cb, rg)
+            return lab, cb[rg, lab]
+        s = sc[:, j]
+        lab = nearest(col / s, cb, rg)  # nearest of s * values, s > 0
+        return lab, cb[rg, lab] * s
 
     return gptq_columns(w, h, rounder, damping=damping, blocksize=blocksize)

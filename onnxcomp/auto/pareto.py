@@ -1,7 +1,8 @@
 """The Pareto front of measured candidates (accuracy up, latency down, size down) and the choice on an objective.
 
 Latencies within LATENCY_TIE of the fastest are one tie (timing noise on a shared CPU is ~3%): among them the
-smallest, then the most accurate wins. A latency objective never returns a candidate that did not run faster
+smallest, then the most accurate wins. On size, equal size and accuracy go to the earlier candidate (input order:
+the simpler recipe), never to the timing, so every executor chooses alike. A latency objective never returns a candidate that did not run faster
 than the input beyond the noise: it returns the lossless one instead, and says why.
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def choose(trials: Sequence[Measured], objective: str) -> tuple[Optional[Measure
     front = pareto_front(trials)
     if not front:
         return None, "no candidate met the accuracy budget"
-    if objective == "size":
-        win = min(front, key=lambda t: (t.size_bytes, -_acc(t), _lat(t)))
+    if objective == "size":  # equal size and accuracy (in practice the same model): the earlier one, not the timing
+        met = [t for t in trials if t.met]
+        win = min(met, key=lambda t: (t.size_bytes, -_acc(t), met.index(t)))
         return win, f"smallest model that met the budget ({win.size_bytes:,} bytes)"
     timed = [t for t in front if t.latency_ratio is not None]
     if not timed:

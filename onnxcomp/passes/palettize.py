@@ -1,11 +1,15 @@
 """`palettize`: weight sharing. Each weight becomes a codebook of 2**bits values (per tensor, or per group of
 `group_size` output channels) and one packed index per element, decoded in the graph on constants only:
 
-    words --BitShift/Mod--> indices --Reshape/Cast(int32)--> (+ group offset) --Gather(codebook)--> W
+    words --BitShift/Mod--> indices --Reshape/Cast(int32)--> (+ group offset) --Gather(codebook)--> (x scales) W
 
 Every input of the decode is an initializer, so ONNX Runtime constant-folds it when the session is created: the
-file holds bits/32 of the float size, and the model runs exactly as the float model with the clustered weights
-(zero cost per run, on every execution provider; tests/test_palettize.py checks the optimised graph).
+file holds bits/32 of the float size (plus the scales), and the model runs exactly as the float model with the
+clustered weights (zero cost per run, on every execution provider; tests/test_palettize.py checks the optimised
+graph). With `channel_scale` (default), each float output channel is divided by its largest magnitude before
+clustering and a float16 scale per channel multiplies it back: one shared codebook then fits channels of any
+range. At <= 4 bits the default `block_size: 32` gives each channel a scale per 32 inputs (0.5 bit per weight):
+MiniLM-L3 at 4 bits reaches cosine 0.991 with them, 0.984 per channel, 0.977 without.
 
 Codebooks come from weighted 1-D k-means (algorithms/palette.py). `weighting: activation` (the default with
 calibration data) weighs each weight's squared error by E[x_j^2] of the input channel it multiplies, from one
@@ -38,6 +42,12 @@ from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _LADDER = (2, 3, 4, 5, 6, 8)  # bit widths `allocation: sensitivity` tries per weight (plus the requested one)
 _PROBE_SAMPLES = 16  # feeds used to measure each weight's end-to-end sensitivity
+# GPTQ's damping (fraction of the mean H_jj added to H's diagonal). MiniLM-L3, 4 bits with block scales, mean
+# held-out output error of the 18 MatMuls: 0.0609 at 0.01 (GPTQ's own default), 0.0536 at 0.1; the model's
+# cosine 0.9886 -> 0.9908 (0.9909 at 0.3)
+_GPTQ_DAMPING = 0.1
+_BLOCK = 32  # default block_size at <= _BLOCK_BITS bits: per channel and 32 inputs, as int4 block quantization
+_BLOCK_BITS = 4
 
 
 @dataclass
@@ -53,6 +63,7 @@ class _Tensor:
     value: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     importance: Optional[np.ndarray] = None  # per element, E[x^2] of the input it multiplies
     sorted_values: Optional[palette.GroupedValues] = None  # sorted once, reused for every bit width
+    scales: Optional[palette.Scales] = None  # with channel_scale: found once, reused for every bit width
     palette: Optional["_Palette"] = None  # the chosen codebooks (None: left in float by the allocation)
     row: dict = field(default_factory=dict)
 
@@ -80,20 +91,29 @@ class _Palette:
     groups: int
     iterations: int
     zero_kept: bool
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the weight's
+    scales: Optional[palette.Scales] = None  # W = codebook[index] * scales (per channel, or channel and block)
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        """The layout of the packed indices: the weight's shape, or with block scales `Scales.blocked` (the
+        block axis padded with index 0 to whole blocks), so the compact scales broadcast against it."""
+        return self.scales.blocked(self.shape) if self.scales is not None and self.scales.block else self.shape
 
     @property
     def nbytes(self) -> int:
-        """Bytes the weight takes in the file (indices, codebooks, group offsets)."""
-        return int(self.words.nbytes + self.codebook.nbytes + (self.offsets.nbytes if self.offsets is not None else 0))
+        """Bytes the weight takes in the file (indices, codebooks, group offsets, channel scales)."""
+        return int(self.words.nbytes + self.codebook.nbytes + (self.offsets.nbytes if self.offsets is not None else 0)
+                   + (self.scales.nbytes if self.scales is not None else 0))
 
     def decode(self) -> np.ndarray:
         """The weight the graph's decode produces (numpy reference of `_decode`)."""
         n = int(np.prod(self.shape, dtype=np.int64))
-        idx = palette.unpack(self.words, palette.word_layout(self.bits), n).reshape(self.shape)
+        ishape = self.index_shape
+        idx = palette.unpack(self.words, palette.word_layout(self.bits), int(np.prod(ishape))).reshape(ishape)
         if self.offsets is not None:
             idx = idx + self.offsets
-        return self.codebook[idx]
+        return self.codebook[idx] if self.scales is None else self.scales.apply(self.codebook[idx], self.shape)
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,12 @@ class Palettize(WeightPass):
     # everywhere; default with calibration data (uniform without)
     allocation: Optional[Literal["uniform", "sensitivity"]] = None
     min_weight_elements: int = 4096  # smaller weights stay float (the codebook and decode would not pay off)
+    # float weights: each output channel divided by its largest magnitude before clustering, multiplied back in
+    # the decode (a float16 scale per channel); default true
+    channel_scale: Optional[bool] = None
+    # with channel_scale: one scale per output channel and block of this many inputs of a 2-D weight (0: one per
+    # channel); default 32 at bits <= 4, else 0
+    block_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -124,11 +150,29 @@ class Palettize(WeightPass):
                                             or self.group_size < 1):
             raise RecipeError(f"palettize.group_size must be a positive integer (output channels per codebook) or "
                               f"null (one codebook per tensor), got {self.group_size!r}")
+        if self.channel_scale is not None and not isinstance(self.channel_scale, bool):
+            raise RecipeError(f"palettize.channel_scale must be true or false, got {self.channel_scale!r}")
+        if self.block_size is not None:
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+                raise RecipeError(f"palettize.block_size must be a non-negative integer (inputs per scale; 0: one "
+                                  f"scale per output channel) or null (default), got {self.block_size!r}")
+            if self.block_size and self.channel_scale is False:
+                raise RecipeError("palettize.block_size needs channel_scale (the blocks are of the channel scales); "
+                                  "drop block_size or set channel_scale: true")
         super().__post_init__()
 
+    def _scaling(self) -> tuple[bool, int]:
+        """(channel_scale, block_size) with the defaults filled in."""
+        on = self.channel_scale is not False
+        if not on:
+            return False, 0
+        return True, self.block_size if self.block_size is not None else (_BLOCK if self.bits <= _BLOCK_BITS else 0)
+
     def resolve(self, has_data: bool) -> "Palettize":
+        channel_scale, block_size = self._scaling()
         return dataclasses.replace(self, weighting=self.weighting or ("activation" if has_data else "none"),
-                                   allocation=self.allocation or ("sensitivity" if has_data else "uniform"))
+                                   allocation=self.allocation or ("sensitivity" if has_data else "uniform"),
+                                   channel_scale=channel_scale, block_size=block_size)
 
     def min_opset(self) -> Optional[int]:
         return 11  # BitShift
@@ -143,8 +187,12 @@ class Palettize(WeightPass):
                f"{'/'.join(map(str, widths)) or details.get('bits')}-bit (sensitivity allocation at the size of "
                f"{details.get('bits')} bits)")
         group = details.get("group_size")
+        block = details.get("block_size")
+        scales = ("" if not details.get("channel_scale") else
+                  f", a scale per channel and {block} inputs" if block else ", a scale per channel")
         lines = [f"{how} codebooks ({details.get('weighting')} weighting, "
-                 f"{f'{group} channel(s) per codebook' if group else 'one per tensor'}) on {len(rows)} weight(s): "
+                 f"{f'{group} channel(s) per codebook' if group else 'one per tensor'}{scales}) on {len(rows)} "
+                 "weight(s): "
                  f"{before:,} -> {after:,} bytes; {len(details.get('left_float', []))} candidate(s) left as they "
                  "were (reasons in the JSON/HTML report)"]
         worst = sorted(rows, key=lambda r: -(r.get("output_rel_err") or r["weight_rel_err"]))[:3]
@@ -180,11 +228,14 @@ class Palettize(WeightPass):
         grams: dict[str, np.ndarray] = {}
         if weighting == "activation" and tensors:
             grams = _input_moments(tensors, model, source, ctx, feeds)
+        channel_scale, block_size = self._scaling()
         details: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "weighting": weighting,
-                                   "allocation": allocation}
+                                   "allocation": allocation, "channel_scale": channel_scale,
+                                   "block_size": block_size}
 
         def make(t: _Tensor, bits: int) -> _Palette:
-            return _cluster(t, bits, self.group_size, _moment(t, grams, model) if weighting == "activation" else None)
+            return _cluster(t, bits, self.group_size, _moment(t, grams, model) if weighting == "activation" else None,
+                            channel_scale, block_size)
 
         if allocation == "sensitivity" and tensors:
             for t in tensors:
@@ -225,6 +276,9 @@ class Palettize(WeightPass):
                                 ("allocation", allocation, "calibration data given")):
             if getattr(self, opt) is None:
                 notes.append(f"{opt} auto -> {value} ({why if ctx.calibration_data else 'no calibration data'})")
+        if channel_scale and self.block_size is None:
+            per = f"output channel and {block_size} inputs" if block_size else "output channel"
+            notes.append(f"block_size auto -> {block_size} (one float16 scale per {per} at {self.bits} bits)")
         changes = []
         for t in chosen:  # the error an accuracy budget ranks by: end to end where probed, else the layer's own
             err = next(t.row[k] for k in ("model_output_err", "output_rel_err", "weight_rel_err")
@@ -490,10 +544,13 @@ def _moment(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> Option
     return grams.get(layer.x.name)
 
 
-def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.ndarray]) -> _Palette:
+def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.ndarray],
+             channel_scale: bool = False, block_size: Optional[int] = None) -> _Palette:
     """k-means codebooks of 2**bits values (one per group of `group_size` channels along t.axis) and the packed
     indices: the nearest codebook value per weight, or with the input moment `h` GPTQ's choice with error
-    feedback."""
+    feedback. With `channel_scale` (float weights), each output channel (or, with `block_size`, each channel's
+    block of that many inputs of a 2-D weight) is divided by its largest magnitude first and the decode
+    multiplies it back: one codebook then serves channels and blocks of different ranges."""
     w = t.value
     k = 1 << bits
     channels = w.shape[t.axis]
@@ -502,8 +559,17 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
     shape = [1] * w.ndim
     shape[t.axis] = channels
     chan_group = (np.arange(channels) // size).reshape(shape)
+    if channel_scale and not t.integer and t.scales is None:
+        t.scales = palette.absmax_scales(w, t.axis, block_size or 0)
+    scales = t.scales if channel_scale and not t.integer else None
+    full = None if scales is None else scales.full(w.shape)
     if t.sorted_values is None:
-        t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
+        if full is None:
+            t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
+        else:  # the error of a normalised value counts scale^2 times in the weight
+            s2 = np.square(full, dtype=np.float64)
+            t.sorted_values = palette.GroupedValues(w / full, np.broadcast_to(chan_group, w.shape), n_groups,
+                                                    s2 if t.importance is None else t.importance * s2)
     cb = t.sorted_values.fit(k)
     labels = cb.labels.reshape(w.shape)
     values = cb.values
@@ -515,17 +581,27 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
         cb = dataclasses.replace(cb, values=values)
     if h is not None:  # [outputs, inputs] layout for GPTQ; row groups are the output-channel groups
         out_major = t.axis == 0
-        lab = palette.gptq_assign(w if out_major else w.T, h, cb.values, chan_group.reshape(-1))
+        books = cb.values.astype(w.dtype).astype(np.float64)  # the values the decode holds
+        sc = None if full is None else (full if out_major else full.T)
+        lab = palette.gptq_assign(w if out_major else w.T, h, books, chan_group.reshape(-1), damping=_GPTQ_DAMPING,
+                                  scale=sc)
         labels = lab if out_major else lab.T
+    offsets = (chan_group * k).astype(np.int32) if n_groups > 1 else None
+    if scales is not None and scales.block:  # indices in the blocked layout the compact scales broadcast against
+        padded = scales.padded(w.shape)
+        labels = np.pad(labels, [(0, padded[0] - w.shape[0]), (0, padded[1] - w.shape[1])])
+        labels = labels.reshape(scales.blocked(w.shape))
+        if offsets is not None:
+            offsets = offsets.reshape((1, 1, -1) if t.axis == 1 else (-1, 1, 1))
     return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(w.dtype).reshape(-1),
-                    (chan_group * k).astype(np.int32) if n_groups > 1 else None, n_groups, cb.iterations,
-                    bool(cb.pinned_zero.any()), tuple(w.shape))
+                    offsets, n_groups, cb.iterations, bool(cb.pinned_zero.any()), tuple(w.shape), scales)
 
 
 def _release(t: _Tensor) -> None:
     """Drop what only the clustering needed (the sorted copy and importance: several times the weight)."""
     t.sorted_values = None
     t.importance = None
+    t.scales = None
 
 
 def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
@@ -566,12 +642,14 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
 
 # ---------------------------------------------------------------------------------------------- rewriting
 def _decode(op, t: _Tensor) -> gs.Tensor:
-    """The decode subgraph of `t` (constants only): packed words -> indices -> codebook values, in W's shape."""
+    """The decode subgraph of `t` (constants only): packed words -> indices -> codebook values (-> times the
+    scales), in W's shape; numpy reference: _Palette.decode."""
     p = t.palette
     bits = p.bits
     layout = palette.word_layout(bits)
-    n = int(t.value.size)
-    shape = op.const(np.array(t.value.shape, np.int64), name=f"{t.name}_palette_shape")
+    ishape = p.index_shape
+    n = int(np.prod(ishape))
+    shape = op.const(np.array(ishape, np.int64), name=f"{t.name}_palette_shape")
     words = op.const(p.words, name=f"{t.name}_palette_indices")
     if layout.per_word == 1:
         idx = op.Reshape(words, shape)
@@ -589,7 +667,29 @@ def _decode(op, t: _Tensor) -> gs.Tensor:
     idx = op.Cast(idx, to=onnx.TensorProto.INT32)
     if p.offsets is not None:
         idx = op.Add(idx, op.const(p.offsets, name=f"{t.name}_palette_group_offsets"))
-    return op.Gather(op.const(p.codebook, name=f"{t.name}_palette_codebook"), idx, axis=0)
+    out = op.Gather(op.const(p.codebook, name=f"{t.name}_palette_codebook"), idx, axis=0)
+    if p.scales is not None:
+        out = _scale(op, t.name, out, p.scales, p.shape)
+    return out
+
+
+def _scale(op, name: str, values: gs.Tensor, scales: palette.Scales, shape: tuple[int, ...]) -> gs.Tensor:
+    """`values` (in the index layout) times the compact float32 scales, back in the weight's `shape`: the Mul
+    broadcasts one scale per channel or block, so no tensor of per-element scales is made at load (numpy
+    reference: palette.Scales.apply)."""
+    s = op.const(scales.stored, name=f"{name}_palette_scales")
+    if scales.stored.dtype != np.float32:
+        s = op.Cast(s, to=onnx.TensorProto.FLOAT)
+    out = op.Mul(values, s)
+    if not scales.block:
+        return out
+    b, padded = scales.block_axis, scales.padded(shape)
+    out = op.Reshape(out, op.const(np.array(padded, np.int64), name=f"{name}_palette_scaled_shape"))
+    if padded[b] != shape[b]:
+        out = op.Slice(out, op.const(np.array([0], np.int64), name=f"{name}_palette_scales_start"),
+                       op.const(np.array([shape[b]], np.int64), name=f"{name}_palette_scales_end"),
+                       op.const(np.array([b], np.int64), name=f"{name}_palette_scales_axis"))
+    return out
 
 
 def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
