@@ -40,8 +40,18 @@ _FLOAT_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"
 _PACKED4 = {"com.microsoft.MatMulNBits", "com.microsoft.GatherBlockQuantized"}
 
 
+#: name endings of the constants a palettized weight is stored and decoded from (passes/palettize.py names them
+#: so): packed indices, codebook values, group offsets, scales, and the decode's small shapes and shifts
+CODEBOOK_SUFFIXES = tuple(f"_palette_{part}" for part in (
+    "indices", "codebook", "group_offsets", "scales", "shape", "shifts", "modulus", "flat", "start", "end",
+    "scaled_shape", "scales_start", "scales_end", "scales_axis"))
+
+
 def _storage(t: onnx.TensorProto, consumer: str) -> str:
-    """How a weight is stored, as a user reads it: fp32 / fp16 / int8 / int4 / other (indices, shapes)."""
+    """How a weight is stored, as a user reads it: fp32 / fp16 / int8 / int4 / codebook (palettized: indices,
+    values, scales) / other (indices, shapes)."""
+    if t.name.endswith(CODEBOOK_SUFFIXES):
+        return "codebook"
     if t.data_type in _FLOAT_NAMES:
         return _FLOAT_NAMES[t.data_type]
     if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or (

@@ -247,6 +247,9 @@ def test_file_holds_bits_per_weight():
         row = res.report.passes[0].details["layers"][0]
         blocks = 256 // 32 if bits <= 4 else 1
         assert row["bytes_after"] == w.size * bits // 8 + (4 << bits) + 2 * 256 * blocks
+        # the report's storage classes: everything the decode holds is codebook storage, no float weight left
+        storage = res.report.after["bytes_by_storage"]
+        assert set(storage) == {"codebook"} and 0 <= storage["codebook"] - row["bytes_after"] < 200, storage
         assert res.recipe.passes[0].block_size == (32 if bits <= 4 else 0)
 
 

@@ -48,6 +48,7 @@ _PROBE_SAMPLES = 16  # feeds used to measure each weight's end-to-end sensitivit
 _GPTQ_DAMPING = 0.1
 _BLOCK = 32  # default block_size at <= _BLOCK_BITS bits: per channel and 32 inputs, as int4 block quantization
 _BLOCK_BITS = 4
+_WEIGHT_CAP_QUANTILE = 0.99  # k-means weights of scaled values capped at this quantile of the tensor's
 
 
 @dataclass
@@ -568,8 +569,12 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
             t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
         else:  # the error of a normalised value counts scale^2 times in the weight
             s2 = np.square(full, dtype=np.float64)
-            t.sorted_values = palette.GroupedValues(w / full, np.broadcast_to(chan_group, w.shape), n_groups,
-                                                    s2 if t.importance is None else t.importance * s2)
+            wt = s2 if t.importance is None else t.importance * s2
+            # capped at the 99th percentile: a few weights of outlier inputs in large blocks would otherwise pull
+            # a group's levels to themselves (MiniLM-L3 4 bits, group 16: cosine 0.9585 -> 0.9918; per tensor
+            # 0.9908 -> 0.9915)
+            wt = np.minimum(wt, np.quantile(wt, _WEIGHT_CAP_QUANTILE))
+            t.sorted_values = palette.GroupedValues(w / full, np.broadcast_to(chan_group, w.shape), n_groups, wt)
     cb = t.sorted_values.fit(k)
     labels = cb.labels.reshape(w.shape)
     values = cb.values
@@ -646,7 +651,7 @@ def _decode(op, t: _Tensor) -> gs.Tensor:
     scales), in W's shape; numpy reference: _Palette.decode."""
     p = t.palette
     bits = p.bits
-    layout = palette.word_layout(bits)
+    layout = palette.word_layout(bits)  # the stored tensors' names end in summary.CODEBOOK_SUFFIXES (the report)
     ishape = p.index_shape
     n = int(np.prod(ishape))
     shape = op.const(np.array(ishape, np.int64), name=f"{t.name}_palette_shape")
