@@ -109,7 +109,6 @@ class _Palette:
 
     def decode(self) -> np.ndarray:
         """The weight the graph's decode produces (numpy reference of `_decode`)."""
-        n = int(np.prod(self.shape, dtype=np.int64))
         ishape = self.index_shape
         idx = palette.unpack(self.words, palette.word_layout(self.bits), int(np.prod(ishape))).reshape(ishape)
         if self.offsets is not None:
