@@ -141,7 +141,8 @@ def main(argv=None) -> int:
                 rows.append((label, row, create))
             print(f"\n## {name} ({bench.path.name}, {os.path.getsize(bench.path) / 1e6:.2f} MB fp32)")
             mcols = [(k, h, f) for k, h, f in bench.metric_cols if k in ("cosine_mean", "cosine_min", "top1",
-                                                                         "top1_delta_pt")]
+                                                                         "top1_delta_pt", "top1_agreement",
+                                                                         "bpb_ratio")]
             hdr = ["recipe"] + [h for _, h, _ in mcols] + ["size"] + lat_cols + ["create", "load MB", "build s"]
             print(" | ".join(hdr))
             print(" | ".join("---" for _ in hdr))
