@@ -80,18 +80,17 @@ def _scale_options(scale: str) -> dict:
 
 def _recipes(bits, weightings, groups, scales, alloc) -> list[tuple[str, dict]]:
     out = []
+    tags = {sc: "" if scales == ["default"] else f", {sc}" for sc in scales}  # labels name the scales when varied
     for b in bits:
         for w in weightings:
             for g in groups:
                 for sc in scales:
-                    tag = "" if scales == ["default"] else f", {sc}"
-                    out.append((f"{b} bits, {w}, group {g}{tag}",
+                    out.append((f"{b} bits, {w}, group {g}{tags[sc]}",
                                 {"type": "palettize", "bits": b, "weighting": w, "group_size": g or None,
                                  "allocation": "uniform", **_scale_options(sc)}))
     for b in alloc:
         for sc in scales:
-            tag = "" if scales == ["default"] else f", {sc}"
-            out.append((f"{b} bits alloc, activation, group 0{tag}",
+            out.append((f"{b} bits alloc, activation, group 0{tags[sc]}",
                         {"type": "palettize", "bits": b, "weighting": "activation", "allocation": "sensitivity",
                          **_scale_options(sc)}))
     return out

@@ -2,8 +2,9 @@
 
 Latencies within LATENCY_TIE of the fastest are one tie (timing noise on a shared CPU is ~3%): among them the
 smallest, then the most accurate wins. On size, equal size and accuracy go to the earlier candidate (input order:
-the simpler recipe), never to the timing, so every executor chooses alike. A latency objective never returns a candidate that did not run faster
-than the input beyond the noise: it returns the lossless one instead, and says why.
+the simpler recipe), never to the timing, so every executor chooses alike. A latency objective never returns a
+candidate that did not run faster than the input beyond the noise: it returns the lossless one instead, and says
+why.
 """
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ def choose(trials: Sequence[Measured], objective: str) -> tuple[Optional[Measure
     if not front:
         return None, "no candidate met the accuracy budget"
     if objective == "size":  # equal size and accuracy (in practice the same model): the earlier one, not the timing
-        met = [t for t in trials if t.met]
-        win = min(met, key=lambda t: (t.size_bytes, -_acc(t), met.index(t)))
+        _, win = min(enumerate(t for t in trials if t.met), key=lambda it: (it[1].size_bytes, -_acc(it[1]), it[0]))
         return win, f"smallest model that met the budget ({win.size_bytes:,} bytes)"
     timed = [t for t in front if t.latency_ratio is not None]
     if not timed:

@@ -562,7 +562,8 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
     if channel_scale and not t.integer and t.scales is None:
         t.scales = palette.absmax_scales(w, t.axis, block_size or 0)
     scales = t.scales if channel_scale and not t.integer else None
-    full = None if scales is None else scales.full(w.shape)
+    # one scale per element: for the first fit and for GPTQ (an embedding table's later widths need neither)
+    full = None if scales is None or (t.sorted_values is not None and h is None) else scales.full(w.shape)
     if t.sorted_values is None:
         if full is None:
             t.sorted_values = palette.GroupedValues(w, np.broadcast_to(chan_group, w.shape), n_groups, t.importance)
@@ -647,10 +648,11 @@ def _measure(t: _Tensor, grams: dict[str, np.ndarray], model: ir.Model) -> None:
 # ---------------------------------------------------------------------------------------------- rewriting
 def _decode(op, t: _Tensor) -> gs.Tensor:
     """The decode subgraph of `t` (constants only): packed words -> indices -> codebook values (-> times the
-    scales), in W's shape; numpy reference: _Palette.decode."""
+    scales), in W's shape; numpy reference: _Palette.decode. Its constants' names end in one of
+    summary.CODEBOOK_SUFFIXES (how the report counts them)."""
     p = t.palette
     bits = p.bits
-    layout = palette.word_layout(bits)  # the stored tensors' names end in summary.CODEBOOK_SUFFIXES (the report)
+    layout = palette.word_layout(bits)
     ishape = p.index_shape
     n = int(np.prod(ishape))
     shape = op.const(np.array(ishape, np.int64), name=f"{t.name}_palette_shape")
