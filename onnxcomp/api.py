@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from . import ir
 from .budget import back_off
 from .errors import AccuracyBudgetError
 from .passes import PassContext
-from .passes.base import Progress
 from .pipeline import Pipeline
+from . import progress as _progress
+from .progress import Progress
 from .recipe import Recipe
 from .report import Report
 from .summary import summarize
@@ -88,8 +88,7 @@ def compress(
     try:
         out, records, vreport, rounds = job.run(validate)
     finally:
-        if isinstance(job.ctx.progress, _TerminalProgress):
-            job.ctx.progress.close()
+        _progress.close(job.ctx.progress)
     _warn_if_slower(vreport, job.recipe, job.ctx)
     budget = job.budget_summary(vreport, rounds)
     before = job.before if job.before is not None else summarize(job.proto)
@@ -137,11 +136,10 @@ class _Job:
         valid = load_feeds(validation_data, specs, what="validation data") if validation_data is not None else None
         calib, valid, data_note = _split_data(calib, valid)
         rec = rec.resolved(bool(calib))
-        bars = _TerminalProgress() if progress is True and sys.stderr.isatty() else None
         ctx = PassContext(calibration_data=calib, validation_data=valid,
                           providers=list(providers) if providers else _default_providers(rec.target),
                           target=rec.target, accuracy_budget=rec.accuracy_budget is not None,
-                          progress=bars if bars is not None else (progress if callable(progress) else None))
+                          progress=_progress.resolve(progress))
         bad = _nonfinite_weights(proto)
         if bad:
             ctx.warn(f"{len(bad)} initializer(s) contain NaN/inf (e.g. '{bad[0]}'); kept as they are")
@@ -162,7 +160,7 @@ class _Job:
         ref = self.source if self.proto is None or (self._on_disk() and ir.is_big(self.proto)) else self.proto
         return _validate(ref, candidate, inputs=self.validation_data, providers=self.ctx.providers,
                          latency=latency, metric=None if budget is None else budget.metric,
-                         input_shapes=self.input_shapes)
+                         input_shapes=self.input_shapes, progress=self.ctx.progress)
 
     def run(self, validate: bool):
         """The pipeline, validation, and back-off while the budget is not met (the recipe really applied is kept
@@ -203,7 +201,8 @@ class _Job:
 
         auto, budget = self.recipe.auto, self.recipe.accuracy_budget
         found = search(self.proto, auto, budget, self.ctx.calibration_data, self.validation_data,
-                       self.ctx.providers, self.recipe.target, progress=self.ctx.progress)
+                       self.ctx.providers, self.recipe.target, progress=self.ctx.progress,
+                       input_shapes=self.input_shapes)
         self.searched = found
         for w in found.warnings:
             self.ctx.warn(w)
@@ -296,37 +295,18 @@ def _warn_if_slower(vreport, rec: Recipe, ctx: PassContext) -> None:
              f"{', '.join(vreport.providers)} (median of interleaved runs)" + (f"; {'; '.join(hints)}" if hints else ""))
 
 
-class _TerminalProgress:
-    """Progress on a terminal: one tqdm bar per step (a pass, calibration, sensitivity probes, ...)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._step = None
-
-    def __call__(self, step: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if step != self._step:
-            self.close()
-            self._step = step
-            self._bar = tqdm(total=total, desc=step, file=sys.stderr, leave=False)
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        self._bar = self._step = None
-
-
 def validate(reference: Union[onnx.ModelProto, str, os.PathLike], candidate: Union[onnx.ModelProto, str, os.PathLike],
              inputs: Any = None, providers: Optional[Sequence[str]] = None, latency: bool = True,
-             metric: Optional[Any] = None, input_shapes: Optional[Mapping[str, Sequence[int]]] = None):
+             metric: Optional[Any] = None, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+             progress: Union[bool, Progress] = True):
     """Compare candidate with reference in ONNX Runtime on the same feeds: errors per output, latency, size, and
     the task metric `metric(ref_outputs, cand_outputs) -> float` when given. `input_shapes`: shapes of the
-    generated inputs when `inputs` is None (the report names the shapes it ran on)."""
+    generated inputs when `inputs` is None (the report names the shapes it ran on). `progress` as in compress."""
     from .validation import validate as _validate
 
-    return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency, metric=metric,
-                     input_shapes=input_shapes)
+    bars = _progress.resolve(progress)
+    try:
+        return _validate(reference, candidate, inputs=inputs, providers=providers, latency=latency, metric=metric,
+                         input_shapes=input_shapes, progress=bars)
+    finally:
+        _progress.close(bars)

@@ -4,14 +4,12 @@ each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import onnx
 
 from .calibration import StatisticsCache
-
-#: progress callback: (step name, done, total), e.g. ("calibration: ranges", 3, 32)
-Progress = Callable[[str, int, int], None]
+from .progress import Counter, Progress
 
 
 @dataclass
@@ -33,6 +31,10 @@ class PassContext:
         """Add a warning once (the same text from a later back-off round is not repeated)."""
         if text not in self.warnings:
             self.warnings.append(text)
+
+    def counter(self, step: str, total: int) -> Counter:
+        """A progress counter for a loop of `total` items inside a pass (sensitivity probes, speed checks)."""
+        return Counter(self.progress, step, total)
 
     def collect(self, model: onnx.ModelProto, tensor_names, feeds, **kwargs):
         """`calibration.collect_statistics` through this compression's cache (same model, request and samples:

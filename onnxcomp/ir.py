@@ -11,7 +11,6 @@ onnx-graphsurgeon (gs) is the plain IR. Its slow paths on big graphs are worked 
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import heapq
 import os

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent / "onnxcomp"
 #: one layer only inside the same unit
 LAYERS = {
     "errors": 0,
-    "storage": 1, "qmath": 1, "targets": 1, "testing": 1,
+    "storage": 1, "qmath": 1, "targets": 1, "testing": 1, "progress": 1,
     "ir": 2,
     "rewrite": 3, "runtime": 3, "data": 3,
     "calibration": 4,

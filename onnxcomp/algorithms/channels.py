@@ -809,12 +809,14 @@ def _allocate(plans, method: str, opts: Any, source: onnx.ModelProto, ctx: PassC
                 names.append(bt[0].inputs[bt[1]].name)
     inits = {t.name for t in source.graph.initializer}
     names = sorted(set(n for n in names if n in inits))
-    probe = WeightProbe(source, names, feeds[:16], ctx.providers)
+    levels = [sorted({_round_for(g, int(round(f * g.channels))) for f in _LEVELS}) for g, *_ in plans]
+    probe = WeightProbe(source, names, feeds[:16], ctx.providers,
+                        counter=ctx.counter("channels: sensitivity probes",
+                                            sum(sum(1 for k in ks if k) for ks in levels)))
     choices, level_counts, sens = {}, {}, {}
     budget = 0.0
-    for g, mats, w, h, fixed in plans:
+    for (g, mats, w, h, fixed), ks in zip(plans, levels):
         per_channel = g.params / g.channels
-        ks = sorted({_round_for(g, int(round(f * g.channels))) for f in _LEVELS})
         runs = _choose(method, g, w, h, ks, opts.damping, fixed)
         opts_g = []
         for k, (keep, wf) in zip(ks, runs):

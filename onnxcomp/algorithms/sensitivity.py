@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InternalError
+from ..progress import Counter
 from ..runtime import make_session, run_session
 
 __all__ = ["WeightProbe", "allocate"]
@@ -26,10 +27,12 @@ class WeightProbe:
     """Normalized squared output error of `proto` when some of its constant weights are replaced.
 
     The named initializers become graph inputs of a private copy (the caller's proto is untouched); reference
-    outputs come from the same session fed the original weights, so the error measures only the change."""
+    outputs come from the same session fed the original weights, so the error measures only the change.
+    `counter` (from `PassContext.counter`, sized to the planned probes) ticks once per `error()` call."""
 
     def __init__(self, proto: onnx.ModelProto, weights: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
-                 providers: Any = None):
+                 providers: Any = None, counter: Counter | None = None):
+        self.counter = counter
         self.feeds = [dict(f) for f in feeds]
         if not self.feeds:
             from ..errors import CalibrationDataError
@@ -77,8 +80,13 @@ class WeightProbe:
                 d = np.asarray(y, np.float64) - r
                 e = float(np.sum(d * d))
                 if not math.isfinite(e):
-                    return math.inf
+                    err = math.inf
+                    break
                 err += e
+            if not math.isfinite(err):
+                break
+        if self.counter is not None:
+            self.counter.tick()
         return err / max(self.ref_energy, 1e-30)
 
 

@@ -72,6 +72,7 @@ class EvaluatorSpec:
     target: str
     budget: AccuracyBudget
     max_rounds: int = AUTO_BACKOFF_ROUNDS
+    input_shapes: Optional[dict[str, list[int]]] = None  # shapes of generated validation inputs (no data)
 
 
 class Evaluator:
@@ -88,7 +89,8 @@ class Evaluator:
         from ..validation import validate
 
         return validate(self.spec.proto, model, inputs=self.spec.validation, providers=self.spec.providers,
-                        latency=False, metric=self.spec.budget.metric)
+                        latency=False, metric=self.spec.budget.metric, input_shapes=self.spec.input_shapes,
+                        progress=self.ctx.progress)
 
     def __call__(self, cand: Candidate) -> Evaluation:
         t0 = time.perf_counter()

@@ -7,25 +7,30 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import RecipeError
+from ..progress import Progress, within
 from .candidates import Candidate
 from .evaluate import Evaluation, Evaluator, EvaluatorSpec
 
 
 class LocalExecutor:
-    """One Evaluator in this process: candidates in order, sharing pass runs and calibration statistics."""
+    """One Evaluator in this process: candidates in order, sharing pass runs and calibration statistics.
+    `progress` is told of the steps inside each candidate (its passes, probes, validation), named after it."""
 
-    def __init__(self, spec: EvaluatorSpec):
+    def __init__(self, spec: EvaluatorSpec, progress: Optional[Progress] = None):
         self._evaluator = Evaluator(spec)
+        self._progress = progress
 
     def map(self, cands: Sequence[Candidate], deadline: float,
             tick: Optional[Callable[[str], None]] = None) -> list[Evaluation]:
+        """Evaluate `cands` in order until `deadline`; `tick(name)` after each one."""
         out = []
         for c in cands:
             if time.monotonic() > deadline:
                 break
+            self._evaluator.ctx.progress = within(self._progress, c.name)
+            out.append(self._evaluator(c))
             if tick is not None:
                 tick(c.name)
-            out.append(self._evaluator(c))
         return out
 
     def close(self) -> None:
@@ -101,8 +106,10 @@ class _RayEvaluator:
         return self._evaluator(cand)
 
 
-def make_executor(kind: str, spec: EvaluatorSpec, address: Optional[str] = None):
-    """The executor `kind` ('local' | 'ray') over `spec`."""
+def make_executor(kind: str, spec: EvaluatorSpec, address: Optional[str] = None,
+                  progress: Optional[Progress] = None):
+    """The executor `kind` ('local' | 'ray') over `spec`; `progress` sees the steps inside local candidates
+    (Ray workers report only each finished candidate)."""
     if kind == "ray":
         return RayExecutor(spec, address)
-    return LocalExecutor(spec)
+    return LocalExecutor(spec, progress)

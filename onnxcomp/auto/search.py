@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import onnx
 
-from ..context import Progress
+from ..progress import Progress, within
 from ..errors import InternalError
 from ..pipeline import PassRecord
 from ..recipe import AccuracyBudget, AutoSearch
@@ -55,16 +55,17 @@ class SearchResult:
 
 
 def search(proto: onnx.ModelProto, auto: AutoSearch, budget: AccuracyBudget, calibration: Optional[list],
-           validation: list, providers: list[str], target: str, progress: Optional[Progress] = None
-           ) -> SearchResult:
-    """Find the best model on `auto.objective` that meets `budget` (see the module doc)."""
+           validation: list, providers: list[str], target: str, progress: Optional[Progress] = None,
+           input_shapes: Optional[dict[str, list[int]]] = None) -> SearchResult:
+    """Find the best model on `auto.objective` that meets `budget` (see the module doc). `input_shapes`: the
+    shapes of generated validation inputs when there is no data (candidates are checked and timed on them)."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + auto.max_seconds
     facts = model_facts(proto)
-    spec = EvaluatorSpec(proto, calibration, validation, providers, target, budget)
+    spec = EvaluatorSpec(proto, calibration, validation, providers, target, budget, input_shapes=input_shapes)
     stage0 = candidates(facts, auto.objective, bool(calibration))
-    state = _State(proto, validation, providers, progress, planned=len(stage0))
-    executor = make_executor(auto.executor, spec, auto.ray_address)
+    state = _State(proto, validation, providers, progress, planned=len(stage0), input_shapes=input_shapes)
+    executor = make_executor(auto.executor, spec, auto.ray_address, progress)
     try:
         pending = stage0
         while pending:
@@ -93,18 +94,21 @@ def search(proto: onnx.ModelProto, auto: AutoSearch, budget: AccuracyBudget, cal
 class _State:
     """Evaluations so far (in order, by name), the candidates the deadline left out, timing and progress."""
 
-    def __init__(self, proto, validation, providers, progress, planned: int):
+    def __init__(self, proto, validation, providers, progress, planned: int, input_shapes=None):
         self.proto, self.validation, self.providers, self.progress = proto, validation, providers, progress
+        self.input_shapes = input_shapes
         self.evaluations: list[Evaluation] = []
         self.by_name: dict[str, Evaluation] = {}
         self.not_run: list[str] = []
         self.asked: list[Candidate] = []
         self.planned = planned
+        self.finished = 0  # candidates evaluated (ticked by the executor after each one)
 
     def tick(self, name: str) -> None:
         """One bar for the whole search (its rate gives the ETA); the total grows as follow-ups are planned."""
+        self.finished += 1
         if self.progress is not None:
-            self.progress("auto search", len(self.evaluations), self.planned)
+            self.progress("auto search", self.finished, self.planned)
 
     def done(self) -> list[Outcome]:
         out = []
@@ -129,9 +133,9 @@ class _State:
             t = ev.trial
             if t.met and t.latency_ratio is None and ev.model is not None:
                 rep = validate(self.proto, ev.model, inputs=self.validation, providers=self.providers,
-                               latency=True, time_budget_s=AUTO_TIMING_S, max_samples=16)
+                               latency=True, time_budget_s=AUTO_TIMING_S, max_samples=16,
+                               input_shapes=self.input_shapes, progress=within(self.progress, t.name))
                 t.latency_ratio = rep.latency_ratio
-
 
     def retime_close(self) -> None:
         """Time again every candidate within RETIME_WITHIN of the fastest (and the lossless one) and keep the

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationDataError, RecipeError
-from .feeds import Feed, InputSpec, check_feeds, input_specs
+from .feeds import Feed, InputSpec, check_feeds
 from .model import model_specs
 
 #: the model input each tokenizer field feeds, by the names exporters give them

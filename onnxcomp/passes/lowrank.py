@@ -471,15 +471,19 @@ class Lowrank(WeightPass):
     def _speed_filter(self, plan: list[_Layer], ctx: PassContext, rows: int) -> None:
         """Keep the candidate ranks whose factorized pair is measured faster than the dense op. Ranks are
         tried from the largest down; the first faster one vouches for the smaller ones (fewer FLOPs)."""
+        counter = ctx.counter("lowrank: speed checks", sum(len(lay.ranks) for lay in plan))
         for lay in plan:
             conv = _conv_speed_shape(lay.layer) if lay.layer.op == "Conv" else None
             if lay.layer.op == "Conv" and conv is None:
+                counter.tick(len(lay.ranks))
                 continue  # spatial size unknown: nothing to time (reported in the row)
             kept = []
             for i, r in enumerate(lay.ranks):
                 dense_ms, pair_ms = lay.speed[r] = _time_pair(lay, r, conv, rows, ctx.providers)
+                counter.tick()
                 if pair_ms < dense_ms:
                     kept = lay.ranks[i:]
+                    counter.tick(len(kept) - 1)  # the smaller ranks are not timed
                     break
             if not kept:
                 r = lay.ranks[-1]
@@ -506,7 +510,8 @@ class Lowrank(WeightPass):
         choices: dict[str, list[tuple[float, float]]] = {}
         if probed:
             probe = WeightProbe(source, [lay.layer.w.name for lay in probed], feeds[: self.sensitivity_samples],
-                                ctx.providers)
+                                ctx.providers, counter=ctx.counter("lowrank: sensitivity probes",
+                                                                   sum(len(lay.ranks) for lay in probed)))
             for lay in probed:
                 opts = [(float(lay.dense_params), 0.0)]
                 for r in lay.ranks:

@@ -306,11 +306,12 @@ class Palettize(WeightPass):
         if not probed:
             return
         ladder = sorted(set(_LADDER) | {self.bits}, reverse=True)
-        probe = WeightProbe(source, [t.name for t in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers)
+        probe = WeightProbe(source, [t.name for t in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers,
+                            counter=ctx.counter("palettize: sensitivity probes", len(probed) * len(ladder)))
         options: dict[str, list[Optional[_Palette]]] = {}
         choices: dict[str, list[tuple[float, float]]] = {}
         budget = 0.0
-        for i, t in enumerate(probed):
+        for t in probed:
             opts: list[Optional[_Palette]] = [None]
             costs = [(float(t.value.nbytes), 0.0)]
             for b in ladder:
@@ -319,9 +320,6 @@ class Palettize(WeightPass):
                 costs.append((float(pal.nbytes), probe.error({t.name: pal.decode()})))
                 if b == self.bits:
                     budget += pal.nbytes
-                if ctx.progress:
-                    ctx.progress("palettize: sensitivity", i * len(ladder) + ladder.index(b) + 1,
-                                 len(probed) * len(ladder))
             options[t.name], choices[t.name] = opts, costs
         pick = allocate(choices, budget)
         for t in probed:

@@ -184,13 +184,13 @@ class Quantize(WeightPass):
         full = self._trial_error(ir.Model.from_proto(float_model, inferred=shaped), source, ctx, target, tables,
                                  ref, feeds)
         gains = {}
-        for i, node in enumerate(layers):
-            if ctx.progress:
-                ctx.progress("quantize: layer sensitivity", i, len(layers))
+        counter = ctx.counter("quantize: layer sensitivity", len(layers))
+        for node in layers:
             one = dataclasses.replace(self, exclude=tuple(self.exclude or ()) + (node,), sensitivity=False)
             err = one._trial_error(ir.Model.from_proto(float_model, inferred=shaped), source, ctx, target, tables,
                                    ref, feeds)
             gains[node] = max(0.0, full - err)
+            counter.tick()
         return gains
 
     def _quantize(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target,

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import CalibrationDataError
+from ..progress import Progress
 from .session import run_session
 
 __all__ = ["LatencyResult", "measure_latency"]
@@ -42,12 +43,16 @@ def measure_latency(
     runs: int | None = None,
     time_budget_s: float = 10.0,
     candidate_feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    progress: Progress | None = None,
+    step: str = "latency",
 ) -> LatencyResult:
     """Median wall time per run of each session (ms) and their ratio.
 
     ``runs``: timed pairs to take; None takes up to 200 pairs, stopping once ``time_budget_s`` is spent
     (but not before 5 pairs unless the budget is already exceeded). Feeds are cycled.
     ``candidate_feeds``: the candidate's version of each feed when its inputs need other dtypes.
+    ``progress`` gets (``step``, done, pairs wanted) after each pair, done counting the time budget spent too
+    (whichever ends the timing first), so its ETA holds either way.
     """
     if not feeds:
         raise CalibrationDataError("latency: no feeds to time")
@@ -78,7 +83,11 @@ def measure_latency(
         else:
             cand_t.append(one(candidate, cfeeds[j], "candidate"))
             ref_t.append(one(reference, feeds[j], "reference"))
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if progress is not None:
+            spent = (now - start) / time_budget_s if time_budget_s > 0 else 1.0
+            progress(step, min(want, max(k + 1, int(want * spent))), want)
+        if now > deadline:
             if runs is not None and k + 1 < runs:
                 notes.append(f"latency: {k + 1} of {runs} timed pair(s) fit in the {time_budget_s:g}s time budget")
             elif runs is None and k + 1 < MIN_AUTO_PAIRS:

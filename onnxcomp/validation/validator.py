@@ -14,6 +14,7 @@ from ..data import InputSpec, check_feeds, generate_feeds, input_specs, load_fee
 from ..errors import CalibrationDataError, InvalidModelError, MetricError, OnnxCompError
 from .. import ir
 from ..ir import load_proto, model_bytes
+from ..progress import Counter, Progress
 from .numerics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, OutputError
 from ..runtime import MadeSession, ProviderLike, make_session, measure_latency, run_session, time_session
 
@@ -360,11 +361,13 @@ def _compare_outputs(
     labels: tuple[str, str],
     feeds_source: str,
     kept: tuple[dict[str, list], dict[str, list]] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, OutputError]:
     """Run both models on every sample and accumulate the per-output errors of ``compared`` (and, when ``kept``
-    is given, append every output array to its lists for a task metric)."""
+    is given, append every output array to its lists for a task metric); `progress` counts the samples."""
     ref_label, cand_label = labels
     accs = {n: OutputAccumulator(n) for n in compared}
+    counter = Counter(progress, "validation: outputs", len(feeds))
     for i, (feed, cfeed) in enumerate(zip(feeds, cand_feeds)):
         r_out = _run_reference(ref_s, feed, compared, ref_label, i, feeds, feeds_source)
         c_out = run_session(cand_s.session, cfeed, compared, name=cand_label, sample=i)
@@ -373,18 +376,24 @@ def _compare_outputs(
             if kept is not None:
                 kept[0].setdefault(name, []).append(r)
                 kept[1].setdefault(name, []).append(c)
+        counter.tick()
     return {n: a.result() for n, a in accs.items()}
 
 
 def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds, compared: list[str],
-                           labels: tuple[str, str], feeds_source: str, kept, timing_args: tuple, notes: list[str]):
+                           labels: tuple[str, str], feeds_source: str, kept, timing_args: tuple, notes: list[str],
+                           progress: Progress | None = None):
     """For models over 2 GB: the reference's session runs every sample (and is timed alone), is dropped, then the
     candidate's; returns (per-output errors, timing, providers, session-creation ms). Peak memory holds one
     session, not two."""
     latency, warmup, runs, budget = timing_args
     (ref_m, ref_path), (cand_m, cand_path) = ref, cand
     ref_s = make_session(ref_m, providers, name=labels[0], path=ref_path)
-    ref_out = [_run_reference(ref_s, f, compared, labels[0], i, feeds, feeds_source) for i, f in enumerate(feeds)]
+    counter = Counter(progress, "validation: outputs", 2 * len(feeds))
+    ref_out = []
+    for i, f in enumerate(feeds):
+        ref_out.append(_run_reference(ref_s, f, compared, labels[0], i, feeds, feeds_source))
+        counter.tick()
     ref_ms = time_session(ref_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=budget / 2,
                           name=labels[0]) if latency else None
     ref_providers, ref_notes = list(ref_s.providers), list(ref_s.notes)
@@ -404,6 +413,7 @@ def _one_session_at_a_time(ref: tuple, cand: tuple, providers, feeds, cand_feeds
             if kept is not None:
                 kept[0].setdefault(name, []).append(r)
                 kept[1].setdefault(name, []).append(c)
+        counter.tick()
     timing: tuple = (None, None, 0)
     if ref_ms is not None:
         cand_ms = time_session(cand_s.session, cand_feeds, warmup=warmup, runs=runs, time_budget_s=budget / 2,
@@ -456,11 +466,12 @@ def _latency(
     runs: int | None,
     time_budget_s: float,
     notes: list[str],
+    progress: Progress | None = None,
 ) -> tuple[float | None, dict[str, float] | None, int]:
     """(ratio, {"reference": ms, "candidate": ms}, pairs) from interleaved timing of both sessions."""
     lat = measure_latency(
         ref_s.session, cand_s.session, feeds, warmup=warmup, runs=runs, time_budget_s=time_budget_s,
-        candidate_feeds=cand_feeds,
+        candidate_feeds=cand_feeds, progress=progress, step="validation: latency",
     )
     notes.extend(lat.notes)
     return lat.ratio, {"reference": lat.reference_ms, "candidate": lat.candidate_ms}, lat.pairs
@@ -509,6 +520,7 @@ def validate(
     dim_values: Mapping[str, int] | None = None,
     metric: Callable[[dict, dict], float] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Progress | None = None,
 ) -> ValidationReport:
     """Compare ``candidate`` with ``reference`` in ONNX Runtime: per-output errors, latency ratio, size ratio.
 
@@ -522,7 +534,8 @@ def validate(
     metric: a task metric ``metric(ref_outputs, cand_outputs) -> float`` (each a dict output name -> list of
     arrays over the samples), reported as ``report.metric``. input_shapes: with generated feeds, the whole shape
     of some inputs (``{"input_ids": [1, 128]}``: time at the lengths the model will see); the report names the
-    shapes it ran on (``timed_shapes``) either way.
+    shapes it ran on (``timed_shapes``) either way. progress: a callback told of the samples compared and the
+    latency pairs timed (steps "validation: outputs" / "validation: latency").
     """
     if max_samples < 1:
         raise CalibrationDataError(f"max_samples must be >= 1, got {max_samples}")
@@ -546,14 +559,15 @@ def validate(
     if max(sizes) >= ir.BIG_BYTES:  # over 2 GB: one session in memory at a time
         outputs, timing, used, session_ms = _one_session_at_a_time(
             (ref, ref_path), (cand, cand_path), providers, feeds, cand_feeds, compared, labels, feeds_source, kept,
-            (latency, warmup, runs, time_budget_s), notes)
+            (latency, warmup, runs, time_budget_s), notes, progress)
     else:
         ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
         cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
         _session_notes(ref_s, cand_s, notes)
-        outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, labels, feeds_source, kept)
+        outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, labels, feeds_source, kept,
+                                   progress)
         if latency:
-            timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes)
+            timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes, progress)
         used = list(ref_s.providers)
         session_ms = {"reference": ref_s.create_ms, "candidate": cand_s.create_ms}
     _output_notes(outputs, notes)
