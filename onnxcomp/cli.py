@@ -5,7 +5,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import click
 
@@ -34,10 +34,21 @@ def _run(debug: bool, fn: Callable[[], Any]) -> None:
         sys.exit(3)
 
 
-def _write_report(report: Any, path: Optional[str]) -> None:
-    if not path:
-        return
-    p = Path(path)
+def _check_report_paths(paths: Sequence[str]) -> None:
+    """Before any work: each --report names a format by its suffix."""
+    for path in paths:
+        if Path(path).suffix.lower() not in (".html", ".htm", ".json", ".md"):
+            raise click.BadParameter(f"report must end in .html, .json or .md, got {path}", param_hint="--report")
+
+
+def _write_report(report: Any, paths: Sequence[str]) -> None:
+    """Write the report to each path, in the format its suffix names."""
+    _check_report_paths(paths)
+    for path in paths:
+        _write_one(report, Path(path))
+
+
+def _write_one(report: Any, p: Path) -> None:
     if p.suffix.lower() in (".html", ".htm"):
         report.to_html(p)
     elif p.suffix.lower() == ".json":
@@ -48,8 +59,6 @@ def _write_report(report: Any, path: Optional[str]) -> None:
         from .ir import atomic_write
 
         atomic_write(p, report.to_markdown().encode())
-    else:
-        raise click.BadParameter("report must end in .html, .json or .md", param_hint="--report")
     click.echo(f"report written to {p}")
 
 
@@ -77,14 +86,15 @@ def main() -> None:
 @click.option("--shape", "shapes", multiple=True, metavar="INPUT=D1,D2,...",
               help="shape of a generated input when no data is given, e.g. input_ids=1,128 (repeatable; inputs "
               "sharing a symbolic dim follow)")
-@click.option("--report", "report_path", default=None, help="also write the report (.html, .json or .md)")
+@click.option("--report", "report_path", multiple=True,
+              help="also write the report (.html, .json or .md; repeat for several)")
 @click.option("--provider", "providers", multiple=True, help="ORT execution provider(s) for validation")
 @click.option("--no-validate", is_flag=True, help="skip running both models in ONNX Runtime")
 @click.option("--explain", is_flag=True, help="print per-rule match/rejection statistics")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compress(model: str, output: str, recipe: Optional[str], preset: Optional[str], objective: Optional[str],
              budget: tuple, max_seconds: Optional[float], calibration: Optional[str], validation: Optional[str],
-             shapes: tuple, report_path: Optional[str], providers: tuple, no_validate: bool, explain: bool,
+             shapes: tuple, report_path: tuple, providers: tuple, no_validate: bool, explain: bool,
              debug: bool) -> None:
     """Compress MODEL with a recipe or preset and write the result to -o (the input file is never modified)."""
 
@@ -93,6 +103,7 @@ def compress(model: str, output: str, recipe: Optional[str], preset: Optional[st
 
         if Path(output).resolve() == Path(model).resolve():
             raise click.BadParameter("output must differ from the input model (the input is never overwritten)")
+        _check_report_paths(report_path)
         chosen = _recipe_from_options(recipe, preset, objective, budget, max_seconds)
         try:
             result = _compress(model, chosen, calibration_data=calibration, validation_data=validation,

@@ -98,3 +98,10 @@ def test_compress_with_a_preset_objective_and_budget(tmp_path):
     assert unknown.returncode == 2 and "unknown preset 'quick'" in unknown.stderr
     listed = cli("presets")
     assert listed.returncode == 0 and all(n in listed.stdout for n in ("lossless", "fast", "small", "int8"))
+
+
+def test_report_suffix_is_checked_before_any_work(tmp_path):
+    r = cli("compress", testing.digits_cnn_path(), "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.html",
+            "--report", tmp_path / "r.txt")
+    assert r.returncode == 2 and "r.txt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "r.html").exists()
