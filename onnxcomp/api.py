@@ -21,7 +21,8 @@ from . import progress as _progress
 from .progress import Progress
 from .recipe import Recipe
 from .report import Report
-from .summary import summarize
+from .layer_table import layer_rows
+from .summary import initializer_storage, summarize, weight_layers
 from .targets import TARGETS
 
 
@@ -94,6 +95,7 @@ def compress(
     before = job.before if job.before is not None else summarize(job.proto)
     report = Report(source=job.source, recipe=job.recipe.to_dict(), before=before,
                     after=summarize(out), passes=records, validation=vreport, budget=budget,
+                    layers=layer_rows(job.before_layers, initializer_storage(out), records),
                     warnings=list(job.ctx.warnings), seconds=time.perf_counter() - t0,
                     search=None if job.searched is None else job.searched.to_dict(), data=job.data_note,
                     suggestions=_suggestions(job, records))
@@ -119,6 +121,7 @@ class _Job:
     searched: Any = None  # the auto search's SearchResult
     before: Optional[dict[str, Any]] = None  # summarize(input), kept when the input proto is let go
     input_shapes: Optional[dict[str, list[int]]] = None  # shapes of generated validation inputs
+    before_layers: dict[str, Any] = dataclasses.field(default_factory=dict)  # summary.weight_layers(input)
 
     @classmethod
     def prepare(cls, model, recipe, calibration_data, validation_data, providers, progress,
@@ -150,7 +153,8 @@ class _Job:
             _note_nonfinite(ctx, valid, "validation data")
         if shapes and valid is not None:
             ctx.warn("input_shapes ignored: validation runs on the data given, at its own shapes")
-        return cls(rec, source, proto, valid, ctx, data_note, recipe, input_shapes=shapes)
+        return cls(rec, source, proto, valid, ctx, data_note, recipe, input_shapes=shapes,
+                   before_layers=weight_layers(proto))
 
     def _validate(self, candidate: onnx.ModelProto, latency: bool):
         from .validation import validate as _validate

@@ -3,8 +3,9 @@ JSON schema describes), not from its Markdown.
 
 Summary cards (size, latency on the stated shapes and provider, accuracy on the stated samples, task metric,
 session creation); plots (weight bytes by storage dtype, bytes by op type, per-layer error, the auto search);
-per pass its own summary, a sortable / filterable per-layer table, and every candidate left as it was, grouped
-by reason; the validation table, warnings, suggestions and the recipe. No network, no external script.
+the whole recipe per layer (one sortable row per weight layer: what was done, settings, error, bytes before and
+after, filterable by what was done); per pass its own summary, a sortable / filterable per-layer table, and every
+candidate left as it was, grouped by reason; the validation table, warnings, suggestions and the recipe. No network, no external script.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px soli
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 7px}
 th{background:#f3f3f3;cursor:pointer;user-select:none}td.n{text-align:right;font-variant-numeric:tabular-nums}
 details{margin:.3em 0}summary{cursor:pointer}pre{background:#f6f6f6;padding:8px;overflow:auto}
-input.filter{margin:.4em 0;padding:3px 6px;width:22em}.plots svg{max-width:100%;height:auto}
+input.filter{margin:.4em 0;padding:3px 6px;width:22em}.wide{overflow-x:auto}.plots svg{max-width:100%;height:auto}
 """
 
 _JS = """
@@ -38,6 +39,9 @@ const v=r=>{const c=r.cells[i].dataset.v??r.cells[i].textContent;const x=parseFl
 rows.sort((p,q)=>{const a=v(p),c=v(q);return (a>c?1:a<c?-1:0)*(asc?1:-1)});rows.forEach(r=>b.appendChild(r))}
 function filterTable(inp){const q=inp.value.toLowerCase();const t=document.getElementById(inp.dataset.table);
 [...t.tBodies[0].rows].forEach(r=>{r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'})}
+function pickDone(sel){const t=document.getElementById(sel.dataset.table),
+i=[...t.tHead.rows[0].cells].findIndex(c=>c.textContent==='done');
+[...t.tBodies[0].rows].forEach(r=>{r.style.display=!sel.value||r.cells[i].textContent===sel.value?'':'none'})}
 """
 
 #: per-layer tables: at most this many rows per pass (the JSON has them all)
@@ -201,7 +205,8 @@ def _table(rows: list[dict[str, Any]], tid: str, columns: Optional[list[str]] = 
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p>({len(rows) - _MAX_ROWS} more rows in the JSON report)</p>" if len(rows) > _MAX_ROWS else ""
     return (f"<input class='filter' placeholder='filter rows' data-table='{tid}' oninput='filterTable(this)'>"
-            f"<table id='{tid}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}")
+            f"<div class='wide'><table id='{tid}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f"</table></div>{more}")
 
 
 def _short_list(v: Any) -> bool:
@@ -248,6 +253,40 @@ def _pass_section(i: int, p: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _common_prefix(names: list[str]) -> str:
+    """The longest prefix ending in '/' that every name shares (exported graphs repeat one for every node)."""
+    if len(names) < 2:
+        return ""
+    first, last = min(names), max(names)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    return first[: first.rfind("/", 0, i) + 1] if i else ""
+
+
+def _layers(rows: list[dict[str, Any]]) -> str:
+    """The whole recipe per layer: one row per weight layer of the input, a filter by what was done."""
+    if not rows:
+        return ""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["done"]] = counts.get(r["done"], 0) + 1
+    options = "".join(f"<option value='{_e(k)}'>{_e(k)} ({n})</option>" for k, n in
+                      sorted(counts.items(), key=lambda kv: -kv[1]))
+    prefix = _common_prefix([r["node"] for r in rows])
+    shown = [{**r, "node": r["node"][len(prefix):], "shape": "x".join(map(str, r["shape"]))} for r in rows]
+    cols = ["node", "op", "shape", "done", "settings", "error", "bytes_before", "bytes_after", "ratio",
+            "storage_after"]
+    before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    return (f"<h2 id='layers'>Layers ({len(rows)} weight layers: {human_bytes(before)} -> {human_bytes(after)})</h2>"
+            "<p class='sub'>one row per weight layer of the input over the whole recipe; error: the largest "
+            "relative output error a pass introduced there; click a header to sort"
+            + (f"; node names without their common prefix <code>{_e(prefix)}</code>" if prefix else "") + "</p>"
+            f"<select class='filter' data-table='layers_table' onchange='pickDone(this)'>"
+            f"<option value=''>every layer ({len(rows)})</option>{options}</select>"
+            + _table(shown, "layers_table", cols))
+
+
 def _validation(v: Optional[dict[str, Any]]) -> str:
     if not v:
         return "<h2>Validation</h2><p>skipped (validate=False)</p>"
@@ -286,6 +325,7 @@ def render(d: dict[str, Any]) -> str:
                      + "".join(f"<li><b>warning</b>: {_e(w)}</li>" for w in d.get("warnings", []))
                      + "".join(f"<li>{_e(s)}</li>" for s in d.get("suggestions", [])) + "</ul>")
     parts.append(_search(d.get("search")))
+    parts.append(_layers(d.get("layers") or []))
     parts.append("<h2>Passes</h2>" + "".join(_pass_section(i, p) for i, p in enumerate(d["passes"])))
     parts.append(_validation(d.get("validation")))
     if d.get("data"):

@@ -45,6 +45,8 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     layers: list[LayerChange] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)  # the pass's own short account (Pass.summarize)
+    #: the initializers the pass removed or replaced (sorted): which weights it changed, for the per-layer table
+    initializers_replaced: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,7 +142,8 @@ class Pipeline:
             ops_added=dict(after_hist - before_hist), ops_removed=dict(before_hist - after_hist),
             initializers_added=len(after_inits - before_inits), initializers_removed=len(before_inits - after_inits),
             bytes_before=ir.proto_size(current), bytes_after=ir.proto_size(candidate),
-            details=outcome.details, notes=outcome.notes, layers=list(outcome.layers))
+            details=outcome.details, notes=outcome.notes, layers=list(outcome.layers),
+            initializers_replaced=sorted(before_inits - after_inits))
         return candidate, rec
 
     def _finalize(self, current: onnx.ModelProto, passes: list[Pass], records: list[PassRecord]) -> onnx.ModelProto:

@@ -55,6 +55,8 @@ class Report:
     search: Optional[dict[str, Any]] = None  # the auto search: trials, front, winner and why
     data: Optional[dict[str, Any]] = None  # calibration / validation samples and where validation came from
     suggestions: list[str] = field(default_factory=list)  # what more the user could get, and how
+    #: one row per weight layer of the input over the whole recipe (layer_table.layer_rows)
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     # -- headline ratios ------------------------------------------------------------------------
     @property
@@ -84,6 +86,7 @@ class Report:
             "search": self.search,
             "data": self.data,
             "suggestions": list(self.suggestions),
+            "layers": list(self.layers),
         }
         return _json_safe(d)
 

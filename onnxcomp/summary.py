@@ -156,3 +156,32 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"{'(unused initializers)':<28}{'':>7}{s['params_by_op']['(unused)']:>14,}"
                      f"{human_bytes(s['bytes_by_op']['(unused)']):>12}")
     return "\n".join(lines)
+
+
+def weight_layers(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """Each node that reads a weight (an initializer of rank >= 2): node name -> op, the weight's shape, the
+    initializers it reads and their bytes. Read from names, dims and dtypes only (no weight data is decoded)."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in ir.iter_graph_protos(model.graph):
+        inits = {t.name: t for t in g.initializer}
+        for n in g.node:
+            mine = [inits[i] for i in dict.fromkeys(n.input) if i in inits]
+            if not n.name or n.name in out or not any(len(t.dims) >= 2 for t in mine):
+                continue
+            weight = max(mine, key=_numel)
+            out[n.name] = {"op": f"{n.domain + '.' if n.domain else ''}{n.op_type}", "shape": list(weight.dims),
+                           "initializers": [t.name for t in mine], "bytes": sum(_nbytes(t) for t in mine)}
+    return out
+
+
+def initializer_storage(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
+    """Every initializer's (bytes, storage class as in bytes_by_storage), by name."""
+    out: dict[str, tuple[int, str]] = {}
+    for g in ir.iter_graph_protos(model.graph):
+        consumer = {}
+        for n in g.node:
+            for i in n.input:
+                consumer.setdefault(i, f"{n.domain + '.' if n.domain else ''}{n.op_type}")
+        for t in g.initializer:
+            out.setdefault(t.name, (_nbytes(t), _storage(t, consumer.get(t.name, ""))))
+    return out

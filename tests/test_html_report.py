@@ -77,6 +77,25 @@ def test_page_from_typed_data(pages):
         assert reason in text
 
 
+def test_layers_table_covers_every_weight_layer_over_the_whole_recipe(pages):
+    res, path = pages["passes"]
+    page, text = _parse(path)
+    rows = res.report.layers
+    assert sorted(r["node"] for r in rows) == ["conv1", "conv2", "fc1", "fc2"]  # every weight layer, once
+    assert page.tables["layers_table"] == 1 + len(rows)
+    by = {r["node"]: r for r in rows}
+    # fc1 lost neurons (sparsify), was quantized, then its int8 values palettized (the others are too small)
+    assert by["fc1"]["done"] == "sparsify + quantize + palettize", by["fc1"]
+    assert "sparsify kept" in by["fc1"]["settings"] and "palettize bits 4" in by["fc1"]["settings"]
+    assert by["fc1"]["storage_after"].startswith("codebook") and by["conv2"]["done"] == "sparsify + quantize"
+    assert all(r["bytes_after"] < r["bytes_before"] for r in rows)
+    # the bytes add up: every input initializer belongs to a layer here; after, all but the activation scales
+    before, after = res.report.before["parameter_bytes"], res.report.after["parameter_bytes"]
+    assert sum(r["bytes_before"] for r in rows) == before
+    assert 0.9 * after < sum(r["bytes_after"] for r in rows) <= after
+    assert "every layer (4)" in text and "Layers (4 weight layers" in text
+
+
 def test_auto_page_shows_the_search(pages):
     res, path = pages["auto"]
     page, text = _parse(path)
@@ -95,5 +114,6 @@ def test_chromium_renders_the_page(pages, tmp_path):
     dom = subprocess.run(args + ["--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert re.search(r"<h1>onnxcomp report", dom.stdout) and "<svg" in dom.stdout
+    assert "id=\"layers_table\"" in dom.stdout and "<select" in dom.stdout  # the per-layer table and its filter
     subprocess.run(args + [f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20000  # a rendered page, not a blank one

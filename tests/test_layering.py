@@ -18,7 +18,7 @@ LAYERS = {
     "passes": 7,
     "recipe": 8, "pipeline": 8,
     "html_report": 8,
-    "budget": 9, "report": 9,
+    "budget": 9, "report": 9, "layer_table": 9,
     "auto": 10,
     "api": 11,
     "__init__": 12,
