@@ -104,16 +104,39 @@ def test_auto_page_shows_the_search(pages):
     assert "auto search (size)" in path.read_text()
 
 
-def test_chromium_renders_the_page(pages, tmp_path):
+@pytest.fixture(scope="module")
+def minilm_page(tmp_path_factory):
+    """MiniLM-L3 static int8 calibrated on 24 real sentences (every 5th held back for validation)."""
+    res = onnxcomp.compress(testing.minilm_path(), "int8", calibration_data=testing.minilm_feeds(30), progress=False)
+    return res, res.report.to_html(tmp_path_factory.mktemp("minilm") / "minilm.html")
+
+
+def test_minilm_page_has_every_layer(minilm_page):
+    res, path = minilm_page
+    page, text = _parse(path)
+    assert len(res.report.layers) == 21 and page.tables["layers_table"] == 22  # 18 MatMuls + 3 embedding tables
+    assert "node names without their common prefix /model/model.0/auto_model/" in text
+    assert {r["done"] for r in res.report.layers} == {"quantize", "unchanged"}  # the 2x384 token-type table
+
+
+def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    _, path = pages["passes"]
+    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,2400"]
+
+
+@pytest.mark.parametrize("which", ["minilm", "cnn", "auto"])
+def test_chromium_renders_the_page(which, pages, minilm_page, tmp_path):
+    args = _chromium()
+    res, path = {"minilm": minilm_page, "cnn": pages["passes"], "auto": pages["auto"]}[which]
     shot = tmp_path / "page.png"
-    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,2400"]
     dom = subprocess.run(args + ["--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert re.search(r"<h1>onnxcomp report", dom.stdout) and "<svg" in dom.stdout
-    assert "id=\"layers_table\"" in dom.stdout and "<select" in dom.stdout  # the per-layer table and its filter
+    assert re.search(r"<h1>onnxcomp report", dom.stdout) and dom.stdout.count("<svg") == 1
+    assert dom.stdout.count("<tr") >= len(res.report.layers) + 1  # the rendered per-layer table
+    assert "id=\"layers_table\"" in dom.stdout and "<select" in dom.stdout  # and its filter
+    if which == "auto":
+        assert "auto search (" in dom.stdout and "id=\"search\"" in dom.stdout
     subprocess.run(args + [f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20000  # a rendered page, not a blank one
