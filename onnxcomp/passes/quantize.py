@@ -29,11 +29,14 @@ from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
-from ..algorithms import bias, equalize as cle, gptq
+from ..algorithms import awq, bias, equalize as cle, gptq
 from ..algorithms.select import embedding_pattern, embedding_problem, is_excluded, weight_problem
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+#: algorithm auto keeps an input's AWQ scales only where they remove at least this fraction of its weights'
+#: output error (each scaled input costs a Mul at run time unless it folds into a constant Mul before it)
+AWQ_MIN_GAIN = 0.05
 
 
 @dataclass
@@ -71,7 +74,10 @@ class Quantize(WeightPass):
     # column by column and spreads the error over the columns left (needs calibration data: the inputs' second
     # moment); auto takes, per layer, the one with the smaller output error on calibration data (rtn without
     # calibration data).
-    algorithm: Literal["rtn", "gptq", "auto"] = "auto"
+    # awq (4-bit weight_only, needs calibration data): activation-aware input-channel scales first
+    # (algorithms/awq.py), then nearest rounding; auto also tries AWQ's scales there and keeps them where they
+    # lower the layers' output error
+    algorithm: Literal["rtn", "gptq", "awq", "auto"] = "auto"
     # fraction of mean(diag H) added to H's diagonal before inverting it; 0.1 rather than GPTQ's usual 0.01: with
     # the few thousand calibration tokens a user has, H is nearly singular (MiniLM-L3 int4, 64 sentences:
     # cosine 0.9900 at 0.01, 0.9921 at 0.1, 0.9922 at 0.3)
@@ -162,6 +168,8 @@ class Quantize(WeightPass):
         source = self._equalize(model, source, ctx, target, notes, details, tables)
         if self.mode == "static" and self.smoothquant is not None:
             self._smooth(model, source, ctx, target, notes, details, tables)
+        if self._awq_applies(ctx):
+            self._awq(model, source, ctx, notes, details)
         float_model = model.to_proto() if ctx.accuracy_budget and ctx.calibration_data and self.sensitivity else None
         out = self._quantize(model, source, ctx, target, notes, details,
                              reference=source if self.sensitivity else None, tables=tables)
@@ -268,10 +276,74 @@ class Quantize(WeightPass):
         """The weight rounding this run uses: auto needs calibration data (rtn without), gptq insists on it."""
         if self.algorithm == "auto":
             return "auto" if ctx.calibration_data else "rtn"
-        if self.algorithm == "gptq" and not ctx.calibration_data:
+        if self.algorithm in ("gptq", "awq") and not ctx.calibration_data:
             raise CalibrationDataError(f"quantize.algorithm {self.algorithm!r} needs calibration_data (the layer "
                                        "inputs' second moment); give calibration feeds, or use algorithm 'rtn'")
-        return self.algorithm
+        return "rtn" if self.algorithm == "awq" else self.algorithm  # awq's scales are applied before; then rtn
+
+    def _awq_applies(self, ctx: PassContext) -> bool:
+        """AWQ scales are searched for 4-bit weight-only MatMuls with calibration data (algorithm awq or auto)."""
+        if self.algorithm not in ("awq", "auto") or not ctx.calibration_data:
+            if self.algorithm == "awq" and not ctx.calibration_data:
+                self._algorithm(ctx)  # the typed error
+            return False
+        if self.mode != "weight_only" or self.weight_dtype not in ("int4", "uint4"):
+            if self.algorithm == "awq":
+                raise RecipeError("quantize.algorithm 'awq' scales 4-bit weight_only MatMuls (mode weight_only, "
+                                  f"weight_dtype int4/uint4); got mode {self.mode!r}, weight_dtype "
+                                  f"{self.weight_dtype!r}: use 'gptq' or 'auto' here")
+            return False
+        return True
+
+    def _awq(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, notes: list[str],
+             details: dict[str, Any]) -> None:
+        """Activation-aware scales for each input of 4-bit MatMuls (algorithms/awq.py), applied exactly in float
+        as x/s and diag(s) W where they lower the summed output error under the rounding used later (auto: by at
+        least AWQ_MIN_GAIN; awq: any gain). Later steps see the scaled weights and the scaled input's moments."""
+        have = _observable(source)
+        groups: dict[str, list[np.ndarray]] = {}
+        refused: set[str] = set()
+        for f in find_matches(model, [query("awq-probe", _matmul_pattern, self._awq_ok)]):
+            b = f.match.bindings
+            x, w = b["x"], b["w"]
+            if f.graph is not model.graph or x.name not in have or len(w.outputs) != 1:
+                refused.add(x.name)
+                continue
+            groups.setdefault(x.name, []).append(np.asarray(ir.const_value(w), np.float32))
+        groups = {k: v for k, v in groups.items() if k not in refused}
+        if not groups:
+            notes.append("awq: no 4-bit MatMul input to scale")
+            return
+        got = ctx.moments(source, self.calibration_feeds(ctx), {x: -1 for x in groups})
+        counter = ctx.counter("quantize: awq scale search", len(groups))
+        scales, rows = {}, []
+        floor = AWQ_MIN_GAIN if self.algorithm == "auto" else 0.0
+        for x, ws in groups.items():
+            counter.tick()
+            if x not in got or got[x][0].shape[0] != ws[0].shape[0]:
+                continue
+            k = ws[0].shape[0]
+            bs = self.block_size or (128 if k >= 128 else max(16, 1 << (k - 1).bit_length()))
+            h = got[x][0]
+            choice = awq.search_scale(ws, h, lambda wm, hs, bs=bs: _blocked_rtn(
+                wm, np.diag(hs), bs, self.symmetric_weights))
+            row = {"input": x, "weights": len(ws), "alpha": choice.alpha, "gain": choice.gain,
+                   "error_unscaled": choice.errors[0.0], "error": choice.errors[choice.alpha]}
+            used = choice.alpha > 0 and choice.gain > floor
+            if used and self.algorithm == "auto":  # auto rounds by GPTQ later: the scales must help there too
+                wms = [w.T for w in ws]
+                gq = lambda wm, hs, bs=bs: _blocked_gptq(wm, hs, bs, self.symmetric_weights, self.gptq_damping)
+                e0 = awq.scaled_error(wms, h, np.ones(k, np.float32), gq)
+                e1 = awq.scaled_error(wms, h, choice.scale, gq)
+                row.update(gptq_error_unscaled=e0, gptq_error=e1)
+                used = e1 < (1.0 - floor) * e0
+            if used:
+                scales[x] = choice.scale
+            rows.append({**row, "used": used})
+        n = _apply_smoothing(model, scales) if scales else 0
+        details["awq"] = {"scaled_inputs": len(scales), "matmuls": n, "inputs": rows[:500]}
+        notes.append(f"awq: {len(scales)} of {len(rows)} MatMul input(s) scaled ({n} MatMul(s)); "
+                     f"mean output-error gain {np.mean([r['gain'] for r in rows]) if rows else 0:.1%}")
 
     def _input_moments(self, found, model: ir.Model, source: onnx.ModelProto, ctx: PassContext
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -448,6 +520,17 @@ class Quantize(WeightPass):
         n = _apply_smoothing(model, scales(best))
         details["smoothquant_alpha"] = best
         notes.append(f"smoothquant: alpha {best}, {n} MatMul(s) smoothed")
+
+    def _awq_ok(self, ctx, x, w, node):
+        """A MatMul the 4-bit weight-only rules would take: constant 2-D float32 weight large enough, float32 x."""
+        ok = self._smooth_ok(ctx, x, w, node)
+        if not ok:
+            return ok
+        if self.ops is not None and "MatMul" not in self.ops:
+            return fail("MatMul not in ops")
+        if ctx.const_value(w).size < self.min_weight_elements:
+            return fail(f"weight '{w.name}' has {ctx.const_value(w).size} elements (< min_weight_elements)")
+        return True
 
     def _smooth_ok(self, ctx, x, w, node):
         if self._excluded(node):
@@ -982,6 +1065,37 @@ def _block_grid(wb: np.ndarray, symmetric: bool, importance: Optional[np.ndarray
         best_s, best_z, best_err = (np.where(better, sc, best_s), np.where(better, zp, best_z),
                                     np.where(better, err, best_err))
     return best_s.astype(np.float32), best_z.astype(np.float32)
+
+
+def _blocked_rtn(wm: np.ndarray, importance: np.ndarray, block_size: int, symmetric: bool,
+                 bits: int = 4) -> np.ndarray:
+    """The dequantized output-major weight [n, k] under MatMulNBits' blocked nearest rounding (the grid chosen
+    by `_block_grid` with each input channel's importance [k]): what the AWQ search scores."""
+    n, k = wm.shape
+    blocks = -(-k // block_size)
+    wb = np.zeros((n, blocks * block_size), np.float32)
+    wb[:, :k] = wm
+    wb = wb.reshape(n, blocks, block_size)
+    imp = np.zeros(blocks * block_size, np.float32)
+    imp[:k] = importance
+    scale, zp = _block_grid(wb, symmetric, imp.reshape(blocks, block_size), bits)
+    q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, (1 << bits) - 1)
+    return ((q - zp[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+
+
+def _blocked_gptq(wm: np.ndarray, h: np.ndarray, block_size: int, symmetric: bool, damping: float,
+                  bits: int = 4) -> np.ndarray:
+    """`_blocked_rtn` with GPTQ's rounding against `h` on the same grid (what algorithm auto may use)."""
+    n, k = wm.shape
+    blocks = -(-k // block_size)
+    wb = np.zeros((n, blocks * block_size), np.float32)
+    wb[:, :k] = wm
+    imp = np.zeros(blocks * block_size, np.float32)
+    imp[:k] = np.diag(h)
+    scale, zp = _block_grid(wb.reshape(n, blocks, block_size), symmetric, imp.reshape(blocks, block_size), bits)
+    q = gptq.quantize_grid(wm, h, scale, zp, 0, (1 << bits) - 1, block_size, damping=damping)
+    idx = np.arange(k) // block_size
+    return (q - zp[:, idx]) * scale[:, idx]
 
 
 def _pack_nibbles(zp: np.ndarray) -> np.ndarray:
