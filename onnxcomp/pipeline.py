@@ -160,7 +160,7 @@ class Pipeline:
             except InvalidModelError as e:
                 self.ctx.warn(f"final step of pass '{p.name}' produced an invalid model; skipped: {e}")
                 continue
-            rec.bytes_after = ir.proto_size(final)
+            rec.bytes_after -= ir.proto_size(current) - ir.proto_size(final)  # the final step's saving is its pass's
             current = final
         return current
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcomp
-from onnxcomp import budget, testing
+from onnxcomp import budget, ir, testing
 from onnxcomp.errors import AccuracyBudgetError, UnsupportedModelError
 from onnxcomp.passes import Cleanup, LayerChange, Pass, PassContext, PassOutcome, Sparsify
 from onnxcomp.pipeline import PassRecord, Pipeline
@@ -100,6 +100,13 @@ def test_sparse_storage_survives_a_later_pass(minilm):
     for key in ("ops_added", "ops_removed", "initializers_removed"):  # cleanup saw no densified weights to undo
         assert getattr(sparse.report.passes[1], key) == getattr(dense.report.passes[1], key)
     assert sparse.report.passes[0].bytes_after < sparse.report.passes[0].bytes_before
+    # each pass's saving is its own: sparse storage, written at the end, is credited to sparsify, and the
+    # passes' savings add up to the whole model's (sparsify's record once showed the final model's size)
+    recs = sparse.report.passes
+    saved = sum(r.bytes_before - r.bytes_after for r in recs)
+    assert saved == recs[0].bytes_before - ir.proto_size(sparse.model)
+    assert recs[1].bytes_before - recs[1].bytes_after == dense.report.passes[1].bytes_before \
+        - dense.report.passes[1].bytes_after
 
 
 def test_unchanged_pass_runs_are_reused_and_statistics_collected_once():
