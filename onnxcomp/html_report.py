@@ -182,7 +182,7 @@ def _front_plot(ax, d: dict[str, Any]) -> None:
         ax.annotate(t["name"], (t[key], t["accuracy"]), fontsize=6)
     ax.set_xlabel(key.replace("_", " "))
     ax.set_ylabel("accuracy (budget metric)")
-    ax.set_title(f"auto search ({s['objective']}): winner {s['winner']}")
+    ax.set_title(f"auto search ({s['objective']})")  # the winner is the red point (its name is long)
 
 
 # ------------------------------------------------------------------------------------------------ tables
