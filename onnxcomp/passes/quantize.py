@@ -30,6 +30,7 @@ from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
 from ..targets import TARGETS, OpPlacement, Target
 from ..algorithms import awq, bias, equalize as cle, gptq
+from ..algorithms.unfold import unfold_conv
 from ..algorithms.select import embedding_pattern, embedding_problem, is_excluded, weight_problem
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
 
@@ -378,7 +379,36 @@ class Quantize(WeightPass):
             means[name] = mu if c is None else mu * c
             if axis == -1:
                 grams[name] = h if c is None else h * np.outer(c, c)
+        algorithm = self._algorithm(ctx)
+        if algorithm == "gptq" or (algorithm == "auto" and self.weight_dtype in ("int4", "uint4")):
+            grams.update(self._conv_grams(found, model, source, ctx, have))
         return grams, means
+
+    def _conv_grams(self, found, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, have: set[str]
+                    ) -> dict[str, np.ndarray]:
+        """E[patch patch^T] of the im2col patches of every matched main-graph Conv with group 1 (keyed by
+        `_conv_key`), from one calibration run of a private copy of `source` with the unfolding Convs added
+        (algorithms/unfold.py): what GPTQ rounds a Conv weight against. Not over 2 GB (the copy)."""
+        convs = {}
+        for f in found:
+            node, x, w = (f.match.bindings.get(k) for k in ("node", "x", "w"))
+            if not (isinstance(node, gs.Node) and node.op == "Conv" and isinstance(x, gs.Tensor)) \
+                    or f.graph is not model.graph or int(node.attrs.get("group", 1)) != 1 or x.name not in have:
+                continue
+            v = ir.const_value(w) if isinstance(w, gs.Tensor) else None
+            if v is not None and v.ndim >= 3:
+                convs[_conv_key(node)] = (x.name, v.shape, dict(node.attrs))
+        if not convs or ir.is_big(source):
+            return {}
+        probe = onnx.ModelProto()
+        probe.CopyFrom(source)
+        for key, (x, shape, attrs) in convs.items():
+            n, kernel = unfold_conv(x, shape, attrs, key)
+            probe.graph.node.append(n)
+            probe.graph.initializer.append(kernel)
+        stats = ctx.collect(probe, [], self.calibration_feeds(ctx), histogram=False,
+                            gram_axes={k: 1 for k in convs})
+        return {k: st.second_moment for k, st in stats.items() if k in convs and st.second_moment is not None}
 
     # -- BatchNormalization folding and cross-layer equalization ------------------------------------
     def _equalize(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, target: Target,
@@ -706,8 +736,14 @@ class _Run:
     def _gram(self, op, x: gs.Tensor, w: gs.Tensor, node: gs.Node) -> Optional[np.ndarray]:
         """The input second moment GPTQ rounds `w` against: None for rtn, an unobserved input, or a weight
         several nodes read (one rounding cannot follow several inputs)."""
-        if not self.grams or node.op not in ("MatMul", "Gemm") or len(op.ctx.consumers(w)) != 1:
+        if not self.grams or node.op not in ("MatMul", "Gemm", "Conv") or len(op.ctx.consumers(w)) != 1:
             return None
+        if node.op == "Conv":
+            if self.algorithm == "auto" and self.q.weight_dtype not in ("int4", "uint4"):
+                return None  # measured: at 8 bits nearest rounding is as good on held-out data (see _conv_key)
+            h = self.grams.get(_conv_key(node))
+            v = ir.const_value(w)
+            return h if h is not None and v is not None and h.shape[0] == int(np.prod(v.shape[1:])) else None
         h = self.grams.get(x.name)
         return h if h is not None and h.shape[0] == int(np.asarray(ir.const_value(w)).shape[
             1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0]) else None
@@ -755,9 +791,11 @@ class _Run:
         ax = axis if self.q.per_channel else None
         reduce = self.reduce_range and self.mode != "weight_only"  # weight_only has no integer kernel
         scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights, reduce_range=reduce)
-        if h is not None and v.ndim == 2:
+        if h is not None and (v.ndim == 2 or axis == 0):
             qt = qmath.reduced(qmath.QTYPES[qd]) if reduce else qmath.QTYPES[qd]
-            if axis % 2 == 1:  # [in, out]: round the output-major transpose
+            if v.ndim > 2:  # Conv [O, I, k...]: output-major rows of its im2col columns
+                q = self._round_channels(w.name, v.reshape(v.shape[0], -1), h, scale, zp, qt).reshape(v.shape)
+            elif axis % 2 == 1:  # [in, out]: round the output-major transpose
                 q = self._round_channels(w.name, v.T, h, scale, zp, qt).T
             else:
                 q = self._round_channels(w.name, v, h, scale, zp, qt)
@@ -1065,6 +1103,15 @@ def _block_grid(wb: np.ndarray, symmetric: bool, importance: Optional[np.ndarray
         best_s, best_z, best_err = (np.where(better, sc, best_s), np.where(better, zp, best_z),
                                     np.where(better, err, best_err))
     return best_s.astype(np.float32), best_z.astype(np.float32)
+
+
+#: GPTQ on Conv weights (im2col Gram), digits CNN, 500 held-out images, logit relative error / top-1 agreement
+#: with fp32: 4-bit weight-only 0.00138 / 0.996 (nearest) -> 0.00094 / 0.998; static int8 6e-5 / 1.000 ->
+#: 4e-5 / 0.998 and 8-bit weight-only 4e-5 / 1.000 -> 3e-5 / 0.998 (one image): so algorithm auto uses it for
+# 4-bit Conv weights only; algorithm gptq uses it at every width.
+def _conv_key(node: gs.Node) -> str:
+    """The name of a Conv's unfolded input patches (and of their Gram) in quantize's calibration probe."""
+    return f"{node.name}::quantize_unfold"
 
 
 def _blocked_rtn(wm: np.ndarray, importance: np.ndarray, block_size: int, symmetric: bool,
@@ -1439,7 +1486,7 @@ def _static_conv_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
     def make(with_relu: bool, arity: int):
         def replacement(op, x, w, node, b=None):
             sx = np.float32(q.plan.params[x.name][0]) if not _is_dq(x) else _dq_scale(x)
-            dqw, sw = q._quant_weight(op, w, 0)
+            dqw, sw = q._quant_weight(op, w, 0, q._gram(op, x, w, node))
             ins = [q._dq_input(op, x), dqw]
             b = q._bias_after(op, x, w, node, b, 0)
             if b is not None:

@@ -38,6 +38,7 @@ from .. import ir, storage
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import RewriteRule, apply_rules, fail
 from ..algorithms import sparsegpt as sg
+from ..algorithms.unfold import unfold_conv
 from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, find_weight_layers, quantized_weights_note,
                                  weight_pattern2, weight_pattern3)
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
@@ -376,20 +377,8 @@ def _unfold_name(layer: WeightLayer) -> str:
 
 
 def _unfold_node(layer: WeightLayer) -> tuple[onnx.NodeProto, onnx.TensorProto]:
-    """A Conv with one-hot kernels whose output channels are the layer's im2col patches (channel c*taps + t =
-    input channel c at kernel tap t): its Gram over axis 1 is the exact second moment of the layer's input."""
-    w = layer.weight
-    cin = w.shape[1] * int(layer.node.attrs.get("group", 1))
-    kshape = w.shape[2:]
-    taps = int(np.prod(kshape))
-    eye = np.zeros((cin * taps, cin, taps), np.float32)
-    for c in range(cin):
-        eye[c * taps + np.arange(taps), c, np.arange(taps)] = 1.0
-    name = _unfold_name(layer)
-    kernel = onnx.numpy_helper.from_array(eye.reshape((cin * taps, cin) + tuple(kshape)), name + "::kernel")
-    attrs = {k: v for k, v in layer.node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
-    node = onnx.helper.make_node("Conv", [layer.x.name, kernel.name], [name], name=name, **attrs)
-    return node, kernel
+    """The layer's im2col patches as a probe Conv (algorithms/unfold.py)."""
+    return unfold_conv(layer.x.name, layer.weight.shape, layer.node.attrs, _unfold_name(layer))
 
 
 def _stages(model: ir.Model, units: list[_Unit]) -> list[list[_Unit]]:
