@@ -40,6 +40,8 @@ ROWS: dict[str, dict] = {
     "int4 weights incl. Conv, defaults": dict(_W4, ops=["Conv", "Gemm", "MatMul"]),
     "int4 weights incl. Conv, rtn, no bc, CLE off": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="rtn",
                                                         bias_correction=False, equalize=False),
+    "int4 weights incl. Conv, rtn": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="rtn"),
+    "static gptq (Convs too)": {"mode": "static", "algorithm": "gptq"},
 }
 
 
