@@ -105,3 +105,10 @@ def test_awq_needs_data_and_4_bit_weight_only():
         onnxcomp.compress(m, [{"type": "quantize", "mode": "static", "algorithm": "awq"}],
                           calibration_data=[{"x": np.ones((16, 128), np.float32)}] * 4, progress=False,
                           validate=False)
+
+
+def test_sample_rows_spreads_over_the_output_channels():
+    w = np.arange(6 * 1000, dtype=np.float64).reshape(6, 1000)  # input-major [K=6, N=1000]
+    s = awq.sample_rows(w, 100)
+    assert s.shape == (100, 6) and s[0, 0] == w[0, 0] and s[-1, 0] == w[0, 999]
+    assert awq.sample_rows(w[:, :50], 100).shape == (50, 6)  # fewer outputs than the sample: all of them

@@ -332,7 +332,7 @@ class Quantize(WeightPass):
                    "error_unscaled": choice.errors[0.0], "error": choice.errors[choice.alpha]}
             used = choice.alpha > 0 and choice.gain > floor
             if used and self.algorithm == "auto":  # auto rounds by GPTQ later: the scales must help there too
-                wms = [w.T for w in ws]
+                wms = [awq.sample_rows(w) for w in ws]  # the rows the search scored
                 gq = lambda wm, hs, bs=bs: _blocked_gptq(wm, hs, bs, self.symmetric_weights, self.gptq_damping)
                 e0 = awq.scaled_error(wms, h, np.ones(k, np.float32), gq)
                 e1 = awq.scaled_error(wms, h, choice.scale, gq)
