@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import json
+from collections import Counter
 from typing import Any, Optional
 
 from .summary import human_bytes
@@ -268,11 +269,8 @@ def _layers(rows: list[dict[str, Any]]) -> str:
     """The whole recipe per layer: one row per weight layer of the input, a filter by what was done."""
     if not rows:
         return ""
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["done"]] = counts.get(r["done"], 0) + 1
-    options = "".join(f"<option value='{_e(k)}'>{_e(k)} ({n})</option>" for k, n in
-                      sorted(counts.items(), key=lambda kv: -kv[1]))
+    options = "".join(f"<option value='{_e(k)}'>{_e(k)} ({n})</option>"
+                      for k, n in Counter(r["done"] for r in rows).most_common())
     prefix = _common_prefix([r["node"] for r in rows])
     shown = [{**r, "node": r["node"][len(prefix):], "shape": "x".join(map(str, r["shape"]))} for r in rows]
     cols = ["node", "op", "shape", "done", "settings", "error", "bytes_before", "bytes_after", "ratio",

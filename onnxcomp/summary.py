@@ -17,6 +17,11 @@ def _dims(vi: onnx.ValueInfoProto) -> list[Any]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
 
 
+def _op_name(n: onnx.NodeProto) -> str:
+    """The op as the summary names it: 'domain.Op' outside the default domain."""
+    return f"{n.domain + '.' if n.domain else ''}{n.op_type}"
+
+
 def _numel(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
@@ -65,11 +70,11 @@ def _storage(t: onnx.TensorProto, consumer: str) -> str:
 def summarize(model: onnx.ModelProto) -> dict[str, Any]:
     """JSON-safe summary: op histogram, params/bytes by consuming op type, opsets, inputs/outputs, sizes."""
     graphs = list(ir.iter_graph_protos(model.graph))
-    ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for g in graphs for n in g.node)
+    ops = Counter(_op_name(n) for g in graphs for n in g.node)
     consumer: dict[str, str] = {}
     for g in graphs:
         for n in g.node:
-            op = f"{n.domain + '.' if n.domain else ''}{n.op_type}"
+            op = _op_name(n)
             for i in n.input:
                 consumer.setdefault(i, op)
     params: Counter = Counter()
@@ -169,7 +174,7 @@ def weight_layers(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
             if not n.name or n.name in out or not any(len(t.dims) >= 2 for t in mine):
                 continue
             weight = max(mine, key=_numel)
-            out[n.name] = {"op": f"{n.domain + '.' if n.domain else ''}{n.op_type}", "shape": list(weight.dims),
+            out[n.name] = {"op": _op_name(n), "shape": list(weight.dims),
                            "initializers": [t.name for t in mine], "bytes": sum(_nbytes(t) for t in mine)}
     return out
 
@@ -181,7 +186,7 @@ def initializer_storage(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
         consumer = {}
         for n in g.node:
             for i in n.input:
-                consumer.setdefault(i, f"{n.domain + '.' if n.domain else ''}{n.op_type}")
+                consumer.setdefault(i, _op_name(n))
         for t in g.initializer:
             out.setdefault(t.name, (_nbytes(t), _storage(t, consumer.get(t.name, ""))))
     return out

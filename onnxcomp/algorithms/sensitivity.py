@@ -74,19 +74,21 @@ class WeightProbe:
         if bad:
             raise InternalError(f"bug in onnxcomp: sensitivity probe asked to replace weights it does not probe: "
                                 f"{bad[:5]}")
+        try:
+            return self._error(replace)
+        finally:
+            if self.counter is not None:
+                self.counter.tick()
+
+    def _error(self, replace: Mapping[str, np.ndarray]) -> float:
         err = 0.0
         for feed, ref in zip(self.feeds, self.reference):
             for y, r in zip(self._run(feed, replace), ref):
                 d = np.asarray(y, np.float64) - r
                 e = float(np.sum(d * d))
                 if not math.isfinite(e):
-                    err = math.inf
-                    break
+                    return math.inf
                 err += e
-            if not math.isfinite(err):
-                break
-        if self.counter is not None:
-            self.counter.tick()
         return err / max(self.ref_energy, 1e-30)
 
 

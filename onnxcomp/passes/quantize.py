@@ -284,17 +284,14 @@ class Quantize(WeightPass):
 
     def _awq_applies(self, ctx: PassContext) -> bool:
         """AWQ scales are searched for 4-bit weight-only MatMuls with calibration data (algorithm awq or auto)."""
-        if self.algorithm not in ("awq", "auto") or not ctx.calibration_data:
-            if self.algorithm == "awq" and not ctx.calibration_data:
-                self._algorithm(ctx)  # the typed error
-            return False
-        if self.mode != "weight_only" or self.weight_dtype not in ("int4", "uint4"):
-            if self.algorithm == "awq":
+        four_bit_weights = self.mode == "weight_only" and self.weight_dtype in ("int4", "uint4")
+        if self.algorithm == "awq":
+            self._algorithm(ctx)  # a CalibrationDataError without data
+            if not four_bit_weights:
                 raise RecipeError("quantize.algorithm 'awq' scales 4-bit weight_only MatMuls (mode weight_only, "
                                   f"weight_dtype int4/uint4); got mode {self.mode!r}, weight_dtype "
                                   f"{self.weight_dtype!r}: use 'gptq' or 'auto' here")
-            return False
-        return True
+        return self.algorithm in ("awq", "auto") and bool(ctx.calibration_data) and four_bit_weights
 
     def _awq(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, notes: list[str],
              details: dict[str, Any]) -> None:
@@ -320,31 +317,35 @@ class Quantize(WeightPass):
         scales, rows = {}, []
         floor = AWQ_MIN_GAIN if self.algorithm == "auto" else 0.0
         for x, ws in groups.items():
+            if x in got and got[x][0].shape[0] == ws[0].shape[0]:
+                rows.append(self._awq_input(x, ws, got[x][0], floor, scales))
             counter.tick()
-            if x not in got or got[x][0].shape[0] != ws[0].shape[0]:
-                continue
-            k = ws[0].shape[0]
-            bs = self.block_size or (128 if k >= 128 else max(16, 1 << (k - 1).bit_length()))
-            h = got[x][0]
-            choice = awq.search_scale(ws, h, lambda wm, hs, bs=bs: _blocked_rtn(
-                wm, np.diag(hs), bs, self.symmetric_weights))
-            row = {"input": x, "weights": len(ws), "alpha": choice.alpha, "gain": choice.gain,
-                   "error_unscaled": choice.errors[0.0], "error": choice.errors[choice.alpha]}
-            used = choice.alpha > 0 and choice.gain > floor
-            if used and self.algorithm == "auto":  # auto rounds by GPTQ later: the scales must help there too
-                wms = [awq.sample_rows(w) for w in ws]  # the rows the search scored
-                gq = lambda wm, hs, bs=bs: _blocked_gptq(wm, hs, bs, self.symmetric_weights, self.gptq_damping)
-                e0 = awq.scaled_error(wms, h, np.ones(k, np.float32), gq)
-                e1 = awq.scaled_error(wms, h, choice.scale, gq)
-                row.update(gptq_error_unscaled=e0, gptq_error=e1)
-                used = e1 < (1.0 - floor) * e0
-            if used:
-                scales[x] = choice.scale
-            rows.append({**row, "used": used})
         n = _apply_smoothing(model, scales) if scales else 0
         details["awq"] = {"scaled_inputs": len(scales), "matmuls": n, "inputs": rows[:500]}
         notes.append(f"awq: {len(scales)} of {len(rows)} MatMul input(s) scaled ({n} MatMul(s)); "
                      f"mean output-error gain {np.mean([r['gain'] for r in rows]) if rows else 0:.1%}")
+
+    def _awq_input(self, x: str, ws: list[np.ndarray], h: np.ndarray, floor: float,
+                   scales: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The AWQ search for one input `x` read by the weights `ws` (input-major) with second moment `h`: its
+        scale goes into `scales` when it helps by more than `floor` (auto: under GPTQ too); returns its row."""
+        k = ws[0].shape[0]
+        bs = _nbits_block(self.block_size, k)
+        choice = awq.search_scale(ws, h, lambda wm, hs, bs=bs: _blocked_rtn(
+            wm, np.diag(hs), bs, self.symmetric_weights))
+        row = {"input": x, "weights": len(ws), "alpha": choice.alpha, "gain": choice.gain,
+               "error_unscaled": choice.errors[0.0], "error": choice.errors[choice.alpha]}
+        used = choice.alpha > 0 and choice.gain > floor
+        if used and self.algorithm == "auto":  # auto rounds by GPTQ later: the scales must help there too
+            wms = [awq.sample_rows(w) for w in ws]  # the rows the search scored
+            gq = lambda wm, hs, bs=bs: _blocked_gptq(wm, hs, bs, self.symmetric_weights, self.gptq_damping)
+            e0 = awq.scaled_error(wms, h, np.ones(k, np.float32), gq)
+            e1 = awq.scaled_error(wms, h, choice.scale, gq)
+            row.update(gptq_error_unscaled=e0, gptq_error=e1)
+            used = e1 < (1.0 - floor) * e0
+        if used:
+            scales[x] = choice.scale
+        return {**row, "used": used}
 
     def _input_moments(self, found, model: ir.Model, source: onnx.ModelProto, ctx: PassContext
                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -738,9 +739,7 @@ class _Run:
         several nodes read (one rounding cannot follow several inputs)."""
         if not self.grams or node.op not in ("MatMul", "Gemm", "Conv") or len(op.ctx.consumers(w)) != 1:
             return None
-        if node.op == "Conv":
-            if self.algorithm == "auto" and self.q.weight_dtype not in ("int4", "uint4"):
-                return None  # measured: at 8 bits nearest rounding is as good on held-out data (see _conv_key)
+        if node.op == "Conv":  # collected where GPTQ applies to Convs (Quantize._input_moments, see _conv_key)
             h = self.grams.get(_conv_key(node))
             v = ir.const_value(w)
             return h if h is not None and v is not None and h.shape[0] == int(np.prod(v.shape[1:])) else None
@@ -964,18 +963,10 @@ class _Run:
         v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
         k, n = v.shape
         bits = 8 if self.q.weight_dtype == "int8" else 4
-        bs = self.q.block_size or (128 if k >= 128 else max(16, 1 << (k - 1).bit_length()))
+        bs = _nbits_block(self.q.block_size, k)
         blocks = -(-k // bs)
-        wt = np.zeros((n, blocks * bs), np.float32)
-        wt[:, :k] = v.T
-        wb = wt.reshape(n, blocks, bs)
         h = self._gram(op, x, w, node)
-        imp = None
-        if h is not None:
-            imp = np.zeros(blocks * bs, np.float32)
-            imp[:k] = np.diag(h)
-            imp = imp.reshape(blocks, bs)
-        scale, zp = _block_grid(wb, self.q.symmetric_weights, imp, bits)
+        _, scale, zp = _block_layout(v.T, None if h is None else np.diag(h), bs, self.q.symmetric_weights, bits)
         codes = np.full((n, blocks * bs), 1 << (bits - 1), np.float32)
         codes[:, :k] = self._round(w.name, v.T, h, scale, zp, 0, (1 << bits) - 1, bs)
         if b is not None:  # the Gemm's bias (MatMulNBits input 5), less the mean shift of the rounded weights
@@ -1114,32 +1105,43 @@ def _conv_key(node: gs.Node) -> str:
     return f"{node.name}::quantize_unfold"
 
 
-def _blocked_rtn(wm: np.ndarray, importance: np.ndarray, block_size: int, symmetric: bool,
-                 bits: int = 4) -> np.ndarray:
-    """The dequantized output-major weight [n, k] under MatMulNBits' blocked nearest rounding (the grid chosen
-    by `_block_grid` with each input channel's importance [k]): what the AWQ search scores."""
+def _nbits_block(block_size: Optional[int], k: int) -> int:
+    """MatMulNBits' block along K: the option, else 128 (or the next power of two >= 16 below 128 inputs)."""
+    return block_size or (128 if k >= 128 else max(16, 1 << (k - 1).bit_length()))
+
+
+def _block_layout(wm: np.ndarray, importance: Optional[np.ndarray], block_size: int, symmetric: bool, bits: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output-major weight [n, k] zero-padded to whole blocks [n, blocks, block] and its `_block_grid`
+    (scale, zero point) per block, each input channel's error weighed by `importance` [k] when given."""
     n, k = wm.shape
     blocks = -(-k // block_size)
     wb = np.zeros((n, blocks * block_size), np.float32)
     wb[:, :k] = wm
     wb = wb.reshape(n, blocks, block_size)
-    imp = np.zeros(blocks * block_size, np.float32)
-    imp[:k] = importance
-    scale, zp = _block_grid(wb, symmetric, imp.reshape(blocks, block_size), bits)
+    imp = None
+    if importance is not None:
+        imp = np.zeros(blocks * block_size, np.float32)
+        imp[:k] = importance
+        imp = imp.reshape(blocks, block_size)
+    scale, zp = _block_grid(wb, symmetric, imp, bits)
+    return wb, scale, zp
+
+
+def _blocked_rtn(wm: np.ndarray, importance: np.ndarray, block_size: int, symmetric: bool,
+                 bits: int = 4) -> np.ndarray:
+    """The dequantized output-major weight [n, k] under MatMulNBits' blocked nearest rounding (the grid chosen
+    by `_block_grid` with each input channel's importance [k]): what the AWQ search scores."""
+    wb, scale, zp = _block_layout(wm, importance, block_size, symmetric, bits)
     q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, (1 << bits) - 1)
-    return ((q - zp[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+    return ((q - zp[..., None]) * scale[..., None]).reshape(wm.shape[0], -1)[:, :wm.shape[1]]
 
 
 def _blocked_gptq(wm: np.ndarray, h: np.ndarray, block_size: int, symmetric: bool, damping: float,
                   bits: int = 4) -> np.ndarray:
     """`_blocked_rtn` with GPTQ's rounding against `h` on the same grid (what algorithm auto may use)."""
-    n, k = wm.shape
-    blocks = -(-k // block_size)
-    wb = np.zeros((n, blocks * block_size), np.float32)
-    wb[:, :k] = wm
-    imp = np.zeros(blocks * block_size, np.float32)
-    imp[:k] = np.diag(h)
-    scale, zp = _block_grid(wb.reshape(n, blocks, block_size), symmetric, imp.reshape(blocks, block_size), bits)
+    k = wm.shape[1]
+    _, scale, zp = _block_layout(wm, np.diag(h), block_size, symmetric, bits)
     q = gptq.quantize_grid(wm, h, scale, zp, 0, (1 << bits) - 1, block_size, damping=damping)
     idx = np.arange(k) // block_size
     return (q - zp[:, idx]) * scale[:, idx]
