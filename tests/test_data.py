@@ -318,3 +318,24 @@ def test_generated_feeds_keep_rank_zero_inputs():
     assert feed["a"].shape == () and feed["b"].shape == ()
     rep = validate(m, m)
     assert rep.outputs["c"].max_abs_err == 0.0
+
+
+def test_compress_checks_each_sample_once_through_calibration_validation_and_backoff(monkeypatch) -> None:
+    """The user's data is checked once (api), then reused by calibration, validation and every back-off round."""
+    import onnxcomp
+    from onnxcomp.data import feeds as feeds_mod
+
+    data = fx.digits_data()
+    x = data["x_test_flat"].astype(np.float32)
+    samples = [{"input": x[i:i + 10]} for i in range(0, 120, 10)]
+    held = [{"input": x[i:i + 10]} for i in range(200, 240, 10)]
+    calls = []
+    real = feeds_mod._check_sample
+    monkeypatch.setattr(feeds_mod, "_check_sample", lambda feed, i, *a: calls.append(i) or real(feed, i, *a))
+    recipe = {"passes": [{"type": "sparsify", "sparsity": 0.9}], "accuracy_budget": {"cosine": 0.99999}}
+    try:
+        result = onnxcomp.compress(fx.digits_mlp_path(), recipe, calibration_data=samples, validation_data=held)
+    except onnxcomp.AccuracyBudgetError as e:
+        result = e.result
+    assert len(result.report.budget["backoff"]) >= 1  # back-off rounds calibrated and validated again
+    assert len(calls) == len(samples) + len(held)

@@ -716,3 +716,82 @@ def test_constant_mul_chain_folds_into_one_mul():
     assert [n.op_type for n in out.graph.node] == ["Mul"]
     feeds = random_feeds(proto)
     np.testing.assert_allclose(session(out).run(None, feeds)[0], session(proto).run(None, feeds)[0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- plan, then apply
+def _three_matmuls() -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [const(f"W{i}", rng.standard_normal((6, 6)).astype(np.float32)) for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["a"], name="mm0"),
+             helper.make_node("MatMul", ["a", "W1"], ["b"], name="mm1"),
+             helper.make_node("MatMul", ["b", "W2"], ["y"], name="mm2")]
+    return make_model(nodes, [vi("x", [2, 6])], [vi("y", [2, 6])], inits)
+
+
+def _scaled(op, x, w, decision):
+    return op.MatMul(x, op.const(np.asarray(ir.const_value(w)) * np.float32(decision), name=f"{w.name}_scaled"))
+
+
+def test_plan_rewrites_only_planned_nodes_with_their_own_decision():
+    from onnxcomp.rewrite import Plan, query
+
+    proto = _three_matmuls()
+    model = ir.Model.from_proto(proto)
+    mm = {n.name: n for n in model.graph.nodes}
+    plan = Plan([(mm["mm0"], 2.0), (mm["mm2"], 0.5)])
+    rule = RewriteRule("scale", lambda op, x, w: op.MatMul(x, w), _scaled)
+    stats = apply_rules(model, [rule], plan=plan)
+    assert stats.rules["scale"].applied == 2 and stats.unapplied == {}
+    assert stats.rules["scale"].tried == 2  # unplanned roots are not even tried
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    src = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(w["W0_scaled"], src["W0"] * np.float32(2.0))
+    np.testing.assert_array_equal(w["W2_scaled"], src["W2"] * np.float32(0.5))
+    np.testing.assert_array_equal(w["W1"], src["W1"])  # mm1 had no decision: untouched
+    feeds = random_feeds(proto)
+    np.testing.assert_allclose(run(out, feeds)["y"], run(proto, feeds)["y"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="two decisions"):
+        plan.add(mm["mm0"], 3.0)
+    with pytest.raises(ValueError, match="queries"):
+        apply_rules(model, [query("q", lambda op, x, w: op.MatMul(x, w))], plan=plan)
+
+
+def test_plan_reports_planned_nodes_the_engine_refused_with_the_reason():
+    from onnxcomp.rewrite import Plan
+
+    model = ir.Model.from_proto(_three_matmuls())
+    mm = {n.name: n for n in model.graph.nodes}
+    def check(ctx, x, w, decision):
+        return fail("decision too large") if decision > 1 else True
+    rule = RewriteRule("scale", lambda op, x, w: op.MatMul(x, w), _scaled, check)
+    stats = apply_rules(model, [rule], plan=Plan([(mm["mm0"], 2.0), (mm["mm1"], 0.5)]))
+    assert stats.rules["scale"].applied == 1
+    assert stats.unapplied == {"mm0": "check failed: decision too large"}
+
+
+def test_plan_anchored_at_a_bound_node_that_is_not_the_root():
+    from onnxcomp.rewrite import Plan
+
+    proto = _mm_add_model(("mm", "B"))
+    model = ir.Model.from_proto(proto)
+    mm = next(n for n in model.graph.nodes if n.op == "MatMul")
+
+    def pattern(op, x, w, b):
+        return op.Add(op.MatMul(x, w, _bind="mm"), b)
+
+    def replacement(op, x, w, b, mm, decision):
+        return op.Gemm(x, w, b, alpha=float(decision))
+
+    stats = apply_rules(model, [RewriteRule("to-gemm", pattern, replacement)], plan=Plan([(mm, 1.0)], anchor="mm"))
+    assert stats.rules["to-gemm"].applied == 1 and stats.unapplied == {}
+    out = model.to_proto()
+    assert ops(out.graph) == ["Gemm"]
+    feeds = random_feeds(proto)
+    np.testing.assert_allclose(run(out, feeds)["y"], run(proto, feeds)["y"], rtol=1e-5, atol=1e-5)
+    # the same rule with an empty plan leaves the graph as it was, and says nothing is planned
+    model = ir.Model.from_proto(proto)
+    stats = apply_rules(model, [RewriteRule("to-gemm", pattern, replacement)], plan=Plan(anchor="mm"))
+    assert stats.applied == 0 and stats.unapplied == {}
+    assert signature(model.to_proto()) == signature(proto)

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..errors import CalibrationDataError
-from ..rewrite import GraphIndex, apply_rules
+from ..rewrite import GraphIndex, Plan, apply_rules
 from ..context import LayerChange, PassContext, PassOutcome
 from .components import Component, component, component_rule
 from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
@@ -950,15 +950,17 @@ def _apply_components(model: ir.Model, comps: list[list[_Group]], consts: list[d
     for comp, c in zip(comps, consts):
         spec = _component(comp, c, order, index)
         shapes.setdefault(spec.signature, []).append(spec)
-    rules = [component_rule(k, specs, name) for k, specs in enumerate(shapes.values())]
-    stats = apply_rules(model, rules)
-    done = sum(stats.rules[r.name].applied for r in rules)
-    if done != len(comps):
+    rules, plan = [], Plan()
+    for k, specs in enumerate(shapes.values()):
+        rule, p = component_rule(k, specs, name)
+        rules.append(rule)
+        plan.update(p)
+    stats = apply_rules(model, rules, plan=plan)
+    if stats.unapplied:
         from ..errors import InternalError
 
-        reasons = sorted({reason for r in rules for reason in stats.rules[r.name].rejected
-                          if "not a planned component" not in reason})
-        raise InternalError(f"{name}: rewrote {done} of {len(comps)} channel groups: {reasons[:3]}")
+        raise InternalError(f"{name}: {len(stats.unapplied)} of {len(comps)} channel groups were not rewritten: "
+                            f"{sorted(set(stats.unapplied.values()))[:3]}")
 
 
 def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude, refused: list,
@@ -1019,7 +1021,7 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
         return 0, 0
     from . import heads
 
-    plans: dict[int, dict[str, np.ndarray]] = {}
+    plan = Plan(anchor="mo")  # each block's constants on its output MatMul
     before = after = 0
     for g in groups:
         b = g.attention
@@ -1034,13 +1036,13 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
             p["bo"] = (ir.const_value(b["bo"]) + delta).astype(np.float32)
         before += g.params
         after += sum(p[f"w{t}"].size for t in "qkvo")
-        plans[id(b["mo"])] = p
-    stats = apply_rules(model, heads.head_rules(plans))
-    done = sum(r.applied for r in stats.rules.values())
-    if done != len(plans):
+        plan.add(b["mo"], p)
+    stats = apply_rules(model, heads.head_rules(), plan=plan)
+    if stats.unapplied:
         from ..errors import InvalidModelError
 
-        raise InvalidModelError(f"attention-head pruning rewrote {done} of {len(plans)} blocks")
+        raise InvalidModelError(f"attention-head pruning left {len(stats.unapplied)} of {len(plan)} blocks: "
+                                f"{sorted(set(stats.unapplied.values()))[:3]}")
     return before, after
 
 

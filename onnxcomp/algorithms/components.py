@@ -3,19 +3,18 @@
 Structured pruning changes shapes across many nodes at once (a channel group, an attention block, the whole
 residual stream). A `Component` lists those nodes, the tensors they read from outside (pattern variables) and
 the outputs read after them; `component_rule` turns components of one wiring into one engine rule whose pattern
-is that wiring, whose check picks the planned component by its nodes, and whose replacement rebuilds the nodes
-with the planned constants -- so the engine checks every replacement like any other rewrite.
+is that wiring, with a plan that puts each component on its root node; the replacement rebuilds the nodes
+with the component's constants -- so the engine checks every replacement like any other rewrite.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..rewrite import GraphIndex, RewriteRule, fail
+from ..rewrite import GraphIndex, Plan, RewriteRule, fail
 
 
 @dataclass
@@ -57,13 +56,14 @@ def component(nodes: list[gs.Node], new_const: dict[tuple[int, int], np.ndarray]
     return Component(seq, ext, outputs, new_const, tensors)
 
 
-def component_rule(k: int, comps: list[Component], name: str = "prune-channels") -> RewriteRule:
-    """One rule for components of one signature: the pattern is their common structure, the check picks the
-    planned component by its nodes, the replacement rebuilds that component with its new constants."""
+def component_rule(k: int, comps: list[Component], name: str = "prune-channels") -> tuple[RewriteRule, Plan]:
+    """One rule for components of one signature, and the plan that puts each component on its root node: the
+    pattern is their common structure, the check confirms the match bound the planned nodes, the replacement
+    rebuilds them with the component's new constants."""
     first = comps[0]
     var_names = list(first.ext.values())
     root_pos = next(i for i, n in enumerate(first.seq) if any(t is first.outputs[0] for t in n.outputs))
-    by_root = {id(c.seq[root_pos]): c for c in comps}
+    plan = Plan((c.seq[root_pos], c) for c in comps)
     pos = {id(t): (i, j) for i, n in enumerate(first.seq) for j, t in enumerate(n.outputs)}
     out_pos = [pos[id(t)] for t in first.outputs]
 
@@ -81,25 +81,20 @@ def component_rule(k: int, comps: list[Component], name: str = "prune-channels")
         res = tuple(val[id(t)] for t in first.outputs)
         return res if len(res) > 1 else res[0]
 
-    pattern.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("op", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        + [inspect.Parameter(v, inspect.Parameter.POSITIONAL_OR_KEYWORD) for v in var_names])
     pattern.__name__ = f"channel_component_{k}"
 
-    def check(ctx, **b):  # the planned nodes, in any order the wiring allows (readers of one tensor may swap)
-        comp = by_root.get(id(b.get(f"n{root_pos}")))
-        if comp is None or {id(b.get(f"n{i}")) for i in range(len(comp.seq))} != {id(n) for n in comp.seq}:
-            return fail("not a planned component")
+    def check(ctx, decision: Component, **b):  # the planned nodes, in any order the wiring allows
+        if {id(b.get(f"n{i}")) for i in range(len(decision.seq))} != {id(n) for n in decision.seq}:
+            return fail("the match binds other nodes than the planned component")
         return True
 
-    def replacement(op, **b):  # rebuilt from the planned nodes' own inputs; outputs in the match's order
-        comp = by_root[id(b[f"n{root_pos}"])]
-        val: dict[int, gs.Tensor] = dict(comp.tensors)
-        for n in comp.seq:
+    def replacement(op, decision: Component, **b):  # rebuilt from the planned nodes' own inputs, match's order
+        val: dict[int, gs.Tensor] = dict(decision.tensors)
+        for n in decision.seq:
             ins = []
             for j, t in enumerate(n.inputs):
-                if (id(n), j) in comp.consts:
-                    ins.append(op.const(comp.consts[(id(n), j)], name=f"{t.name}_pruned"))
+                if (id(n), j) in decision.consts:
+                    ins.append(op.const(decision.consts[(id(n), j)], name=f"{t.name}_pruned"))
                 elif not t.name:
                     ins.append(None)
                 else:
@@ -112,4 +107,4 @@ def component_rule(k: int, comps: list[Component], name: str = "prune-channels")
         res = [val[id(b[f"n{i}"].outputs[j])] for i, j in out_pos]
         return tuple(res) if len(res) > 1 else res[0]
 
-    return RewriteRule(f"{name}-{k}", pattern, replacement, check)
+    return RewriteRule(f"{name}-{k}", pattern, replacement, check, variables=var_names), plan

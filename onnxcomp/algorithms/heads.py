@@ -179,17 +179,13 @@ def _shape_with(op, t: gs.Tensor, pos: int, value: int, name: str) -> gs.Tensor:
     return op.Concat(*ins, axis=concat.attrs.get("axis", 0))
 
 
-def head_rules(plans: dict[int, dict[str, np.ndarray]]) -> list[RewriteRule]:
-    """Rules rebuilding each planned block (keyed by id of its output MatMul) with the planned constants:
+def head_rules() -> list[RewriteRule]:
+    """Rules rebuilding each block of a plan anchored at its output MatMul ("mo") with the decided constants:
     'wq','bq','wk','bk','wv','bv' (kept columns), 'wo' (kept, refitted rows), optional 'bo', and 'heads'."""
 
-    def check(ctx, **b):
-        if id(b["mo"]) not in plans:
-            return fail("not a planned attention block")
-        return True
-
-    def replacement(op, xq, wq, bq, sq, xk, wk, bk, sk, xv, wv, bv, sv, scale, so, wo, mask=None, bo=None, **n):
-        p = plans[id(n["mo"])]
+    def replacement(op, xq, wq, bq, sq, xk, wk, bk, sk, xv, wv, bv, sv, scale, so, wo, decision, mask=None, bo=None,
+                    **n):
+        p = decision
         h, d = int(p["heads"]), _head_shape(sq)[1]
 
         def proj(x, w, b, s, tag):
@@ -210,4 +206,4 @@ def head_rules(plans: dict[int, dict[str, np.ndarray]]) -> list[RewriteRule]:
             y = op.Add(y, op.const(p["bo"], name=f"{bo.name}_heads") if "bo" in p else bo)
         return y
 
-    return [RewriteRule(f"prune-heads-{p.__name__}", p, replacement, check) for p in _PATTERNS]
+    return [RewriteRule(f"prune-heads-{p.__name__}", p, replacement) for p in _PATTERNS]

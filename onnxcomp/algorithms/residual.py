@@ -222,11 +222,10 @@ def slice_stream(model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[int, i
             nodes.append(add)
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}
     spec = component(nodes, new, order, GraphIndex(model.graph))
-    rule = component_rule(0, [spec], name="slice-residual-stream")
-    stats = apply_rules(model, [rule])
-    if stats.rules[rule.name].applied != 1:
+    rule, plan = component_rule(0, [spec], name="slice-residual-stream")
+    stats = apply_rules(model, [rule], plan=plan)
+    if stats.unapplied:
         from ..errors import InvalidModelError
 
-        raise InvalidModelError(f"residual-stream slicing was not applied: "
-                                f"{sorted(stats.rules[rule.name].rejected)[:3]}")
+        raise InvalidModelError(f"residual-stream slicing was not applied: {sorted(stats.unapplied.values())[:3]}")
     return before, after

@@ -104,11 +104,12 @@ HOLDOUT_EVERY = 5
 def split_holdout(feeds: list[Feed], every: int = HOLDOUT_EVERY) -> tuple[list[Feed], list[Feed]]:
     """(calibration, validation): every `every`-th sample (the last when fewer) held back for validation, so the
     accuracy reported is measured on samples calibration did not see. One sample cannot be split: ([f], [f])."""
+    keep_checked = (lambda part: CheckedFeeds(part, feeds.specs)) if isinstance(feeds, CheckedFeeds) else list
     if len(feeds) < 2:
-        return list(feeds), list(feeds)
+        return keep_checked(feeds), keep_checked(feeds)
     held = [i for i in range(len(feeds)) if i % every == every - 1] or [len(feeds) - 1]
     keep = set(held)
-    return [f for i, f in enumerate(feeds) if i not in keep], [feeds[i] for i in held]
+    return keep_checked([f for i, f in enumerate(feeds) if i not in keep]), keep_checked([feeds[i] for i in held])
 
 
 def load_feeds(
@@ -138,6 +139,8 @@ def load_feeds(
             f"{what}: unsupported source of type {type(source).__name__}; expected an iterable of dicts, a "
             "CalibrationDataReader, a path to an .npz file, or a directory of .npz files"
         )
+    elif isinstance(source, CheckedFeeds) and source.specs == tuple(specs):
+        return source if limit is None or len(source) <= limit else CheckedFeeds(source[:limit], specs)
     else:
         feeds = list(itertools.islice(iter(source), limit))
     return check_feeds(feeds, specs, what)
@@ -354,6 +357,15 @@ def _check_sample(feed: Mapping[str, Any], i: int, specs: Sequence[InputSpec], w
     return new
 
 
+class CheckedFeeds(list):
+    """Feeds `check_feeds` accepted for `specs`: checking them again against the same inputs returns them as they
+    are (compress checks the user's data once; validation, calibration and back-off rounds reuse it)."""
+
+    def __init__(self, feeds: Iterable[Feed], specs: Sequence[InputSpec]):
+        super().__init__(feeds)
+        self.specs = tuple(specs)
+
+
 def check_feeds(feeds: Iterable[Any], specs: Sequence[InputSpec], what: str = "calibration data") -> list[Feed]:
     """Check every sample against the model's inputs and return new dicts of arrays (inputs are not mutated).
 
@@ -362,6 +374,8 @@ def check_feeds(feeds: Iterable[Any], specs: Sequence[InputSpec], what: str = "c
     two values within one sample (``sequence_length`` of input_ids vs attention_mask). NaN/inf are accepted (see
     ``nonfinite_values``).
     """
+    if isinstance(feeds, CheckedFeeds) and feeds.specs == tuple(specs):
+        return feeds
     feeds = list(feeds)
     if not feeds:
         raise CalibrationDataError(f"{what} is empty: got no samples")
@@ -370,7 +384,7 @@ def check_feeds(feeds: Iterable[Any], specs: Sequence[InputSpec], what: str = "c
     for i, feed in enumerate(feeds):
         _check_names(feed, i, specs, by_name, what)
         out.append(_check_sample(feed, i, specs, what))
-    return out
+    return CheckedFeeds(out, specs)
 
 
 # --------------------------------------------------------------------------------------------- generate

@@ -49,7 +49,7 @@ from onnx import TensorProto, helper
 
 from .. import ir
 from ..errors import CalibrationDataError, RecipeError
-from ..rewrite import RewriteRule, apply_rules, fail
+from ..rewrite import Plan, RewriteRule, apply_rules
 from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_ops, find_weight_layers,
                                  quantized_weights_note, weight_pattern2, weight_pattern3)
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
@@ -444,14 +444,13 @@ class Lowrank(WeightPass):
                 lay.rank = lay.ranks[0]
         return {lay.layer.name: lay for lay in plan if lay.rank and not lay.skip}
 
-    def _factorize(self, chosen: dict[str, _Layer]
-                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
-        """The float32 factors (A, B) of each chosen layer by name, and its report row."""
-        factors = {}
+    def _factorize(self, chosen: dict[str, _Layer]) -> tuple[Plan, list[dict[str, Any]]]:
+        """The plan (each chosen layer's node -> its float32 factors (A, B)) and each layer's report row."""
+        factors = Plan()
         rows_out = []
         for lay in chosen.values():
             a, b = lay.spec.factors(lay.rank, self.refit, lay.m)
-            factors[lay.layer.name] = (a.astype(np.float32), b.astype(np.float32))
+            factors.add(lay.layer.node, (a.astype(np.float32), b.astype(np.float32)))
             rows_out.append(self._row(lay, a @ b if self.refit and lay.spec.gram is not None else None))
         return factors, rows_out
 
@@ -571,20 +570,17 @@ def _time_chosen(chosen: dict[str, _Layer], speed_rows: int, providers: Any) -> 
             lay.speed[lay.rank] = _time_pair(lay, lay.rank, conv, speed_rows, providers)
 
 
-def _apply(model: ir.Model, factors: dict[str, tuple[np.ndarray, np.ndarray]], rows_out: list[dict[str, Any]],
-           skipped: list[dict[str, Any]], notes: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+def _apply(model: ir.Model, factors: Plan, rows_out: list[dict[str, Any]], skipped: list[dict[str, Any]],
+           notes: list[str]) -> tuple[Any, list[dict[str, Any]]]:
     """Rewrite the factorized layers into `model`; the engine's stats and the rows of the layers it rewrote."""
-    stats = apply_rules(model, _rules(factors))
-    left = {n.name for g in ir.iter_graphs(model.graph) for n in g.nodes} & set(factors)
-    for row in rows_out:  # a rewrite the engine refused (its type/shape check) leaves the node dense
+    stats = apply_rules(model, _RULES, plan=factors)
+    left = stats.unapplied  # a rewrite the engine refused (its type/shape check) leaves the node dense
+    for row in rows_out:
         if row["node"] in left:
             skipped.append({"node": row["node"], "reason": "rewrite rejected by the engine (see notes)"})
     rows_out = [row for row in rows_out if row["node"] not in left]
-    for name, st in stats.rules.items():
-        for reason, cnt in st.rejected.items():
-            if "check failed: not planned" in reason or reason.startswith("no match"):
-                continue
-            notes.append(f"rule {name}: {cnt} rewrite(s) rejected: {reason}")
+    for node, reason in sorted(left.items()):
+        notes.append(f"node {node}: factorized rewrite rejected: {reason}")
     return stats, rows_out
 
 
@@ -648,39 +644,37 @@ def _conv_speed_shape(wl: WeightLayer) -> Optional[dict]:
     return {"cin": int(w.shape[1]), "kernel": list(w.shape[2:]), "spatial": list(shape[2:]), "attrs": attrs}
 
 
-def _rules(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[RewriteRule]:
-    """Rewrite rules replacing each planned node (looked up by name) with its two factors."""
+def _matmul(op, x, w, node, decision):
+    fa, fb = decision
+    h = op.MatMul(x, op.const(fa, name=f"{w.name}_lowrank_a"))
+    return op.MatMul(h, op.const(fb, name=f"{w.name}_lowrank_b"))
 
-    def check(ctx, x, w, node, b=None):
-        return True if node.name in factors else fail("not planned")
 
-    def matmul(op, x, w, node):
-        fa, fb = factors[node.name]
-        h = op.MatMul(x, op.const(fa, name=f"{w.name}_lowrank_a"))
+def _gemm(op, x, w, node, decision, b=None):
+    fa, fb = decision
+    h = op.MatMul(x, op.const(fa, name=f"{w.name}_lowrank_a"))
+    if b is None:
         return op.MatMul(h, op.const(fb, name=f"{w.name}_lowrank_b"))
+    t = int(node.attrs.get("transB", 0))  # the second Gemm keeps the layout, C and beta; alpha is in the factors
+    return op.Gemm(h, op.const(np.ascontiguousarray(fb.T) if t else fb, name=f"{w.name}_lowrank_b"), b,
+                   transB=t, beta=float(node.attrs.get("beta", 1.0)))
 
-    def gemm(op, x, w, node, b=None):
-        fa, fb = factors[node.name]
-        h = op.MatMul(x, op.const(fa, name=f"{w.name}_lowrank_a"))
-        if b is None:
-            return op.MatMul(h, op.const(fb, name=f"{w.name}_lowrank_b"))
-        t = int(node.attrs.get("transB", 0))  # the second Gemm keeps the layout, C and beta; alpha is in the factors
-        return op.Gemm(h, op.const(np.ascontiguousarray(fb.T) if t else fb, name=f"{w.name}_lowrank_b"), b,
-                       transB=t, beta=float(node.attrs.get("beta", 1.0)))
 
-    def conv(op, x, w, node, b=None):
-        fa, fb = factors[node.name]
-        cout, cin, *kernel = np.asarray(ir.const_value(w)).shape
-        r = fa.shape[1]
-        ak = np.ascontiguousarray(fa.T.reshape(r, cin, *kernel))
-        bk = np.ascontiguousarray(fb.T.reshape(cout, r, *([1] * len(kernel))))
-        attrs = {k: v for k, v in node.attrs.items() if k != "kernel_shape"}
-        h = op.Conv(x, op.const(ak, name=f"{w.name}_lowrank_a"), kernel_shape=kernel, **attrs)
-        ins = [h, op.const(bk, name=f"{w.name}_lowrank_b")] + ([b] if b is not None else [])
-        return op.Conv(*ins, kernel_shape=[1] * len(kernel))
+def _conv(op, x, w, node, decision, b=None):
+    fa, fb = decision
+    cout, cin, *kernel = np.asarray(ir.const_value(w)).shape
+    r = fa.shape[1]
+    ak = np.ascontiguousarray(fa.T.reshape(r, cin, *kernel))
+    bk = np.ascontiguousarray(fb.T.reshape(cout, r, *([1] * len(kernel))))
+    attrs = {k: v for k, v in node.attrs.items() if k != "kernel_shape"}
+    h = op.Conv(x, op.const(ak, name=f"{w.name}_lowrank_a"), kernel_shape=kernel, **attrs)
+    ins = [h, op.const(bk, name=f"{w.name}_lowrank_b")] + ([b] if b is not None else [])
+    return op.Conv(*ins, kernel_shape=[1] * len(kernel))
 
-    return [RewriteRule("lowrank-matmul", weight_pattern2("MatMul"), matmul, check),
-            RewriteRule("lowrank-gemm-2", weight_pattern2("Gemm"), gemm, check),
-            RewriteRule("lowrank-gemm-3", weight_pattern3("Gemm"), gemm, check),
-            RewriteRule("lowrank-conv-2", weight_pattern2("Conv"), conv, check),
-            RewriteRule("lowrank-conv-3", weight_pattern3("Conv"), conv, check)]
+
+#: each planned node -> its two factors (the plan's decision: (A, B))
+_RULES = [RewriteRule("lowrank-matmul", weight_pattern2("MatMul"), _matmul),
+          RewriteRule("lowrank-gemm-2", weight_pattern2("Gemm"), _gemm),
+          RewriteRule("lowrank-gemm-3", weight_pattern3("Gemm"), _gemm),
+          RewriteRule("lowrank-conv-2", weight_pattern2("Conv"), _conv),
+          RewriteRule("lowrank-conv-3", weight_pattern3("Conv"), _conv)]

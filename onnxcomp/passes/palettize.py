@@ -33,7 +33,8 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..errors import CalibrationDataError, InternalError, RecipeError
-from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
+from ..rewrite import Plan, RewriteRule, apply_rules, fail, find_matches, query
+from ..rewrite.sweeps import take_back_names
 from ..algorithms import palette
 from ..algorithms.select import (ALREADY_QUANTIZED, WEIGHT_OPS, WeightLayer, check_ops, embedding_pattern,
                                  embedding_problem, find_weight_layers, is_excluded, weight_pattern2, weight_pattern3)
@@ -700,9 +701,8 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
     """Every reader of a palettized weight -> the same node reading the weight's decode (one decode per weight)."""
     if not tensors:
         return
-    plan = {id(layer.node): t for t in tensors for layer in t.layers}
-    plan.update({id(n): t for t in tensors for n in t.lookups})
-    plan.update({id(n): t for t in tensors for n, _ in t.quantized})
+    plan = Plan([(layer.node, t) for t in tensors for layer in t.layers]
+                + [(n, t) for t in tensors for n in t.lookups] + [(n, t) for t in tensors for n, _ in t.quantized])
     made: dict[str, gs.Tensor] = {}
 
     def decoded(op, t: _Tensor) -> gs.Tensor:
@@ -710,37 +710,29 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
             made[t.name] = _decode(op, t)
         return made[t.name]
 
-    def selected(ctx, node, **_):
-        return True if id(node) in plan else fail("not selected for palettization")
-
-    def replacement(op, x, w, node, b=None):
-        ins = [x, decoded(op, plan[id(node)])] + ([b] if b is not None else [])
+    def replacement(op, x, w, node, decision: _Tensor, b=None):
+        ins = [x, decoded(op, decision)] + ([b] if b is not None else [])
         return getattr(op, node.op)(*ins, _name=node.name, **node.attrs)
 
-    def lookup(op, w, idx, node):
-        return op.Gather(decoded(op, plan[id(node)]), idx, _name=node.name, **node.attrs)
+    def lookup(op, w, idx, node, decision: _Tensor):
+        return op.Gather(decoded(op, decision), idx, _name=node.name, **node.attrs)
 
-    def quantized(op, q, s, node, x=None, z=None, b=None):
-        ins = [t for t in (x, decoded(op, plan[id(node)]), s, z, b) if t is not None]
+    def quantized(op, q, s, node, decision: _Tensor, x=None, z=None, b=None):
+        ins = [t for t in (x, decoded(op, decision), s, z, b) if t is not None]
         return getattr(op, node.op)(*ins, _domain=node.domain or None, _name=node.name, **node.attrs)
 
     rules = []
     if any(t.quantized for t in tensors):
-        rules += [RewriteRule(f"palettize-quantized-{n}", f, quantized, selected)
-                  for n, f in _QUANTIZED_PATTERNS]
+        rules += [RewriteRule(f"palettize-quantized-{n}", f, quantized) for n, f in _QUANTIZED_PATTERNS]
     for op_type in sorted({layer.op for t in tensors for layer in t.layers}):
-        rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement, selected))
+        rules.append(RewriteRule(f"palettize-{op_type.lower()}", weight_pattern2(op_type), replacement))
         if op_type != "MatMul":
-            rules.append(RewriteRule(f"palettize-{op_type.lower()}-bias", weight_pattern3(op_type), replacement,
-                                     selected))
+            rules.append(RewriteRule(f"palettize-{op_type.lower()}-bias", weight_pattern3(op_type), replacement))
     if any(t.lookups for t in tensors):
-        rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup, selected))
-    stats = apply_rules(model, rules)
+        rules.append(RewriteRule("palettize-embedding", embedding_pattern, lookup))
+    stats = apply_rules(model, rules, plan=plan)
     missing = [n.name for t in tensors for n in t.w.outputs]  # readers still on the original weight
     if missing:
         raise InternalError(f"palettize: the rewrite of {missing[:3]} was refused by the engine, which leaves "
                             f"their shared decode unused: {stats.explain(3)}")
-    taken = {t.name for g in ir.iter_graphs(model.graph) for n in g.nodes for t in list(n.inputs) + list(n.outputs)}
-    for name, out in made.items():  # the decoded weight takes the old weight's name when it is free
-        if out.name != name and name not in taken:
-            out.name = name
+    take_back_names(model.graph, made)  # the new weight takes the old one's name when it is free

@@ -35,8 +35,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, storage
-from ..errors import CalibrationDataError, RecipeError
-from ..rewrite import RewriteRule, apply_rules, fail
+from ..errors import CalibrationDataError, InternalError, RecipeError
+from ..rewrite import Plan, RewriteRule, apply_rules
+from ..rewrite.sweeps import take_back_names
 from ..algorithms import sparsegpt as sg
 from ..algorithms.unfold import unfold_conv
 from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, find_weight_layers, quantized_weights_note,
@@ -482,14 +483,11 @@ def _prune(u: _Unit, method: str, pattern: sg.SparsityPattern, sparsity: float, 
 
 def _rewrite(model: ir.Model, units: list[_Unit]) -> None:
     """Each selected layer -> the same op reading its unit's new weight (one new constant per unit)."""
-    plan = {id(layer.node): u for u in units for layer in u.layers}
+    plan = Plan((layer.node, u) for u in units for layer in u.layers)
     made: dict[str, gs.Constant] = {}
 
-    def check(ctx, x, w, node, b=None):
-        return True if id(node) in plan else fail("not selected for pruning")
-
-    def replacement(op, x, w, node, b=None):
-        u = plan[id(node)]
+    def replacement(op, x, w, node, decision: _Unit, b=None):
+        u = decision
         c = made.get(u.name)
         if c is None:
             c = made[u.name] = op.const(u.result.weight, name=u.name)
@@ -498,14 +496,14 @@ def _rewrite(model: ir.Model, units: list[_Unit]) -> None:
 
     rules = []
     for op_type in sorted({layer.op for u in units for layer in u.layers}):
-        rules.append(RewriteRule(f"sparsify-{op_type.lower()}", weight_pattern2(op_type), replacement, check))
+        rules.append(RewriteRule(f"sparsify-{op_type.lower()}", weight_pattern2(op_type), replacement))
         if op_type != "MatMul":
-            rules.append(RewriteRule(f"sparsify-{op_type.lower()}-bias", weight_pattern3(op_type), replacement, check))
-    apply_rules(model, rules)
-    taken = {t.name for g in ir.iter_graphs(model.graph) for n in g.nodes for t in list(n.inputs) + list(n.outputs)}
-    for name, c in made.items():  # give the new weight the old name back when the old one is gone
-        if c.name != name and name not in taken:
-            c.name = name
+            rules.append(RewriteRule(f"sparsify-{op_type.lower()}-bias", weight_pattern3(op_type), replacement))
+    stats = apply_rules(model, rules, plan=plan)
+    if stats.unapplied:
+        raise InternalError(f"sparsify: the engine refused the planned rewrite of {len(stats.unapplied)} layer(s), "
+                            f"e.g. {sorted(stats.unapplied.items())[:2]}")
+    take_back_names(model.graph, made)  # the new weight takes the old one's name when it is free
 
 
 def _summary(units: list[_Unit], rejections: dict[str, str], source: onnx.ModelProto) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import onnx_graphsurgeon as gs
 
 from ..ir import Model, gc_paused, iter_graphs
 from .index import GraphIndex, remove_from
-from .matcher import Matcher
+from .matcher import Match, Matcher
+from .plan import Plan
 from .rule import DEFAULT_OPSET, GraphBuilder, RewriteContext, RewriteRule, RuleSet, onnx_dtype
 
 _MAX_ALTERNATIVES = 8  # matches tried per root when checks reject the first ones
@@ -46,6 +47,8 @@ class RewriteStats:
     rules: dict[str, RuleStats]
     iterations: int = 0
     fixpoint: bool = True
+    #: with a plan: planned node name -> why it was not rewritten (empty when the whole plan was applied)
+    unapplied: dict[str, str] = field(default_factory=dict)
 
     @property
     def applied(self) -> int:
@@ -82,17 +85,24 @@ def _omitted(t: Any) -> bool:
 class RewriteDriver:
     """Runs rules to a fixpoint over a Model (main graph first, then If/Loop/Scan bodies)."""
 
-    def __init__(self, rules: RuleSet, opsets: dict[str, int], max_steps_factor: int = 20):
+    def __init__(self, rules: RuleSet, opsets: dict[str, int], max_steps_factor: int = 20,
+                 plan: Optional[Plan] = None):
         self.rules = rules
         self.opsets = opsets
         self.max_steps_factor = max_steps_factor
+        self.plan = plan
         self._check_cache: dict[Any, Optional[str]] = {}
         self.stats = RewriteStats({r.name: RuleStats() for r in rules})
+        self._applied: set[int] = set()  # planned nodes rewritten
+        self._refused: dict[int, str] = {}  # root node -> the last reason no rule applied there
 
     def run(self, model: Model) -> RewriteStats:
         with gc_paused():
             for g in list(iter_graphs(model.graph)):
                 self._run_graph(g)
+        if self.plan is not None:
+            self.stats.unapplied = {n.name: self._refused.get(id(n), "no rule matched it")
+                                    for n in self.plan.nodes() if id(n) not in self._applied}
         return self.stats
 
     # ------------------------------------------------------------------------------------------
@@ -107,7 +117,7 @@ class RewriteDriver:
         while work:
             node = work.popleft()
             queued.discard(id(node))
-            if not index.alive(node):
+            if not index.alive(node) or (self.plan is not None and self.plan.anchor is None and node not in self.plan):
                 continue
             steps += 1
             if steps > limit:
@@ -131,7 +141,8 @@ class RewriteDriver:
         rule's check and the type checks is committed; otherwise the last reason is recorded."""
         st = self.stats.rules[rule.name]
         st.tried += 1
-        cands = _Candidates(rule, node, index, ctx, self.opsets.get("", DEFAULT_OPSET), check_prefix="check failed: ")
+        cands = _Candidates(rule, node, index, ctx, self.opsets.get("", DEFAULT_OPSET), check_prefix="check failed: ",
+                            plan=self.plan)
         for m in cands:
             builder = GraphBuilder(ctx)
             try:
@@ -150,8 +161,12 @@ class RewriteDriver:
                         remove_from(t.outputs, n)
                 cands.refusal = str(e)
                 continue
+            if self.plan is not None:
+                self._applied.add(id(self.plan.anchor_of(node, m.bindings)))
             return self._commit(builder, m, new_outs, index, st)
-        st.reject(cands.refusal if cands.refusal is not None else f"no match: {cands.matcher.reason}", node.name)
+        reason = cands.refusal if cands.refusal is not None else f"no match: {cands.matcher.reason}"
+        st.reject(reason, node.name)
+        self._refused[id(node)] = reason
         return None
 
     # ------------------------------------------------------------------------------------------
@@ -368,16 +383,18 @@ def _attr_proto_value(v: Any) -> Any:
     return v
 
 
-def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optional[dict[str, int]] = None
-                ) -> RewriteStats:
-    """Apply rules to a fixpoint over the model; returns per-rule statistics (see RewriteStats.explain)."""
+def apply_rules(model: Model, rules: RuleSet | list[RewriteRule], opsets: Optional[dict[str, int]] = None,
+                plan: Optional[Plan] = None) -> RewriteStats:
+    """Apply rules to a fixpoint over the model; returns per-rule statistics (see RewriteStats.explain). With a
+    `plan` (see plan.py) the rules apply only where it has a decision, which check and replacement receive as
+    `decision`; `stats.unapplied` lists the planned nodes left as they were, with why."""
     rs = rules if isinstance(rules, RuleSet) else RuleSet(rules)
     queries = [r.name for r in rs if r.replacement_fn is None]
     if queries:
         raise ValueError(f"apply_rules: {queries} are queries (no replacement); use find_matches")
     if opsets is None:
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.meta.opset_import}
-    return RewriteDriver(rs, opsets).run(model)
+    return RewriteDriver(rs, opsets, plan=plan).run(model)
 
 
 class _Candidates:
@@ -386,10 +403,10 @@ class _Candidates:
     and find_matches start from. `refusal` is why the last one tried was refused (None: none was)."""
 
     def __init__(self, rule: RewriteRule, node: gs.Node, index: GraphIndex, ctx: RewriteContext, opset: int,
-                 exclusive: bool = True, check_prefix: str = ""):
+                 exclusive: bool = True, check_prefix: str = "", plan: Optional[Plan] = None):
         self.rule, self.node, self.index, self.ctx = rule, node, index, ctx
         self.matcher = Matcher(rule.pattern, index, opset)
-        self.exclusive, self.check_prefix = exclusive, check_prefix
+        self.exclusive, self.check_prefix, self.plan = exclusive, check_prefix, plan
         self.refusal: Optional[str] = None
 
     def __iter__(self):
@@ -402,6 +419,12 @@ class _Candidates:
             except _Reject as e:
                 self.refusal = str(e)
                 continue
+            if self.plan is not None:  # the pass's decision for this match, given to check and replacement
+                anchor = self.plan.anchor_of(self.node, m.bindings)
+                if anchor is None or anchor not in self.plan:
+                    self.refusal = "not in the plan"
+                    continue
+                m = Match({**m.bindings, "decision": self.plan.decision(anchor)}, m.nodes, m.outputs)
             res = self.rule.check(self.ctx, m.bindings)
             if not res:
                 self.refusal = self.check_prefix + res.reason

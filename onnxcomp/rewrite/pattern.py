@@ -118,12 +118,16 @@ def _to_value(v: Any) -> Optional[ValuePattern]:
 class Pattern:
     """A pattern DAG built once from a function; outputs are the values the replacement substitutes."""
 
-    def __init__(self, fn: Callable[..., Any]):
+    def __init__(self, fn: Callable[..., Any], variables: Optional[Sequence[str]] = None):
+        """`variables`: the names of the pattern's inputs for a generated `fn(op, *values)` (default: the
+        parameters of `fn` after `op`)."""
         self.fn = fn
-        params = list(inspect.signature(fn).parameters)
-        if not params or params[0] != "op":
-            raise TypeError(f"pattern function {fn.__name__} must take `op` as its first argument")
-        self.var_names = params[1:]
+        if variables is None:
+            params = list(inspect.signature(fn).parameters)
+            if not params or params[0] != "op":
+                raise TypeError(f"pattern function {fn.__name__} must take `op` as its first argument")
+            variables = params[1:]
+        self.var_names = list(variables)
         out = fn(OpPattern(), *[Var(n) for n in self.var_names])
         outs: Sequence[Any] = out if isinstance(out, (tuple, list)) else (out,)
         for o in outs:

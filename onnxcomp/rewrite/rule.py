@@ -123,10 +123,12 @@ class RewriteRule:
     pattern_fn: Callable[..., Any]
     replacement_fn: Optional[Callable[..., Any]]
     check_fn: Optional[CheckFn] = None
+    #: input names of a generated pattern function `fn(op, *values)` (default: its parameters after `op`)
+    variables: Optional[Sequence[str]] = None
     pattern: Pattern = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pattern = Pattern(self.pattern_fn)
+        self.pattern = Pattern(self.pattern_fn, self.variables)
 
     @property
     def root_op(self) -> str:
