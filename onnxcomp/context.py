@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import onnx
 
-from .calibration import StatisticsCache
+from .calibration import ProbeErrors, StatisticsCache
 from .progress import Counter, Progress
 
 
@@ -26,6 +26,8 @@ class PassContext:
     progress: Optional[Progress] = None
     warnings: list[str] = field(default_factory=list)
     statistics: StatisticsCache = field(default_factory=StatisticsCache)
+    #: sensitivity probe errors, reused by back-off rounds (algorithms.sensitivity.WeightProbe)
+    probe_errors: ProbeErrors = field(default_factory=ProbeErrors)
 
     def warn(self, text: str) -> None:
         """Add a warning once (the same text from a later back-off round is not repeated)."""
@@ -35,6 +37,12 @@ class PassContext:
     def counter(self, step: str, total: int) -> Counter:
         """A progress counter for a loop of `total` items inside a pass (sensitivity probes, speed checks)."""
         return Counter(self.progress, step, total)
+
+    def probe_args(self, model: onnx.ModelProto, step: str, probes: int) -> dict[str, Any]:
+        """What a WeightProbe on `model` takes from this compression: providers, a progress counter sized to
+        `probes`, and the errors measured before (back-off rounds ask for the same candidates again)."""
+        return {"providers": self.providers, "counter": self.counter(step, probes), "errors": self.probe_errors,
+                "digest": self.statistics.digest(model)}
 
     def collect(self, model: onnx.ModelProto, tensor_names, feeds, **kwargs):
         """`calibration.collect_statistics` through this compression's cache (same model, request and samples:

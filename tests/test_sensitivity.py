@@ -59,3 +59,46 @@ def test_allocate_gives_back_an_overshoot():
     # the cheapest rate takes a to its smallest option (total 11 for a budget of 16); a's middle option fits
     choices = {"a": [(10, 0.0), (6, 0.0045), (1, 0.009)], "b": [(10, 0.0), (9, 0.5)]}
     assert allocate(choices, budget=16) == {"a": 1, "b": 0}
+
+
+def test_probe_errors_are_reused_and_equal_to_a_fresh_measurement():
+    from onnxcomp.calibration import ProbeErrors, model_digest
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["n", 6])], [vi("y", ["n", 4])],
+                   [numpy_helper.from_array(w, "W")])
+    feeds = [{"x": rng.standard_normal((3, 6)).astype(np.float32)} for _ in range(2)]
+    cut = {"W": np.where(np.abs(w) < 0.5, 0, w).astype(np.float32)}
+    errors, digest = ProbeErrors(), model_digest(m)
+    first = WeightProbe(m, ["W"], feeds, errors=errors, digest=digest)
+    e1 = first.error(cut)
+    again = WeightProbe(m, ["W"], feeds, errors=errors, digest=digest)
+    assert again.error(cut) == e1 and again.session is None  # answered without a session
+    assert (errors.hits, errors.misses) == (1, 1)
+    assert WeightProbe(m, ["W"], feeds).error(cut) == e1  # the same as measuring afresh
+    other = dict(cut, W=cut["W"] * 0)  # other weights, other samples or another model: measured
+    assert again.error(other) != e1
+    assert WeightProbe(m, ["W"], feeds[:1], errors=errors, digest=digest).error(cut) != e1
+    assert WeightProbe(m, ["W"], feeds, errors=errors, digest="another model").session is None
+    assert errors.misses == 3
+
+
+def test_backoff_rounds_take_probe_errors_from_the_first_round(monkeypatch):
+    import onnxcomp
+    from onnxcomp import testing as fx
+
+    opened = []
+    real = WeightProbe._open
+    monkeypatch.setattr(WeightProbe, "_open", lambda self: opened.append(len(self.names)) or real(self))
+    x = fx.digits_data()["x_test_flat"].astype(np.float32)
+    recipe = {"passes": [{"type": "sparsify", "sparsity": 0.8, "allocation": "sensitivity"}],
+              "accuracy_budget": {"cosine": 0.99999}}
+    try:
+        result = onnxcomp.compress(fx.digits_mlp_path(), recipe, calibration_data=[{"input": x[i:i + 20]}
+                                                                                    for i in range(0, 200, 20)])
+    except onnxcomp.AccuracyBudgetError as e:
+        result = e.result
+    rounds = result.report.budget["backoff"]
+    assert len(rounds) >= 1
+    assert len(opened) == 1  # one probe session, in the first round: the later rounds' errors are all reused

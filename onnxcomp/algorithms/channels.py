@@ -810,9 +810,8 @@ def _allocate(plans, method: str, opts: Any, source: onnx.ModelProto, ctx: PassC
     inits = {t.name for t in source.graph.initializer}
     names = sorted(set(n for n in names if n in inits))
     levels = [sorted({_round_for(g, int(round(f * g.channels))) for f in _LEVELS}) for g, *_ in plans]
-    probe = WeightProbe(source, names, feeds[:16], ctx.providers,
-                        counter=ctx.counter("channels: sensitivity probes",
-                                            sum(sum(1 for k in ks if k) for ks in levels)))
+    probe = WeightProbe(source, names, feeds[:16], **ctx.probe_args(source, "channels: sensitivity probes",
+                                                                     sum(sum(1 for k in ks if k) for ks in levels)))
     choices, level_counts, sens = {}, {}, {}
     budget = 0.0
     for (g, mats, w, h, fixed), ks in zip(plans, levels):

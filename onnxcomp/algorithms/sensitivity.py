@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..calibration import ProbeErrors
 from ..errors import InternalError
 from ..progress import Counter
 from ..runtime import make_session, run_session
@@ -28,35 +29,48 @@ class WeightProbe:
 
     The named initializers become graph inputs of a private copy (the caller's proto is untouched); reference
     outputs come from the same session fed the original weights, so the error measures only the change.
-    `counter` (from `PassContext.counter`, sized to the planned probes) ticks once per `error()` call."""
+    `counter` (from `PassContext.counter`, sized to the planned probes) ticks once per `error()` call. With
+    `errors` (the compression's ProbeErrors) and the model's `digest`, an error measured before (an earlier
+    back-off round) is answered from there; the session is made only when some error has to be measured."""
 
     def __init__(self, proto: onnx.ModelProto, weights: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
-                 providers: Any = None, counter: Counter | None = None):
+                 providers: Any = None, counter: Counter | None = None, errors: ProbeErrors | None = None,
+                 digest: str | None = None):
         self.counter = counter
-        self.feeds = [dict(f) for f in feeds]
+        self.providers = providers
+        self._samples = list(feeds)  # the caller's sample dicts (their ids key the errors)
+        self.feeds = [dict(f) for f in self._samples]
         if not self.feeds:
             from ..errors import CalibrationDataError
 
             raise CalibrationDataError("sensitivity needs at least one sample")
+        self.names = set(weights)
+        missing = self.names - {t.name for t in proto.graph.initializer}
+        if missing:
+            raise InternalError(f"bug in onnxcomp: sensitivity probe asked for weights that are not initializers of "
+                                f"the main graph: {sorted(missing)[:5]}")
+        self._errors = errors if digest is not None else None
+        self._digest = digest
+        self._proto: onnx.ModelProto | None = proto
+        self.session = None
+
+    def _open(self) -> None:
+        """The probe session (the weights as graph inputs) and the reference outputs."""
         probe = onnx.ModelProto()
-        probe.CopyFrom(proto)
-        wanted = set(weights)
+        probe.CopyFrom(self._proto)
+        self._proto = None
         listed = {i.name for i in probe.graph.input}  # IR < 4 models list initializers as inputs already
         keep, self.weights = [], {}
         for t in probe.graph.initializer:
-            if t.name in wanted:
+            if t.name in self.names:
                 self.weights[t.name] = numpy_helper.to_array(t)
                 if t.name not in listed:
                     probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
             else:
                 keep.append(t)
-        missing = wanted - set(self.weights)
-        if missing:
-            raise InternalError(f"bug in onnxcomp: sensitivity probe asked for weights that are not initializers of "
-                                f"the main graph: {sorted(missing)[:5]}")
         del probe.graph.initializer[:]
         probe.graph.initializer.extend(keep)
-        self.session = make_session(probe, providers, name="sensitivity probe").session
+        self.session = make_session(probe, self.providers, name="sensitivity probe").session
         self.outputs = [o.name for o in self.session.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
                                                                                   "tensor(float16)")]
         self.reference = [self._run(f, {}) for f in self.feeds]
@@ -70,17 +84,26 @@ class WeightProbe:
 
     def error(self, replace: Mapping[str, np.ndarray]) -> float:
         """sum ||y' - y||^2 / sum ||y||^2 over every feed and float output (0 = identical; inf on NaN/inf)."""
-        bad = [n for n in replace if n not in self.weights]
+        bad = [n for n in replace if n not in self.names]
         if bad:
             raise InternalError(f"bug in onnxcomp: sensitivity probe asked to replace weights it does not probe: "
                                 f"{bad[:5]}")
         try:
-            return self._error(replace)
+            if self._errors is None:
+                return self._error(replace)
+            key = self._errors.key(self._digest, self._samples, self.providers, replace)
+            err = self._errors.get(key)
+            if err is None:
+                err = self._error(replace)
+                self._errors.put(key, err, self._samples)
+            return err
         finally:
             if self.counter is not None:
                 self.counter.tick()
 
     def _error(self, replace: Mapping[str, np.ndarray]) -> float:
+        if self.session is None:
+            self._open()
         err = 0.0
         for feed, ref in zip(self.feeds, self.reference):
             for y, r in zip(self._run(feed, replace), ref):

@@ -9,12 +9,13 @@ lo, hi = compute_range(stats["h"], "percentile", qdtype="uint8")          # lo <
 """
 from __future__ import annotations
 
-from .cache import StatisticsCache, model_digest
+from .cache import ProbeErrors, StatisticsCache, model_digest
 from .collect import collect_statistics
 from .observers import TensorObserver, TensorStats, stats_from_arrays
 from .ranges import QDTYPE_RANGES, RANGE_METHODS, compute_range
 
 __all__ = [
+    "ProbeErrors",
     "StatisticsCache",
     "model_digest",
     "collect_statistics",

@@ -85,3 +85,33 @@ class StatisticsCache:
         if sum(st.gram.nbytes for st in stats.values() if st.gram is not None) <= MEMO_MAX_GRAM_BYTES:
             self._memo.setdefault(key, []).append((wanted, caxes, gaxes, feeds, stats))  # feeds kept: ids stay unique
         return stats
+
+
+class ProbeErrors:
+    """End-to-end errors measured by sensitivity probes, kept for the whole compression: an accuracy-budget
+    back-off round that runs a pass again on the same model and samples asks for the same candidate weights, and
+    gets each error without a session or a run. Keyed by the model's digest, the samples (ids, kept alive), the
+    providers and the candidate weights' bytes (a BLAKE2 digest per array)."""
+
+    def __init__(self) -> None:
+        self._errors: dict[tuple, tuple[float, Any]] = {}  # key -> (error, the samples: kept alive, ids unique)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, digest: str, feeds: Sequence[Mapping[str, Any]], providers: Any,
+            replace: Mapping[str, np.ndarray]) -> tuple:
+        weights = tuple(sorted((n, a.dtype.str, a.shape, hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8),
+                                                                          digest_size=16).digest())
+                               for n, a in ((n, np.asarray(v)) for n, v in replace.items())))
+        return digest, tuple(id(f) for f in feeds), tuple(providers or ()), weights
+
+    def get(self, key: tuple) -> float | None:
+        hit = self._errors.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return hit[0]
+
+    def put(self, key: tuple, error: float, feeds: Sequence[Mapping[str, Any]]) -> None:
+        self._errors[key] = (error, list(feeds))

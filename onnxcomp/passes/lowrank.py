@@ -509,8 +509,8 @@ class Lowrank(WeightPass):
         choices: dict[str, list[tuple[float, float]]] = {}
         if probed:
             probe = WeightProbe(source, [lay.layer.w.name for lay in probed], feeds[: self.sensitivity_samples],
-                                ctx.providers, counter=ctx.counter("lowrank: sensitivity probes",
-                                                                   sum(len(lay.ranks) for lay in probed)))
+                                **ctx.probe_args(source, "lowrank: sensitivity probes",
+                                                 sum(len(lay.ranks) for lay in probed)))
             for lay in probed:
                 opts = [(float(lay.dense_params), 0.0)]
                 for r in lay.ranks:

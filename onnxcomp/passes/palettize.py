@@ -307,8 +307,8 @@ class Palettize(WeightPass):
         if not probed:
             return
         ladder = sorted(set(_LADDER) | {self.bits}, reverse=True)
-        probe = WeightProbe(source, [t.name for t in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers,
-                            counter=ctx.counter("palettize: sensitivity probes", len(probed) * len(ladder)))
+        probe = WeightProbe(source, [t.name for t in probed], feeds[:_PROBE_SAMPLES],
+                            **ctx.probe_args(source, "palettize: sensitivity probes", len(probed) * len(ladder)))
         options: dict[str, list[Optional[_Palette]]] = {}
         choices: dict[str, list[tuple[float, float]]] = {}
         budget = 0.0

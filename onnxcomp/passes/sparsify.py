@@ -228,9 +228,9 @@ class Sparsify(WeightPass):
         if fixed:
             notes.append(f"{len(fixed)} weight(s) not probed (not main-graph initializers): uniform sparsity")
         ladder = sorted(set(_LEVELS) | {round(self.sparsity, 6)})
-        probe = WeightProbe(source, [u.name for u in probed], feeds[:_PROBE_SAMPLES], providers=ctx.providers,
-                            counter=ctx.counter("sparsify: sensitivity probes",
-                                                len(probed) * sum(1 for s in ladder if s != 0.0)))
+        probe = WeightProbe(source, [u.name for u in probed], feeds[:_PROBE_SAMPLES],
+                            **ctx.probe_args(source, "sparsify: sensitivity probes",
+                                             len(probed) * sum(1 for s in ladder if s != 0.0)))
         choices: dict[str, list[tuple[float, float]]] = {}
         for u in probed:
             opts = []
