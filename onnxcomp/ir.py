@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -154,27 +155,38 @@ SKELETON_MIN_BYTES = 64 * 2**10
 EXTERNAL_ALIGN = 4096
 
 
+_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+#: bits per element by data type, filled as types are met (the dtype lookup is slow per tensor)
+_ITEM_BITS: dict[int, int] = {}
+
+
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
     """Bytes of a tensor's data, from its dims and dtype for raw data (no copy), else its encoded size."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         return 0
     if t.HasField("raw_data") and t.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
+        bits = _ITEM_BITS.get(t.data_type)
         if bits is None:
-            return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        return (n * bits + 7) // 8
+            bits = _BITS.get(t.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            _ITEM_BITS[t.data_type] = bits
+        return (math.prod(t.dims) * bits + 7) // 8
     return t.ByteSize()
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer and Constant-node tensor of the model and its subgraphs."""
-    for g in iter_graph_protos(model.graph):
+    """Every initializer and Constant-node tensor of the model and its subgraphs (one walk over the nodes)."""
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
         yield from g.initializer
         for n in g.node:
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -183,8 +195,14 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def is_big(model: onnx.ModelProto) -> bool:
-    """True when the model cannot be serialized as one protobuf message (its tensors are near 2 GB)."""
-    return tensor_bytes(model) >= BIG_BYTES
+    """True when the model cannot be serialized as one protobuf message (its tensors are near 2 GB); stops
+    counting at the limit."""
+    total = 0
+    for t in _tensors(model):
+        total += _tensor_nbytes(t)
+        if total >= BIG_BYTES:
+            return True
+    return False
 
 
 def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Optional[int] = None
