@@ -547,30 +547,39 @@ def _import_fast_impl(model: onnx.ModelProto, shapes: Optional[onnx.GraphProto],
             c.__class__ = _UncachedConstant
     for t in g.sparse_initializer:
         tensors[t.values.name] = _gsi.OnnxImporter.import_tensor(t)
-
-    def from_value_info(vi: onnx.ValueInfoProto) -> gs.Tensor:
-        cur = tensors.get(vi.name)
-        if vi.type.HasField("tensor_type"):
-            dtype = _gsi.get_onnx_tensor_dtype(vi)
-            shape = _gsi.get_onnx_tensor_shape(vi)
-        else:
-            dtype, shape = None, None
-        if cur is None:
-            if not vi.type.HasField("tensor_type"):
-                cur = _gsi.OnnxImporter.import_tensor(vi)  # sequences/optionals: gs knows how
-            else:
-                cur = _new_variable(vi.name, dtype, shape)
-            tensors[vi.name] = cur
-        elif isinstance(cur, gs.Variable):
-            cur.dtype = cur.dtype or dtype
-            cur.shape = cur.shape or shape
-        return cur
-
     for vi in sg.value_info:
-        from_value_info(vi)
+        _value_tensor(tensors, vi)
     init_names = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
-    inputs = [from_value_info(vi) for vi in sg.input if vi.name not in init_names]
-    outputs = [from_value_info(vi) for vi in sg.output]
+    inputs = [_value_tensor(tensors, vi) for vi in sg.input if vi.name not in init_names]
+    outputs = [_value_tensor(tensors, vi) for vi in sg.output]
+    nodes = _import_nodes(g, tensors, opset, domains)
+    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=g.name, doc_string=g.doc_string,
+                    producer_name=model.producer_name, producer_version=model.producer_version, opset=opset,
+                    import_domains=domains, functions=[], ir_version=model.ir_version)
+
+
+def _value_tensor(tensors: dict[str, gs.Tensor], vi: onnx.ValueInfoProto) -> gs.Tensor:
+    """The tensor a value_info/input/output names (made if new), its dtype and shape filled where unknown."""
+    cur = tensors.get(vi.name)
+    if vi.type.HasField("tensor_type"):
+        dtype = _gsi.get_onnx_tensor_dtype(vi)
+        shape = _gsi.get_onnx_tensor_shape(vi)
+    else:
+        dtype, shape = None, None
+    if cur is None:
+        if not vi.type.HasField("tensor_type"):
+            cur = _gsi.OnnxImporter.import_tensor(vi)  # sequences/optionals: gs knows how
+        else:
+            cur = _new_variable(vi.name, dtype, shape)
+        tensors[vi.name] = cur
+    elif isinstance(cur, gs.Variable):
+        cur.dtype = cur.dtype or dtype
+        cur.shape = cur.shape or shape
+    return cur
+
+
+def _import_nodes(g: onnx.GraphProto, tensors: dict[str, gs.Tensor], opset: int, domains: Any) -> list[gs.Node]:
+    """The graph's nodes as gs nodes wired through `tensors` (tensors first met here are made)."""
     nodes = []
     empty_attrs: dict = {}
     for nd in g.node:
@@ -594,9 +603,7 @@ def _import_fast_impl(model: onnx.ModelProto, shapes: Optional[onnx.GraphProto],
         attrs = (_gsi.OnnxImporter.import_attributes(nd.attribute, tensors, {}, opset, domains)
                  if len(nd.attribute) else dict(empty_attrs))
         nodes.append(_new_node(nd.op_type, nd.name, attrs, ins, outs, nd.domain if nd.HasField("domain") else None))
-    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=g.name, doc_string=g.doc_string,
-                    producer_name=model.producer_name, producer_version=model.producer_version, opset=opset,
-                    import_domains=domains, functions=[], ir_version=model.ir_version)
+    return nodes
 
 
 

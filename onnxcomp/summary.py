@@ -71,42 +71,7 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
     """JSON-safe summary: op histogram, params/bytes by consuming op type, opsets, inputs/outputs, sizes."""
     graphs = list(ir.iter_graph_protos(model.graph))
     ops = Counter(_op_name(n) for g in graphs for n in g.node)
-    consumer: dict[str, str] = {}
-    for g in graphs:
-        for n in g.node:
-            op = _op_name(n)
-            for i in n.input:
-                consumer.setdefault(i, op)
-    params: Counter = Counter()
-    pbytes: Counter = Counter()
-    storage: Counter = Counter()
-    total_params = total_bytes = 0
-    for g in graphs:
-        for t in g.initializer:
-            op = consumer.get(t.name, "(unused)")
-            k, b = _numel(t), _nbytes(t)
-            params[op] += k
-            pbytes[op] += b
-            storage[_storage(t, op)] += b
-            total_params += k
-            total_bytes += b
-        for n in g.node:  # Constant nodes hold parameters too
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.SPARSE_TENSOR):
-                        op = consumer.get(n.output[0], "(unused)")
-                        if a.type == onnx.AttributeProto.TENSOR:
-                            k, b = _numel(a.t), _nbytes(a.t)
-                            storage[_storage(a.t, op)] += b
-                        else:  # stored sparse: the dense element count, the bytes really stored
-                            sp = a.sparse_tensor
-                            k = int(np.prod(sp.dims)) if len(sp.dims) else 1
-                            b = _nbytes(sp.values) + _nbytes(sp.indices)
-                            storage["sparse"] += b
-                        params[op] += k
-                        pbytes[op] += b
-                        total_params += k
-                        total_bytes += b
+    params, pbytes, storage = _parameters(graphs)
     init_names = {t.name for t in model.graph.initializer}
     return {
         "ir_version": model.ir_version,
@@ -115,8 +80,8 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
         "nodes": sum(ops.values()),
         "subgraphs": len(graphs) - 1,
         "ops": dict(ops.most_common()),
-        "parameters": total_params,
-        "parameter_bytes": total_bytes,
+        "parameters": sum(params.values()),
+        "parameter_bytes": sum(pbytes.values()),
         "params_by_op": dict(params.most_common()),
         "bytes_by_op": dict(pbytes.most_common()),
         # weight bytes by how they are stored: what shrinks under quantization (a parameter count does not)
@@ -129,6 +94,45 @@ def summarize(model: onnx.ModelProto) -> dict[str, Any]:
                      if o.type.HasField("tensor_type") else "non-tensor", "shape": _dims(o)}
                     for o in model.graph.output],
     }
+
+
+def _parameters(graphs: list[onnx.GraphProto]) -> tuple[Counter, Counter, Counter]:
+    """(parameters, bytes) by the op type that reads them, and bytes by storage class, over initializers and
+    Constant nodes (a sparse Constant counts its dense elements and the bytes really stored)."""
+    consumer: dict[str, str] = {}
+    for g in graphs:
+        for n in g.node:
+            op = _op_name(n)
+            for i in n.input:
+                consumer.setdefault(i, op)
+    params: Counter = Counter()
+    pbytes: Counter = Counter()
+    storage: Counter = Counter()
+    for g in graphs:
+        for t in g.initializer:
+            op = consumer.get(t.name, "(unused)")
+            b = _nbytes(t)
+            params[op] += _numel(t)
+            pbytes[op] += b
+            storage[_storage(t, op)] += b
+        for n in g.node:
+            if n.op_type != "Constant":
+                continue
+            for a in n.attribute:
+                op = consumer.get(n.output[0], "(unused)")
+                if a.type == onnx.AttributeProto.TENSOR:
+                    k, b = _numel(a.t), _nbytes(a.t)
+                    storage[_storage(a.t, op)] += b
+                elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    sp = a.sparse_tensor
+                    k = int(np.prod(sp.dims)) if len(sp.dims) else 1
+                    b = _nbytes(sp.values) + _nbytes(sp.indices)
+                    storage["sparse"] += b
+                else:
+                    continue
+                params[op] += k
+                pbytes[op] += b
+    return params, pbytes, storage
 
 
 def human_bytes(n: float) -> str:

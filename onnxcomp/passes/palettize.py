@@ -206,25 +206,11 @@ class Palettize(WeightPass):
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: ir.Model, source: onnx.ModelProto, ctx: PassContext) -> PassOutcome:
-        weighting = self.weighting or ("activation" if ctx.calibration_data else "none")
-        allocation = self.allocation or ("sensitivity" if ctx.calibration_data else "uniform")
-        for what, value in (("weighting 'activation'", weighting == "activation"),
-                            ("allocation 'sensitivity'", allocation == "sensitivity")):
-            if value and not ctx.calibration_data:
-                raise CalibrationDataError(f"palettize {what} needs calibration_data (input statistics / output "
-                                           "sensitivity); give calibration feeds, or use weighting 'none' and "
-                                           "allocation 'uniform'")
+        weighting, allocation = self._resolved(ctx)
         rejections: dict[str, str] = {}
         tensors = _tensors(model, self, rejections)
+        _advise(tensors, rejections)
         notes: list[str] = []
-        for t in tensors:  # a layer whose integer weight gets a codebook is not left alone after all
-            for node, _ in t.quantized:
-                for c in (c for out in node.outputs for c in out.outputs):
-                    rejections.pop(c.name, None)
-        for name, why in list(rejections.items()):  # the float finder's advice is for the other weight passes
-            if ALREADY_QUANTIZED in why:
-                rejections[name] = why.replace(ALREADY_QUANTIZED, "its integer weight is palettized where it is "
-                                               "large enough (see that weight's own row)")
         feeds = self.calibration_feeds(ctx)
         grams: dict[str, np.ndarray] = {}
         if weighting == "activation" and tensors:
@@ -246,20 +232,8 @@ class Palettize(WeightPass):
                 if t.palette is not None:
                     _measure(t, grams, model)
                 _release(t)
-        else:  # one weight at a time, its statistics let go when it is done (a model over 2 GB)
-            uses: dict[str, int] = {}
-            for t in tensors:
-                for layer in t.layers:
-                    uses[layer.x.name] = uses.get(layer.x.name, 0) + 1
-            for t in tensors:
-                _importance(t, grams, model)
-                t.palette = make(t, self.bits)
-                _measure(t, grams, model)
-                _release(t)
-                for layer in t.layers:
-                    uses[layer.x.name] -= 1
-                    if not uses[layer.x.name]:
-                        grams.pop(layer.x.name, None)
+        else:
+            self._uniform(tensors, grams, model, make)
         grams.clear()
         chosen = [t for t in tensors if t.palette is not None]
         for t in tensors:
@@ -273,6 +247,41 @@ class Palettize(WeightPass):
             "params_palettized": int(sum(t.value.size for t in chosen)),
             "left_float": [{"node": n, "reason": why} for n, why in sorted(rejections.items())][:500],
         })
+        self._auto_notes(ctx, weighting, allocation, channel_scale, block_size, notes)
+        return PassOutcome(details=details, notes=notes, layers=_changes(chosen))
+
+    def _resolved(self, ctx: PassContext) -> tuple[str, str]:
+        """(weighting, allocation): activation-weighted and sensitivity-allocated when there is data; asking
+        for either without data is an error."""
+        weighting = self.weighting or ("activation" if ctx.calibration_data else "none")
+        allocation = self.allocation or ("sensitivity" if ctx.calibration_data else "uniform")
+        for what, value in (("weighting 'activation'", weighting == "activation"),
+                            ("allocation 'sensitivity'", allocation == "sensitivity")):
+            if value and not ctx.calibration_data:
+                raise CalibrationDataError(f"palettize {what} needs calibration_data (input statistics / output "
+                                           "sensitivity); give calibration feeds, or use weighting 'none' and "
+                                           "allocation 'uniform'")
+        return weighting, allocation
+
+    def _uniform(self, tensors: list[_Tensor], grams: dict[str, np.ndarray], model: ir.Model, make) -> None:
+        """`bits` on every weight, one at a time, its statistics let go when it is done (a model over 2 GB)."""
+        uses: dict[str, int] = {}
+        for t in tensors:
+            for layer in t.layers:
+                uses[layer.x.name] = uses.get(layer.x.name, 0) + 1
+        for t in tensors:
+            _importance(t, grams, model)
+            t.palette = make(t, self.bits)
+            _measure(t, grams, model)
+            _release(t)
+            for layer in t.layers:
+                uses[layer.x.name] -= 1
+                if not uses[layer.x.name]:
+                    grams.pop(layer.x.name, None)
+
+    def _auto_notes(self, ctx: PassContext, weighting: str, allocation: str, channel_scale: bool,
+                    block_size: Optional[int], notes: list[str]) -> None:
+        """Say what each option left to auto became, and why."""
         for opt, value, why in (("weighting", weighting, "calibration data given"),
                                 ("allocation", allocation, "calibration data given")):
             if getattr(self, opt) is None:
@@ -280,14 +289,6 @@ class Palettize(WeightPass):
         if channel_scale and self.block_size is None:
             per = f"output channel and {block_size} inputs" if block_size else "output channel"
             notes.append(f"block_size auto -> {block_size} (one float16 scale per {per} at {self.bits} bits)")
-        changes = []
-        for t in chosen:  # the error an accuracy budget ranks by: end to end where probed, else the layer's own
-            err = next(t.row[k] for k in ("model_output_err", "output_rel_err", "weight_rel_err")
-                       if t.row.get(k) is not None)
-            saved = t.row["bytes_before"] - t.row["bytes_after"]
-            for i, name in enumerate(t.node_names()):
-                changes.append(LayerChange(name, float(err), bytes_saved=saved if i == 0 else 0))
-        return PassOutcome(details=details, notes=notes, layers=changes)
 
     def _allocate(self, tensors: list[_Tensor], source: onnx.ModelProto, ctx: PassContext, feeds: list,
                   make, details: dict[str, Any], notes: list[str]) -> None:
@@ -695,6 +696,32 @@ def _scale(op, name: str, values: gs.Tensor, scales: palette.Scales, shape: tupl
                        op.const(np.array([shape[b]], np.int64), name=f"{name}_palette_scales_end"),
                        op.const(np.array([b], np.int64), name=f"{name}_palette_scales_axis"))
     return out
+
+
+def _advise(tensors: list[_Tensor], rejections: dict[str, str]) -> None:
+    """Reword the float finder's refusals for palettize: a layer whose integer weight gets a codebook is not left
+    alone after all, and "already quantized" advice is for the other weight passes."""
+    for t in tensors:
+        for node, _ in t.quantized:
+            for c in (c for out in node.outputs for c in out.outputs):
+                rejections.pop(c.name, None)
+    for name, why in list(rejections.items()):
+        if ALREADY_QUANTIZED in why:
+            rejections[name] = why.replace(ALREADY_QUANTIZED, "its integer weight is palettized where it is "
+                                           "large enough (see that weight's own row)")
+
+
+def _changes(chosen: list[_Tensor]) -> list[LayerChange]:
+    """The error an accuracy budget ranks by (end to end where probed, else the layer's own), per node; the
+    bytes saved on the first reader of each weight."""
+    changes = []
+    for t in chosen:
+        err = next(t.row[k] for k in ("model_output_err", "output_rel_err", "weight_rel_err")
+                   if t.row.get(k) is not None)
+        saved = t.row["bytes_before"] - t.row["bytes_after"]
+        for i, name in enumerate(t.node_names()):
+            changes.append(LayerChange(name, float(err), bytes_saved=saved if i == 0 else 0))
+    return changes
 
 
 def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:

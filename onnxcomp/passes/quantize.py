@@ -209,15 +209,7 @@ class Quantize(WeightPass):
         imported from, before any smoothing), rewrite, report; with a float `reference`, also measure each
         quantized layer's error against it (sensitivity). `tables` caches quantized embedding tables; a `trial`
         (a smoothquant alpha being scored) rounds its weights to nearest."""
-        act_dtype = self.activation_dtype or target.activation_dtype
-        act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
-        plan = _Plan(set(), {}, {})
-        run = _Run(self, plan, tables)
-        run.reduce_range = (self.reduce_range if self.reduce_range is not None
-                            else target.reduce_range and (self.mode == "dynamic" or act_dtype == "uint8"))
-        run.fuse_bias = self.mode == "static" and target.fuse_static_bias and act_dtype == "uint8" and not act_sym
-        if run.reduce_range and self.mode != "weight_only":
-            details["reduce_range"] = True
+        run = self._new_run(target, details, tables)
         rules = self._rules(run, target)
         rejections: dict[str, str] = {}
         found = find_matches(model, rules, rejections=rejections)
@@ -233,33 +225,9 @@ class Quantize(WeightPass):
             run.grams = grams if run.algorithm != "rtn" else {}
         details["algorithm"] = run.algorithm
         if self.mode == "static":
-            for f in found:
-                plan.activations.update(t.name for t in _activation_tensors(f, target) if t.name in observable)
-            if plan.activations:
-                self._calibrate(plan, model, source, ctx, act_dtype, act_sym, notes)
-            plan.calibrated = True
-            details["activation_dtype"] = act_dtype
-            details["calibration"] = self.calibration
-            details["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(plan.ranges.items())}
-        ops = self._ops(target)
-        left = []  # what stays float and why, from the graph before rewriting
-        op_of = {}
-        for g in ir.iter_graphs(model.graph):
-            for n in g.nodes:
-                op_of[n.name] = n.op
-                if n.op in target.keep_float and n.op not in ops:
-                    left.append({"node": n.name, "op": n.op, "reason": target.keep_float[n.op]})
-        for name, reason in rejections.items():
-            if op_of.get(name) in ops:
-                left.append({"node": name, "op": op_of[name], "reason": reason})
-        stats = apply_rules(model, rules)
-        tidy = apply_rules(model, [RewriteRule("qdq-roundtrip", _dq_q_pattern, _passthrough_q, _same_qparams)])
-        if tidy.applied:
-            notes.append(f"{tidy.applied} redundant DequantizeLinear->QuantizeLinear pair(s) removed")
-        quantized: dict[str, int] = {}
-        for r in rules:
-            if stats.rules[r.name].applied:
-                quantized[r.name] = stats.rules[r.name].applied
+            self._plan_activations(run, found, observable, model, source, ctx, target, notes, details)
+        left = self._left_float(model, target, rejections)
+        stats, quantized = self._rewrite(model, rules, notes)
         if run.rounding:
             details["rounding"] = run.rounding_summary()
         if run.corrections:
@@ -272,6 +240,60 @@ class Quantize(WeightPass):
             for row in details["sensitivity"]:
                 row["node"] = layer_node.get(row["tensor"], "")
         return PassOutcome(details=details, notes=notes)
+
+    def _new_run(self, target: Target, details: dict[str, Any], tables: Optional[dict]) -> "_Run":
+        """The state of one quantization run: activation dtype/symmetry, 7-bit weights, static bias fusion."""
+        run = _Run(self, _Plan(set(), {}, {}), tables)
+        run.act_dtype = self.activation_dtype or target.activation_dtype
+        run.act_sym = target.activation_symmetric if self.symmetric_activations is None else self.symmetric_activations
+        run.reduce_range = (self.reduce_range if self.reduce_range is not None
+                            else target.reduce_range and (self.mode == "dynamic" or run.act_dtype == "uint8"))
+        run.fuse_bias = (self.mode == "static" and target.fuse_static_bias and run.act_dtype == "uint8"
+                         and not run.act_sym)
+        if run.reduce_range and self.mode != "weight_only":
+            details["reduce_range"] = True
+        return run
+
+    def _plan_activations(self, run: "_Run", found: list, observable: set, model: ir.Model,
+                          source: onnx.ModelProto, ctx: PassContext, target: Target, notes: list[str],
+                          details: dict[str, Any]) -> None:
+        """Static mode: the activations the rules will quantize, calibrated once (their ranges in the plan)."""
+        plan = run.plan
+        for f in found:
+            plan.activations.update(t.name for t in _activation_tensors(f, target) if t.name in observable)
+        if plan.activations:
+            self._calibrate(plan, model, source, ctx, run.act_dtype, run.act_sym, notes)
+        plan.calibrated = True
+        details["activation_dtype"] = run.act_dtype
+        details["calibration"] = self.calibration
+        details["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(plan.ranges.items())}
+
+    def _left_float(self, model: ir.Model, target: Target, rejections: dict[str, str]) -> list[dict[str, str]]:
+        """What stays float and why, from the graph before rewriting: ops the target keeps float, and nodes of
+        quantized ops that no rule could take (with the engine's reason)."""
+        ops = self._ops(target)
+        left = []
+        op_of = {}
+        for g in ir.iter_graphs(model.graph):
+            for n in g.nodes:
+                op_of[n.name] = n.op
+                if n.op in target.keep_float and n.op not in ops:
+                    left.append({"node": n.name, "op": n.op, "reason": target.keep_float[n.op]})
+        for name, reason in rejections.items():
+            if op_of.get(name) in ops:
+                left.append({"node": name, "op": op_of[name], "reason": reason})
+        return left
+
+    @staticmethod
+    def _rewrite(model: ir.Model, rules: list[RewriteRule], notes: list[str]) -> tuple[Any, dict[str, int]]:
+        """Apply the quantization rules, then drop DQ->Q round trips of equal parameters; (stats, per-rule
+        counts of what was quantized)."""
+        stats = apply_rules(model, rules)
+        tidy = apply_rules(model, [RewriteRule("qdq-roundtrip", _dq_q_pattern, _passthrough_q, _same_qparams)])
+        if tidy.applied:
+            notes.append(f"{tidy.applied} redundant DequantizeLinear->QuantizeLinear pair(s) removed")
+        quantized = {r.name: stats.rules[r.name].applied for r in rules if stats.rules[r.name].applied}
+        return stats, quantized
 
     def _algorithm(self, ctx: PassContext) -> str:
         """The weight rounding this run uses: auto needs calibration data (rtn without), gptq insists on it."""
@@ -504,36 +526,14 @@ class Quantize(WeightPass):
         if not weights:
             notes.append("smoothquant: no MatMul with a constant weight to smooth")
             return
-        # the Grams GPTQ rounds the weights against come from the same run (the inputs of every main-graph
-        # MatMul/Gemm with a constant weight; _input_moments asks for a subset of them)
-        grams = {}
-        if self._algorithm(ctx) != "rtn":
-            have = _observable(source)
-            probes = [query(f"gram-probe-{i}", p, _const_weight)
-                      for i, p in enumerate((_matmul_pattern, _pattern_for("Gemm", 2), _gemm3_bias_pattern))]
-            for f in find_matches(model, probes):
-                x = f.match.bindings["x"]
-                mul = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "Mul" else None
-                # x and, when x = Mul(u, constant), u: a smoothing Mul folded into that one makes u the input
-                for t in [x] + ([mul.inputs[0]] if mul is not None and len(mul.inputs) == 2 else []):
-                    if f.graph is model.graph and t.name in have:
-                        grams[t.name] = -1
+        grams = self._gram_inputs(model, source) if self._algorithm(ctx) != "rtn" else {}
         stats = ctx.collect(source, sorted(weights), feeds, histogram=False, channel_axes={n: -1 for n in weights},
                             gram_axes=grams)
         amax_w = {n: np.max([np.abs(w).max(axis=1) for w in ws], axis=0) for n, ws in weights.items()}
         amax_x = {n: st.channel_absmax for n, st in stats.items() if st.channel_absmax is not None}
 
         def scales(alpha: float) -> dict[str, np.ndarray]:
-            out = {}
-            for n, ax in amax_x.items():
-                aw = amax_w[n]
-                if ax.shape != aw.shape:
-                    continue
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    sc = np.power(ax, alpha) / np.power(aw, 1.0 - alpha)
-                sc = np.where(np.isfinite(sc) & (sc > 0), sc, 1.0)
-                out[n] = np.clip(sc, 1e-4, 1e4).astype(np.float32)
-            return out
+            return _smoothing_scales(amax_x, amax_w, alpha)
 
         alphas = self._ALPHAS if self.smoothquant == "auto" else (float(self.smoothquant),)
         if len(alphas) > 1:
@@ -551,6 +551,24 @@ class Quantize(WeightPass):
         n = _apply_smoothing(model, scales(best))
         details["smoothquant_alpha"] = best
         notes.append(f"smoothquant: alpha {best}, {n} MatMul(s) smoothed")
+
+    @staticmethod
+    def _gram_inputs(model: ir.Model, source: onnx.ModelProto) -> dict[str, int]:
+        """The inputs (name -> channel axis -1) of every main-graph MatMul/Gemm with a constant weight, and of
+        the smoothing Mul folded into one: the Grams GPTQ rounds against, collected in smoothquant's one run
+        (_input_moments asks for a subset of them later)."""
+        have = _observable(source)
+        grams = {}
+        probes = [query(f"gram-probe-{i}", p, _const_weight)
+                  for i, p in enumerate((_matmul_pattern, _pattern_for("Gemm", 2), _gemm3_bias_pattern))]
+        for f in find_matches(model, probes):
+            x = f.match.bindings["x"]
+            mul = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "Mul" else None
+            # x and, when x = Mul(u, constant), u: a smoothing Mul folded into that one makes u the input
+            for t in [x] + ([mul.inputs[0]] if mul is not None and len(mul.inputs) == 2 else []):
+                if f.graph is model.graph and t.name in have:
+                    grams[t.name] = -1
+        return grams
 
     def _awq_ok(self, ctx, x, w, node):
         """A MatMul the 4-bit weight-only rules would take: constant 2-D float32 weight large enough, float32 x."""
@@ -703,7 +721,9 @@ class _Run:
         self.tables = {} if tables is None else tables  # embedding table name -> (q, scale): same in every trial
         self.plan = plan
         self.mode = q.mode
-        self.reduce_range = False  # set by Quantize._quantize from the option or the target
+        self.act_dtype = "uint8"  # static activations (Quantize._new_run: the option or the target)
+        self.act_sym = False
+        self.reduce_range = False  # set by Quantize._new_run from the option or the target
         self.fuse_bias = False  # static: MatMul + bias -> MatMulIntegerToFloat (ort-cpu, uint8 activations)
         self.wcache: dict[tuple[int, int], tuple[tuple[gs.Constant, ...], np.ndarray]] = {}  # (q, scale, zp)
         self.dqcache: dict[tuple[int, int], gs.Tensor] = {}  # their DequantizeLinear's output
@@ -1164,6 +1184,21 @@ def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
 
 def _dq_q_pattern(op, q, s1, z1, s2, z2):
     return op.QuantizeLinear(op.DequantizeLinear(q, s1, z1, _bind="dq"), s2, z2, _bind="qn")
+
+
+def _smoothing_scales(amax_x: dict[str, np.ndarray], amax_w: dict[str, np.ndarray], alpha: float
+                      ) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-input-channel scales max|x|^alpha / max|w|^(1-alpha), finite and in [1e-4, 1e4]."""
+    out = {}
+    for n, ax in amax_x.items():
+        aw = amax_w[n]
+        if ax.shape != aw.shape:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.power(ax, alpha) / np.power(aw, 1.0 - alpha)
+        sc = np.where(np.isfinite(sc) & (sc > 0), sc, 1.0)
+        out[n] = np.clip(sc, 1e-4, 1e4).astype(np.float32)
+    return out
 
 
 def _passthrough_q(op, q, **_: Any):

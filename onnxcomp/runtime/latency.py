@@ -34,6 +34,24 @@ class LatencyResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _timed_run(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], name: str) -> float:
+    """Wall time of one run, in ms."""
+    t0 = time.perf_counter_ns()
+    run_session(sess, feed, name=name)
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def _warm_up(reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds, cfeeds, warmup: int,
+             until: float, time_budget_s: float, notes: list[str]) -> None:
+    """`warmup` untimed runs of each session (at least one), cut short once half the time budget is spent."""
+    for i in range(max(1, warmup)):
+        _timed_run(reference, feeds[i % len(feeds)], "reference")
+        _timed_run(candidate, cfeeds[i % len(cfeeds)], "candidate")
+        if time.perf_counter() > until and i + 1 < warmup:
+            notes.append(f"latency: warm-up cut to {i + 1} of {warmup} run(s) by the {time_budget_s:g}s time budget")
+            break
+
+
 def measure_latency(
     reference: ort.InferenceSession,
     candidate: ort.InferenceSession,
@@ -61,17 +79,8 @@ def measure_latency(
     start = time.perf_counter()
     deadline = start + max(0.0, time_budget_s)
 
-    def one(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], name: str) -> float:
-        t0 = time.perf_counter_ns()
-        run_session(sess, feed, name=name)
-        return (time.perf_counter_ns() - t0) / 1e6
-
-    for i in range(max(1, warmup)):
-        one(reference, feeds[i % len(feeds)], "reference")
-        one(candidate, cfeeds[i % len(cfeeds)], "candidate")
-        if time.perf_counter() > start + time_budget_s / 2 and i + 1 < warmup:
-            notes.append(f"latency: warm-up cut to {i + 1} of {warmup} run(s) by the {time_budget_s:g}s time budget")
-            break
+    one = _timed_run
+    _warm_up(reference, candidate, feeds, cfeeds, warmup, start + time_budget_s / 2, time_budget_s, notes)
     want = runs if runs is not None else MAX_AUTO_PAIRS
     ref_t: list[float] = []
     cand_t: list[float] = []

@@ -505,6 +505,26 @@ def _build_report(
     )
 
 
+def _run_both(ref: tuple, cand: tuple, sizes: tuple[int, int], providers, feeds, cand_feeds, compared: list[str],
+              feeds_source: str, kept, timing_opts: tuple, notes: list[str], progress: Progress | None):
+    """Both models ((model, path, label) each) in ORT: outputs compared and, when asked, latency timed; over
+    2 GB one session at a time. Returns (outputs, timing, providers used, session creation ms)."""
+    (ref_m, ref_path, ref_label), (cand_m, cand_path, cand_label) = ref, cand
+    labels = (ref_label, cand_label)
+    if max(sizes) >= ir.BIG_BYTES:  # over 2 GB: one session in memory at a time
+        return _one_session_at_a_time((ref_m, ref_path), (cand_m, cand_path), providers, feeds, cand_feeds, compared,
+                                      labels, feeds_source, kept, timing_opts, notes, progress)
+    latency, warmup, runs, time_budget_s = timing_opts
+    ref_s = make_session(ref_m, providers, name=ref_label, path=ref_path)
+    cand_s = make_session(cand_m, providers, name=cand_label, path=cand_path)
+    _session_notes(ref_s, cand_s, notes)
+    outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, labels, feeds_source, kept, progress)
+    timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
+    if latency:
+        timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes, progress)
+    return outputs, timing, list(ref_s.providers), {"reference": ref_s.create_ms, "candidate": cand_s.create_ms}
+
+
 def validate(
     reference: ModelSource,
     candidate: ModelSource,
@@ -553,23 +573,10 @@ def validate(
     cand_feeds = _candidate_feeds(feeds, ref_specs, cand_specs, notes)
 
     kept: tuple[dict[str, list], dict[str, list]] | None = ({}, {}) if metric is not None else None
-    labels = (ref_label, cand_label)
-    timing: tuple[float | None, dict[str, float] | None, int] = (None, None, 0)
     sizes = model_bytes(ref), model_bytes(cand)
-    if max(sizes) >= ir.BIG_BYTES:  # over 2 GB: one session in memory at a time
-        outputs, timing, used, session_ms = _one_session_at_a_time(
-            (ref, ref_path), (cand, cand_path), providers, feeds, cand_feeds, compared, labels, feeds_source, kept,
-            (latency, warmup, runs, time_budget_s), notes, progress)
-    else:
-        ref_s = make_session(ref, providers, name=ref_label, path=ref_path)
-        cand_s = make_session(cand, providers, name=cand_label, path=cand_path)
-        _session_notes(ref_s, cand_s, notes)
-        outputs = _compare_outputs(ref_s, cand_s, feeds, cand_feeds, compared, labels, feeds_source, kept,
-                                   progress)
-        if latency:
-            timing = _latency(ref_s, cand_s, feeds, cand_feeds, warmup, runs, time_budget_s, notes, progress)
-        used = list(ref_s.providers)
-        session_ms = {"reference": ref_s.create_ms, "candidate": cand_s.create_ms}
+    outputs, timing, used, session_ms = _run_both(
+        (ref, ref_path, ref_label), (cand, cand_path, cand_label), sizes, providers, feeds, cand_feeds, compared,
+        feeds_source, kept, (latency, warmup, runs, time_budget_s), notes, progress)
     _output_notes(outputs, notes)
     report = _build_report(sizes, outputs, timing, used, len(feeds), feeds_source, notes, missing)
     report.timed_shapes = _shapes_of(feeds)
