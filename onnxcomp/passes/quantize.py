@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir, qmath
 from ..errors import CalibrationDataError, RecipeError
-from ..rewrite import RewriteRule, apply_rules, fail, find_matches, query
+from ..rewrite import Plan, RewriteRule, apply_rules, fail, find_matches, query
 from ..runtime import observable_tensors
 from ..rewrite.rule import onnx_dtype
 from ..rewrite.rules import fold_constant_mul_chain_rule
@@ -1233,9 +1233,10 @@ def _main_graph_tensors(graph: gs.Graph) -> set[str]:
 
 
 def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
-    """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W) for every x in `scales` (one Mul per x, shared)."""
+    """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W) for every x in `scales` (one Mul per x, shared): the plan
+    puts each main-graph MatMul whose constant 2-D weight fits its input's scales on that MatMul."""
 
-    def check(ctx, x, w, node):
+    def target(ctx, x, w, node):
         v = ctx.const_value(w)
         if ctx.graph is not model.graph:
             return fail("subgraph (activations there cannot be calibrated)")
@@ -1243,8 +1244,11 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
             return fail("not a smoothing target")
         return True
 
-    def replacement(op, x, w, node):
-        sc = scales[x.name]
+    plan = Plan((f.match.bindings["node"], scales[f.match.bindings["x"].name])
+                for f in find_matches(model, [query("smooth-target", _matmul_pattern, target)]))
+
+    def replacement(op, x, w, node, decision: np.ndarray):
+        sc = decision
         xs = None
         for c in op.ctx.consumers(x):
             if c.op == "Mul" and len(c.inputs) == 2 and c.inputs[1].name.startswith(f"{x.name}_smooth_inv"):
@@ -1255,7 +1259,7 @@ def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
         wv = np.asarray(ir.const_value(w), np.float32) * sc[:, None]
         return op.MatMul(xs, op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
 
-    stats = apply_rules(model, [RewriteRule("smooth-matmul", _matmul_pattern, replacement, check)])
+    stats = apply_rules(model, [RewriteRule("smooth-matmul", _matmul_pattern, replacement)], plan=plan)
     # a smoothing Mul right after a constant Mul (e.g. GELU's final *0.5) folds into it: no extra op at run time
     apply_rules(model, [fold_constant_mul_chain_rule()])
     return stats.rules["smooth-matmul"].applied
