@@ -166,7 +166,8 @@ class RewriteDriver:
             return self._commit(builder, m, new_outs, index, st)
         reason = cands.refusal if cands.refusal is not None else f"no match: {cands.matcher.reason}"
         st.reject(reason, node.name)
-        self._refused[id(node)] = reason
+        if self.plan is not None:
+            self._refused[id(node)] = reason
         return None
 
     # ------------------------------------------------------------------------------------------
