@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxcomp
 from onnxcomp.algorithms import awq, gptq
 from onnxcomp.errors import CalibrationDataError, RecipeError
-from onnxcomp.passes.quantize import _blocked_rtn
+from onnxcomp.algorithms.nbits import blocked_rtn as _blocked_rtn
 
 
 def _inputs(rng, n, k, loud=8, gain=12.0):
