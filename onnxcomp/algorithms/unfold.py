@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["unfold_conv"]
+__all__ = ["unfold_conv", "with_patches"]
 
 
 def unfold_conv(x: str, weight_shape: Sequence[int], attrs: Mapping[str, Any], name: str
@@ -27,3 +27,21 @@ def unfold_conv(x: str, weight_shape: Sequence[int], attrs: Mapping[str, Any], n
     keep = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
     node = onnx.helper.make_node("Conv", [x, kernel.name], [name], name=name, **keep)
     return node, kernel
+
+
+def with_patches(model: onnx.ModelProto, convs: Mapping[str, tuple[str, Sequence[int], Mapping[str, Any]]],
+                 weights: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A measurement copy of `model` (never the model itself) that also computes, for each `convs` entry
+    name -> (input, weight shape, Conv attributes), that Conv's im2col patches under `name` (`unfold_conv`), with
+    the initializers named in `weights` replaced by those values (a model whose earlier layers are already
+    pruned)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in probe.graph.initializer if weights else ():
+        if t.name in weights:
+            t.CopyFrom(onnx.numpy_helper.from_array(np.asarray(weights[t.name]), t.name))
+    for name, (x, shape, attrs) in convs.items():
+        node, kernel = unfold_conv(x, shape, attrs, name)
+        probe.graph.node.append(node)
+        probe.graph.initializer.append(kernel)
+    return probe

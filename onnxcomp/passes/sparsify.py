@@ -39,7 +39,7 @@ from ..errors import CalibrationDataError, InternalError, RecipeError
 from ..rewrite import Plan, RewriteRule, apply_rules
 from ..rewrite.sweeps import take_back_names
 from ..algorithms import sparsegpt as sg
-from ..algorithms.unfold import unfold_conv
+from ..algorithms.unfold import with_patches
 from ..algorithms.select import (WEIGHT_OPS, WeightLayer, check_ops, find_weight_layers, quantized_weights_note,
                                  weight_pattern2, weight_pattern3)
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
@@ -377,11 +377,6 @@ def _unfold_name(layer: WeightLayer) -> str:
     return f"{layer.x.name}::sparsify_unfold::{layer.name}"
 
 
-def _unfold_node(layer: WeightLayer) -> tuple[onnx.NodeProto, onnx.TensorProto]:
-    """The layer's im2col patches as a probe Conv (algorithms/unfold.py)."""
-    return unfold_conv(layer.x.name, layer.weight.shape, layer.node.attrs, _unfold_name(layer))
-
-
 def _stages(model: ir.Model, units: list[_Unit]) -> list[list[_Unit]]:
     """Units grouped by depth: a unit's input depends only on units of earlier stages."""
     of_node = {id(layer.node): u for u in units if u.in_main_graph for layer in u.layers}
@@ -406,25 +401,20 @@ def _second_moments(units: list[_Unit], source: onnx.ModelProto, ctx: PassContex
                     pruned: Optional[dict[str, np.ndarray]] = None) -> None:
     """X^T X of each part's input, from one streaming calibration run over a private copy of the model in which
     the weights in `pruned` (name -> new value) are already replaced."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(source)
-    for t in probe.graph.initializer if pruned else ():
-        if t.name in pruned:
-            t.CopyFrom(onnx.numpy_helper.from_array(pruned[t.name], t.name))
     axes: dict[str, int] = {}
+    convs = {}
     for u in units:
         if not u.in_main_graph:
             continue
         for layer in u.layers:
             if layer.op == "Conv":
-                node, kernel = _unfold_node(layer)
-                probe.graph.node.append(node)
-                probe.graph.initializer.append(kernel)
-                axes[node.output[0]] = 1
+                convs[_unfold_name(layer)] = (layer.x.name, layer.weight.shape, layer.node.attrs)
+                axes[_unfold_name(layer)] = 1
             else:
                 axes[layer.x.name] = 1 if layer.op == "ConvTranspose" else -1
     if not axes:
         return
+    probe = with_patches(source, convs, pruned)
     stats = ctx.collect(probe, [], feeds, histogram=False, gram_axes=axes)
     for u in units:
         u.grams.clear()

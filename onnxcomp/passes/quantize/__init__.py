@@ -26,7 +26,7 @@ from ...rewrite import RewriteRule, apply_rules, fail, find_matches, query
 from ...rewrite.rule import onnx_dtype
 from ...targets import TARGETS, Target
 from ...algorithms import awq, equalize as cle
-from ...algorithms.unfold import unfold_conv
+from ...algorithms.unfold import with_patches
 from ...algorithms.select import embedding_pattern, is_excluded
 from ..base import LayerChange, PassContext, PassOutcome, WeightPass
 
@@ -414,13 +414,7 @@ class Quantize(WeightPass):
                 convs[_conv_key(node)] = (x.name, v.shape, dict(node.attrs))
         if not convs or ir.is_big(source):
             return {}
-        probe = onnx.ModelProto()
-        probe.CopyFrom(source)
-        for key, (x, shape, attrs) in convs.items():
-            n, kernel = unfold_conv(x, shape, attrs, key)
-            probe.graph.node.append(n)
-            probe.graph.initializer.append(kernel)
-        stats = ctx.collect(probe, [], self.calibration_feeds(ctx), histogram=False,
+        stats = ctx.collect(with_patches(source, convs), [], self.calibration_feeds(ctx), histogram=False,
                             gram_axes={k: 1 for k in convs})
         return {k: st.second_moment for k, st in stats.items() if k in convs and st.second_moment is not None}
 
