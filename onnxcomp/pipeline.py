@@ -2,7 +2,8 @@
 
 Per pass: upgrade the opset it needs, import, run, export, `onnx.checker` (full check). A pass whose output
 fails the check is rolled back (the previous model is kept) with a warning, so one bad pass never costs the
-user the model. After the last pass each pass's `finalize` hook runs once, on the final model (how weights are
+user the model. (Each pass imports its input and exports its output on purpose: the exported model is what the
+checker vets and what a rollback returns to, and what the next pass calibrates in ONNX Runtime.) After the last pass each pass's `finalize` hook runs once, on the final model (how weights are
 stored in the file, which later passes must not see). A pass run is memoized by (its options, the digest of
 its input model) for the whole compression, so an accuracy-budget round re-runs only the passes whose options
 or input changed; statistics are shared through the context's cache.
