@@ -42,12 +42,18 @@ ROWS: dict[str, dict] = {
                                                         bias_correction=False, equalize=False),
     "int4 weights incl. Conv, rtn": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="rtn"),
     "static gptq (Convs too)": {"mode": "static", "algorithm": "gptq"},
+    "static adaround (Convs too)": {"mode": "static", "algorithm": "adaround"},
+    "int4 weights, gptq": dict(_W4, algorithm="gptq"),
+    "int4 weights, adaround": dict(_W4, algorithm="adaround"),
+    "int4 weights incl. Conv, gptq": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="gptq"),
+    "int4 weights incl. Conv, adaround": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="adaround"),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["digits_mlp", "digits_cnn"], choices=["digits_mlp", "digits_cnn"])
+    ap.add_argument("--rows", nargs="+", default=None, help="only the rows whose label contains one of these")
     args = ap.parse_args()
     d = testing.digits_data()
     for name in args.models:
@@ -60,6 +66,8 @@ def main() -> None:
         print(f"\n## {name} (fp32 top-1 {fp32:.3f})")
         print(f"{'recipe':46s} {'size':>6s} {'logit err':>10s} {'top-1':>6s}  choices")
         for label, q in ROWS.items():
+            if args.rows and not any(r in label for r in args.rows):
+                continue
             if name == "digits_mlp" and "Conv" in (q.get("ops") or ()):
                 continue
             res = onnxcomp.compress(path, {"passes": [{"type": "quantize", **q}]}, calibration_data=calib,
@@ -68,7 +76,8 @@ def main() -> None:
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             det = res.report.passes[0].details
             rounding = det.get("rounding", {})
-            notes = [f"gptq {rounding.get('gptq', 0)}/rtn {rounding.get('rtn', 0)}" if rounding else "rtn",
+            notes = [f"gptq {rounding.get('gptq', 0)}/adaround {rounding.get('adaround', 0)}/rtn {rounding.get('rtn', 0)}"
+                     if rounding else "rtn",
                      f"bc {det.get('bias_correction', {}).get('layers', 0)}",
                      f"CLE {'on' if det.get('equalized') else 'off'}"]
             print(f"{label:46s} {res.report.size_ratio:6.3f} {err:10.4f} "

@@ -69,7 +69,9 @@ class Quantize(WeightPass):
     # awq (4-bit weight_only, needs calibration data): activation-aware input-channel scales first
     # (algorithms/awq.py), then nearest rounding; auto also tries AWQ's scales there and keeps them where they
     # lower the layers' output error
-    algorithm: Literal["rtn", "gptq", "awq", "auto"] = "auto"
+    # adaround (needs calibration data): each weight rounded up or down as learned against the same second moment
+    # (algorithms/adaround.py)
+    algorithm: Literal["rtn", "gptq", "awq", "adaround", "auto"] = "auto"
     # fraction of mean(diag H) added to H's diagonal before inverting it; 0.1 rather than GPTQ's usual 0.01: with
     # the few thousand calibration tokens a user has, H is nearly singular (MiniLM-L3 int4, 64 sentences:
     # cosine 0.9900 at 0.01, 0.9921 at 0.1, 0.9922 at 0.3)
@@ -290,7 +292,7 @@ class Quantize(WeightPass):
         """The weight rounding this run uses: auto needs calibration data (rtn without), gptq insists on it."""
         if self.algorithm == "auto":
             return "auto" if ctx.calibration_data else "rtn"
-        if self.algorithm in ("gptq", "awq") and not ctx.calibration_data:
+        if self.algorithm in ("gptq", "awq", "adaround") and not ctx.calibration_data:
             raise CalibrationDataError(f"quantize.algorithm {self.algorithm!r} needs calibration_data (the layer "
                                        "inputs' second moment); give calibration feeds, or use algorithm 'rtn'")
         return "rtn" if self.algorithm == "awq" else self.algorithm  # awq's scales are applied before; then rtn
@@ -394,7 +396,7 @@ class Quantize(WeightPass):
             if axis == -1:
                 grams[name] = h if c is None else h * np.outer(c, c)
         algorithm = self._algorithm(ctx)
-        if algorithm == "gptq" or (algorithm == "auto" and self.weight_dtype in ("int4", "uint4")):
+        if algorithm in ("gptq", "adaround") or (algorithm == "auto" and self.weight_dtype in ("int4", "uint4")):
             grams.update(self._conv_grams(found, model, source, ctx, have))
         return grams, means
 

@@ -14,7 +14,7 @@ from ... import ir, qmath
 from ...rewrite import RewriteRule, fail
 from ...rewrite.rule import onnx_dtype
 from ...targets import OpPlacement, Target
-from ...algorithms import bias, gptq
+from ...algorithms import adaround, bias, gptq
 from ...algorithms.select import embedding_problem, weight_problem
 
 from ...algorithms.nbits import block_grid, block_layout, nbits_block, pack_nibbles
@@ -22,6 +22,10 @@ from ...algorithms.nbits import block_grid, block_layout, nbits_block, pack_nibb
 
 if TYPE_CHECKING:
     from . import Quantize
+
+#: algorithm auto also tries AdaRound on a weight when rows * cols^2 (the cost of one of its steps) is at most
+#: this: on larger layers its few hundred steps cost minutes where GPTQ takes a second
+ADAROUND_AUTO_MAX_COST = 1 << 22
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
@@ -51,7 +55,7 @@ class _Run:
         self.wcache: dict[tuple[int, int], tuple[tuple[gs.Constant, ...], np.ndarray]] = {}  # (q, scale, zp)
         self.dqcache: dict[tuple[int, int], gs.Tensor] = {}  # their DequantizeLinear's output
         self.ccache: dict[tuple[int, bool], list[gs.Constant]] = {}
-        self.algorithm = "rtn"  # weight_only/dynamic: rtn | gptq | auto (Quantize._algorithm)
+        self.algorithm = "rtn"  # rtn | gptq | adaround | auto (Quantize._algorithm)
         self.grams: dict[str, np.ndarray] = {}  # layer input name -> E[x x^T] (algorithm gptq/auto)
         self.rounding: dict[str, dict] = {}  # weight name -> {"algorithm", "rtn_error", "gptq_error"}
         self.means: dict[str, np.ndarray] = {}  # layer input name -> E[x] (bias correction)
@@ -93,20 +97,26 @@ class _Run:
     def _round(self, name: str, wm: np.ndarray, h: Optional[np.ndarray], scale: np.ndarray, zp: np.ndarray,
                qmin: int, qmax: int, block_size: int = 0) -> np.ndarray:
         """Integer codes [rows, cols] of the output-major weight `wm` on the grid (scale, zp per row, or per
-        row and block of `block_size` inputs): nearest rounding, or GPTQ's against `h` (auto: whichever has
-        the smaller output error on calibration data; recorded per weight)."""
+        row and block of `block_size` inputs): nearest rounding, GPTQ's or AdaRound's against `h` (auto: the
+        one with the smallest output error on calibration data, AdaRound tried where its cost is small;
+        recorded per weight)."""
         sc = np.asarray(scale, np.float32).reshape(wm.shape[0], -1)
         z = np.broadcast_to(np.asarray(zp, np.float32).reshape(wm.shape[0], -1), sc.shape)
         idx = np.arange(wm.shape[1]) // block_size if block_size else np.zeros(wm.shape[1], np.int64)
         rtn = np.clip(np.rint(wm / sc[:, idx]) + z[:, idx], qmin, qmax)
         if h is None:
             return rtn
-        g = gptq.quantize_grid(wm, h, sc, z, qmin, qmax, block_size, damping=self.q.gptq_damping).astype(np.float32)
-        e_rtn = gptq.output_error(wm, (rtn - z[:, idx]) * sc[:, idx], h)
-        e_gptq = gptq.output_error(wm, (g - z[:, idx]) * sc[:, idx], h)
-        use = "gptq" if self.algorithm == "gptq" or e_gptq < e_rtn else "rtn"
-        self.rounding[name] = {"algorithm": use, "rtn_error": e_rtn, "gptq_error": e_gptq}
-        return g if use == "gptq" else rtn
+        codes = {"rtn": rtn}
+        if self.algorithm in ("gptq", "auto"):
+            codes["gptq"] = gptq.quantize_grid(wm, h, sc, z, qmin, qmax, block_size,
+                                               damping=self.q.gptq_damping).astype(np.float32)
+        if self.algorithm == "adaround" or (self.algorithm == "auto" and
+                                            wm.shape[0] * wm.shape[1] ** 2 <= ADAROUND_AUTO_MAX_COST):
+            codes["adaround"] = adaround.adaround_grid(wm, h, sc, z, qmin, qmax, block_size).astype(np.float32)
+        errors = {k: gptq.output_error(wm, (c - z[:, idx]) * sc[:, idx], h) for k, c in codes.items()}
+        use = self.algorithm if self.algorithm in codes and self.algorithm != "rtn" else min(errors, key=errors.get)
+        self.rounding[name] = {"algorithm": use, **{f"{k}_error": e for k, e in errors.items()}}
+        return codes[use]
 
     def _round_channels(self, name: str, wm: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray,
                         qt: qmath.QType) -> np.ndarray:
@@ -118,7 +128,7 @@ class _Run:
     def rounding_summary(self) -> dict[str, Any]:
         """Per weight rounded against calibration data: the algorithm used and both output errors."""
         rows = [{"weight": k, **v} for k, v in sorted(self.rounding.items())]
-        return {"gptq": sum(r["algorithm"] == "gptq" for r in rows), "rtn": sum(r["algorithm"] == "rtn" for r in rows),
+        return {**{k: sum(r["algorithm"] == k for r in rows) for k in ("gptq", "adaround", "rtn")},
                 "layers": rows[:500]}
 
     def _weight_consts(self, op, w: gs.Tensor, axis: int, h: Optional[np.ndarray] = None):
