@@ -74,6 +74,9 @@ class LayerChange:
     error: float
     bytes_saved: Optional[int] = None
     seconds_saved: Optional[float] = None
+    #: what the pass can do for this layer short of leaving it uncompressed (e.g. "int8" for a 4-bit weight):
+    #: an accuracy budget's back-off asks for that first (`WeightPass.soften`); None: only leaving it as it was
+    softer: Optional[str] = None
 
 
 @dataclass

@@ -127,8 +127,11 @@ class Report:
         if self.budget is not None:
             state = "met" if self.budget.get("met") else "NOT met: " + "; ".join(self.budget.get("violations", []))
             left = sum(len(s["left_float"]) for s in self.budget.get("backoff", []))
-            if left:
-                state += f" after leaving {left} most sensitive layer(s) uncompressed"
+            softened = sum(len(s.get("softened", ())) for s in self.budget.get("backoff", []))
+            gave = [f"compressing {softened} most sensitive layer(s) less (e.g. 8-bit weights)"] if softened else []
+            gave += [f"leaving {left} most sensitive layer(s) uncompressed"] if left else []
+            if gave:
+                state += " after " + " and ".join(gave)
             lines.append(f"  budget    {self.budget.get('bounds')} {state}")
         lines.append("  passes:")
         for p in self.passes:

@@ -162,6 +162,28 @@ def test_backoff_gives_up_after_its_round_limit():
     assert all(r.violations == 1 and r.worst_cosine == 0.5 for r in res.rounds)
 
 
+def test_backoff_softens_what_the_pass_can_compress_less_before_leaving_it_uncompressed():
+    """A layer whose LayerChange says the pass has a gentler setting ("int8" for a 4-bit weight) gets it first
+    (WeightPass.soften); only a layer without one, or one already softened, is left uncompressed."""
+    from onnxcomp.passes import Quantize
+
+    q = Quantize(mode="weight_only", weight_dtype="int4", block_size=32)
+    never = type("V", (), {"outputs": {"y": OutputError("y", [1], "float32", 1.0, 1.0, 1.0, 0.5)}})()
+
+    def records(p):  # 4-bit layers are softer until they are 8-bit, which cuts their error tenfold
+        return [_record([LayerChange(f"n{i}", i / 10 if f"n{i}" in p.int8_nodes else float(i),
+                                     softer=None if f"n{i}" in p.int8_nodes or i == 7 else "int8")
+                         for i in range(8) if f"n{i}" not in p.exclude])]
+
+    res = budget.back_off(AccuracyBudget(cosine=0.99), [q], None, records(q), never,
+                          run=lambda passes: (None, records(passes[0])), check=lambda m: never, max_rounds=3)
+    r = [(x.softened, x.left_float) for x in res.rounds]
+    # the worst quarter of 8: n7 has no 8-bit form (left float), n6 gets 8 bits; then n5, then n4
+    assert r == [(("n6",), ("n7",)), (("n5",), ()), (("n4",), ())], r
+    assert res.passes[0].int8_nodes == ("n6", "n5", "n4") and res.passes[0].exclude == ("n7",)
+    assert res.rounds[1].to_dict() == {"left_float": [], "softened": ["n5"], "violations": 1, "worst_cosine": 0.5}
+
+
 def test_backoff_stops_when_nothing_is_left_to_give_back():
     never = type("V", (), {"outputs": {"y": OutputError("y", [1], "float32", 1.0, 1.0, 1.0, 0.5)}})()
     res = budget.back_off(AccuracyBudget(cosine=0.99), [Sparsify()], None, [_record([])], never,

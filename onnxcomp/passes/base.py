@@ -78,6 +78,11 @@ class WeightPass(Pass):
             check_ops(self.ops, self.weight_ops, f"{self.name}.ops")
         check_exclude(self.exclude, f"{self.name}.exclude")
 
+    def soften(self, nodes: list[str]) -> "WeightPass":
+        """The pass with these layers (their LayerChange.softer set) compressed less instead of left as they are;
+        a pass that reports no `softer` layer never gets this call."""
+        raise NotImplementedError(f"{self.name} has no gentler setting for layers")
+
     def calibration_feeds(self, ctx: PassContext) -> list:
         """The first `calibration_samples` calibration feeds (empty without calibration data)."""
         return list(ctx.calibration_data)[: self.calibration_samples] if ctx.calibration_data else []

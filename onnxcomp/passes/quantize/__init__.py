@@ -27,7 +27,7 @@ from ...rewrite.rule import onnx_dtype
 from ...targets import TARGETS, Target
 from ...algorithms import awq, equalize as cle
 from ...algorithms.unfold import with_patches
-from ...algorithms.select import embedding_pattern, is_excluded
+from ...algorithms.select import check_exclude, embedding_pattern, is_excluded
 from ..base import LayerChange, PassContext, PassOutcome, WeightPass
 
 from .rules import (_Plan, _Run, _activation_tensors, _const_weight, _conv_key, _dq_q_pattern, _gemm3_bias_pattern,
@@ -96,6 +96,9 @@ class Quantize(WeightPass):
     min_weight_elements: int = 16384
     # static: per-activation-tensor settings, e.g. {"x": {"range": [-1, 6]}} or {"x": {"calibration": "mse"}}
     overrides: Any = None
+    # 4-bit weight_only: MatMul/Gemm/Gather nodes (names or regexes) whose weights get 8 bits instead (mixed
+    # precision: an accuracy budget's back-off gives these layers 8 bits before it leaves any float)
+    int8_nodes: tuple[str, ...] = ()
 
     def resolve(self, has_data: bool) -> "Quantize":
         if self.mode != "auto":
@@ -112,6 +115,9 @@ class Quantize(WeightPass):
                                   f"got {self.block_size!r}")
         elif self.block_size is not None:
             raise RecipeError("quantize: block_size applies to 4-bit weights (weight_dtype int4/uint4)")
+        if self.int8_nodes and self.weight_dtype not in ("int4", "uint4"):
+            raise RecipeError("quantize.int8_nodes applies to 4-bit weights (weight_dtype int4/uint4)")
+        check_exclude(self.int8_nodes, "quantize.int8_nodes")
         if not 0 < self.gptq_damping < 1:
             raise RecipeError(f"quantize.gptq_damping must be in (0, 1), got {self.gptq_damping}")
         if not 0 < self.percentile <= 100:
@@ -133,6 +139,11 @@ class Quantize(WeightPass):
         if self.symmetric_weights is None:
             object.__setattr__(self, "symmetric_weights", self.weight_dtype not in ("int4", "uint4"))
         super().__post_init__()
+
+    def soften(self, nodes: list[str]) -> "Quantize":
+        """These 4-bit layers at 8 bits (`int8_nodes`)."""
+        return dataclasses.replace(self, int8_nodes=tuple(self.int8_nodes) + tuple(
+            n for n in nodes if n not in self.int8_nodes))
 
     def min_opset(self) -> Optional[int]:
         # per-channel DequantizeLinear (axis) needs opset 13; 4-bit per-channel Conv weights (int4/uint4
@@ -172,7 +183,8 @@ class Quantize(WeightPass):
         if float_model is not None and errors:
             errors = self._end_to_end(float_model, source, ctx, target, tables, sorted(errors))
             details["end_to_end_gain"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
-        out.layers = [LayerChange(n, e) for n, e in errors.items()]
+        four = set(details.get("nodes_4bit", ()))  # what a budget may give 8 bits before leaving it float
+        out.layers = [LayerChange(n, e, softer="int8" if n in four else None) for n, e in errors.items()]
         return out
 
     def _end_to_end(self, float_model: onnx.ModelProto, source: onnx.ModelProto, ctx: PassContext, target: Target,
@@ -225,6 +237,8 @@ class Quantize(WeightPass):
             details["rounding"] = run.rounding_summary()
         if run.corrections:
             details["bias_correction"] = {"layers": len(run.corrections), "corrections": run.corrections[:500]}
+        if run.four_bit:
+            details["nodes_4bit"] = sorted(run.four_bit)
         run.grams.clear()
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
@@ -566,6 +580,8 @@ class Quantize(WeightPass):
             return fail("MatMul not in ops")
         if ctx.const_value(w).size < self.min_weight_elements:
             return fail(f"weight '{w.name}' has {ctx.const_value(w).size} elements (< min_weight_elements)")
+        if is_excluded(node, self.int8_nodes):
+            return fail("8-bit weights (int8_nodes)")
         return True
 
     def _smooth_ok(self, ctx, x, w, node):

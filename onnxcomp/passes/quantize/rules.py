@@ -15,7 +15,7 @@ from ...rewrite import RewriteRule, fail
 from ...rewrite.rule import onnx_dtype
 from ...targets import OpPlacement, Target
 from ...algorithms import adaround, bias, gptq
-from ...algorithms.select import embedding_problem, weight_problem
+from ...algorithms.select import embedding_problem, is_excluded, weight_problem
 
 from ...algorithms.nbits import block_grid, block_layout, nbits_block, pack_nibbles
 
@@ -60,6 +60,7 @@ class _Run:
         self.rounding: dict[str, dict] = {}  # weight name -> {"algorithm", "rtn_error", "gptq_error"}
         self.means: dict[str, np.ndarray] = {}  # layer input name -> E[x] (bias correction)
         self.corrections: list[dict] = []  # per corrected layer: node, mean |shift| / mean |bias|
+        self.four_bit: set[str] = set()  # nodes given 4-bit weights (MatMulNBits, GatherBlockQuantized)
 
     def _excluded(self, node: gs.Node) -> bool:
         return self.q._excluded(node)
@@ -315,7 +316,9 @@ class _Run:
         default 2**(bits-1) (values stored as q + 2**(bits-1))."""
         v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
         k, n = v.shape
-        bits = 8 if self.q.weight_dtype == "int8" else 4
+        bits = 8 if self.q.weight_dtype == "int8" or is_excluded(node, self.q.int8_nodes) else 4
+        if bits == 4:
+            self.four_bit.add(node.name)
         bs = nbits_block(self.q.block_size, k)
         blocks = -(-k // bs)
         h = self._gram(op, x, w, node)
@@ -344,6 +347,8 @@ class _Run:
         ok = self._gather_check(ctx, w, idx, node)
         if not ok:
             return ok
+        if is_excluded(node, self.q.int8_nodes):
+            return fail("8-bit table (int8_nodes)")
         bs = self.q.block_size or 32
         if ctx.const_value(w).shape[1] % bs:
             return fail(f"row length {ctx.const_value(w).shape[1]} is not a multiple of block_size {bs}")
@@ -352,6 +357,7 @@ class _Run:
     def _gather4_replacement(self, op, w, idx, node):
         """Table [R, D] -> ORT's GatherBlockQuantized: 4-bit blocks of `block_size` along each row, two values
         a byte (low nibble first), zero point 8; rows are dequantized after the lookup."""
+        self.four_bit.add(node.name)
         v = np.asarray(ir.const_value(w), dtype=np.float32)
         r, d = v.shape
         bs = self.q.block_size or 32

@@ -1,0 +1,51 @@
+"""Mixed precision under an accuracy budget: 4-bit weight-only layers the outputs are sensitive to get 8 bits
+(quantize.int8_nodes) before any layer is left float; on the digits MLP, held-out images."""
+import numpy as np
+import onnx
+import pytest
+
+import onnxcomp
+from onnxcomp import testing
+from onnxcomp.errors import RecipeError
+
+
+def _data():
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib_flat"][i:i + 20].astype(np.float32)} for i in range(0, 200, 20)]
+    valid = [{"input": d["x_test_flat"][i:i + 50].astype(np.float32)} for i in range(0, 200, 50)]
+    return calib, valid
+
+
+def _bits(model: onnx.ModelProto) -> dict[str, int]:
+    return {n.name.split("/")[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_budget_gives_sensitive_4bit_layers_8_bits_instead_of_float():
+    calib, valid = _data()
+    q = {"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 16, "min_weight_elements": 0}
+    plain = onnxcomp.compress(testing.digits_mlp_path(), [q], calibration_data=calib, validation_data=valid,
+                              progress=False)
+    assert set(_bits(plain.model).values()) == {4}
+    worst = min(o.cosine for o in plain.report.validation.outputs.values())
+    budget = 1 - (1 - worst) / 2  # half the 4-bit model's cosine gap: back-off has to act
+    res = onnxcomp.compress(testing.digits_mlp_path(), {"passes": [q], "accuracy_budget": {"cosine": budget}},
+                            calibration_data=calib, validation_data=valid, progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    rounds = res.report.budget["backoff"]
+    softened = [n for r in rounds for n in r["softened"]]
+    assert res.report.budget["met"] and softened and not any(r["left_float"] for r in rounds), rounds
+    bits = _bits(res.model)
+    assert {n for n, b in bits.items() if b == 8} == set(softened) and 4 in bits.values()  # every layer integer
+    assert len(bits) == 3
+    assert res.report.size_ratio < 0.5  # nothing left float: well under the fp32 size
+    assert res.recipe.passes[0].int8_nodes == tuple(softened)
+    again = onnxcomp.compress(testing.digits_mlp_path(), res.recipe, calibration_data=calib, validation_data=valid,
+                              progress=False)
+    assert again.model.SerializeToString() == res.model.SerializeToString()  # the recipe applied replays
+
+
+def test_int8_nodes_is_for_4bit_weights():
+    with pytest.raises(RecipeError, match="int8_nodes applies to 4-bit weights"):
+        onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
+                                                       "int8_nodes": ["fc1"]}], progress=False)
