@@ -27,13 +27,14 @@ def _rect_sigmoid(v: np.ndarray) -> np.ndarray:
 
 
 def adaround_grid(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
-                  block_size: int = 0, iters: int = 1000, lam: float = 10.0, lr: float = 0.02, warmup: float = 0.2,
-                  seed_codes: np.ndarray | None = None) -> np.ndarray:
+                  block_size: int = 0, iters: int = 1000, lam: float = 10.0, lr: float = 0.02, warmup: float = 0.2
+                  ) -> np.ndarray:
     """Codes q [rows, cols] (float64, integers in [qmin, qmax]) with Ŵ = (q - zp) · scale learned against H.
 
     `scale`/`zero_point`: [rows] (per output channel) or [rows, ceil(cols / block_size)]. `iters` Adam steps
-    (learning rate `lr` on V), the first `warmup` fraction without the regulariser. `seed_codes` (e.g. GPTQ's)
-    start the rounding of each weight from those codes instead of from the float weight."""
+    (learning rate `lr` on V), the first `warmup` fraction without the regulariser; `lam` weighs the regulariser
+    against the reconstruction (10: digits fc1 at 4 bits, held-out error 0.00143 where AdaRound's published 0.01
+    left it at nearest rounding's 0.0075 under this normalisation)."""
     w = np.asarray(w, np.float64)
     rows, cols = w.shape
     sc = np.asarray(scale, np.float64).reshape(rows, -1)
@@ -48,8 +49,7 @@ def adaround_grid(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero_point: n
     e_rtn = float(((d_rtn @ h) * d_rtn).sum())
     if e_rtn <= 0:
         return rtn
-    frac = (x - fl) if seed_codes is None else np.clip(np.asarray(seed_codes, np.float64) - z - fl, 0.0, 1.0)
-    frac = np.clip(frac, 0.01, 0.99)
+    frac = np.clip(x - fl, 0.01, 0.99)
     # the loop in float32 (its cost is elementwise): h may not take a code outside the grid, so it is clipped
     # to [lo, hi] there and has no gradient beyond
     f32 = np.float32
