@@ -231,5 +231,7 @@ def test_auto_without_data_stays_cheap_and_says_what_data_would_give():
     res = onnxcomp.compress(path, "fast", progress=False, validate=False)
     names = [t["name"] for t in res.report.search["trials"]]
     assert names == ["lossless", "int8-dynamic"]  # its Gemms; static int8 and pruning need data
-    assert res.report.search["winner"] == "lossless" and res.report.data["validation"].startswith("generated")
+    # which of the two wins is a timing of a model that runs in microseconds, within the noise either way (the
+    # choice rule itself is tested on fixed figures above, through choose()): only that one of them won
+    assert res.report.search["winner"] in names and res.report.data["validation"].startswith("generated")
     assert any("calibration_data" in s and "static int8" in s for s in res.report.suggestions)

@@ -49,3 +49,32 @@ def test_int8_nodes_is_for_4bit_weights():
     with pytest.raises(RecipeError, match="int8_nodes applies to 4-bit weights"):
         onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
                                                        "int8_nodes": ["fc1"]}], progress=False)
+
+
+@pytest.mark.parametrize("mode, integer_op", [("static", "DequantizeLinear"), ("dynamic", "DynamicQuantizeMatMul")])
+def test_budget_gives_static_and_dynamic_layers_int8_weights_with_float_activations_first(mode, integer_op):
+    """Before a static/dynamic layer is left float, it gets 8-bit MatMulNBits weights with float activations
+    (quantize.weight_only_nodes); its input is no longer calibrated or quantized for it."""
+    calib, valid = _data()
+    q = {"type": "quantize", "mode": mode, "min_weight_elements": 0}
+    res = onnxcomp.compress(testing.digits_mlp_path(), {"passes": [q], "accuracy_budget": {"cosine": 0.99999}},
+                            calibration_data=calib, validation_data=valid, progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    rounds = res.report.budget["backoff"]
+    softened = [n for r in rounds for n in r["softened"]]
+    floated = [n for r in rounds for n in r["left_float"]]
+    assert res.report.budget["met"] and softened, rounds
+    assert rounds[0]["softened"] and not rounds[0]["left_float"]  # softened before anything is left float
+    assert set(floated) <= set(softened)  # only a layer already softened is then left float
+    assert set(_bits(res.model)) == set(softened) - set(floated) and set(_bits(res.model).values()) <= {8}
+    assert integer_op in {n.op_type for n in res.model.graph.node}  # the other layers stay integer
+    assert res.recipe.passes[0].weight_only_nodes == tuple(softened)
+    if mode == "static":  # a softened layer's input keeps no Q/DQ of its own
+        ranges = res.report.passes[0].details["ranges"]
+        assert "input" not in ranges or "fc1" not in softened or "fc1" in floated
+
+
+def test_weight_only_nodes_is_for_static_and_dynamic():
+    with pytest.raises(RecipeError, match="weight_only_nodes applies to modes static and dynamic"):
+        onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
+                                                       "weight_only_nodes": ["fc1"]}], progress=False)

@@ -1,7 +1,8 @@
-"""Mixed precision under an accuracy budget: back-off that gives 4-bit layers 8 bits first, against back-off
-that can only leave layers float (what it did before), on MiniLM-L3 int4 weight-only (block 32).
+"""Mixed precision under an accuracy budget: back-off that first compresses layers less (4-bit weights at 8 bits;
+static/dynamic layers as int8 weights with float activations), against back-off that can only leave layers
+float (what it did before), on MiniLM-L3.
 
-    python tools/bench_mixed_precision.py [--budgets 0.995 0.998]
+    python tools/bench_mixed_precision.py [--mode int4|static|dynamic] [--budgets 0.995 0.998]
 
 Calibration on sentences 200-263, the budget checked on 264-295 (validation_data), the task metrics on
 sentences 0-99 (100 sentences = 50 paraphrase pairs, seen by neither). Size and latency are the report's
@@ -34,17 +35,21 @@ _real = budget_mod.next_backoff
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.995, 0.998])
+    ap.add_argument("--mode", choices=["int4", "static", "dynamic"], default="int4")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, help="default: 0.995 0.998 (int4), 0.9995")
     args = ap.parse_args()
+    budgets = args.budgets or ([0.995, 0.998] if args.mode == "int4" else [0.9995])
     calib, valid = testing.minilm_feeds(64, start=200), testing.minilm_feeds(32, start=264)
     held = testing.minilm_feeds(100, start=0)
     ref = testing.minilm_embed(testing.minilm_path(), held)
     floor = onnxcomp.validate(testing.minilm_path(), testing.minilm_path(), inputs=valid, progress=False)
     print(f"noise floor (original vs itself): latency {floor.latency_ratio:.3f}")
-    print(f"{'budget':>7s} {'back-off':12s} {'met':>4s} {'rounds':>6s} {'float':>5s} {'8-bit':>5s} {'size':>6s} "
+    print(f"{'budget':>7s} {'back-off':12s} {'met':>4s} {'rounds':>6s} {'float':>5s} {'less':>5s} {'size':>6s} "
           f"{'latency':>7s} {'cos mean':>9s} {'cos min':>8s} {'pair top1':>9s} {'s':>5s}")
-    q = {"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 32}
-    for b in args.budgets:
+    q = ({"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 32} if args.mode == "int4"
+         else {"type": "quantize", "mode": args.mode})
+    print(f"MiniLM-L3 {q}")
+    for b in budgets:
         for label, nb in (("float only", _float_only), ("mixed", _real)):
             budget_mod.next_backoff = nb
             t = time.perf_counter()

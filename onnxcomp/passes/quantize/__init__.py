@@ -99,6 +99,9 @@ class Quantize(WeightPass):
     # 4-bit weight_only: MatMul/Gemm/Gather nodes (names or regexes) whose weights get 8 bits instead (mixed
     # precision: an accuracy budget's back-off gives these layers 8 bits before it leaves any float)
     int8_nodes: tuple[str, ...] = ()
+    # static/dynamic: MatMul/Gemm nodes (names or regexes) given int8 weights with float activations (8-bit
+    # MatMulNBits on the CPU targets) instead: what an accuracy budget's back-off tries before leaving one float
+    weight_only_nodes: tuple[str, ...] = ()
 
     def resolve(self, has_data: bool) -> "Quantize":
         if self.mode != "auto":
@@ -118,6 +121,9 @@ class Quantize(WeightPass):
         if self.int8_nodes and self.weight_dtype not in ("int4", "uint4"):
             raise RecipeError("quantize.int8_nodes applies to 4-bit weights (weight_dtype int4/uint4)")
         check_exclude(self.int8_nodes, "quantize.int8_nodes")
+        if self.weight_only_nodes and self.mode == "weight_only":
+            raise RecipeError("quantize.weight_only_nodes applies to modes static and dynamic")
+        check_exclude(self.weight_only_nodes, "quantize.weight_only_nodes")
         if not 0 < self.gptq_damping < 1:
             raise RecipeError(f"quantize.gptq_damping must be in (0, 1), got {self.gptq_damping}")
         if not 0 < self.percentile <= 100:
@@ -141,9 +147,11 @@ class Quantize(WeightPass):
         super().__post_init__()
 
     def soften(self, nodes: list[str]) -> "Quantize":
-        """These 4-bit layers at 8 bits (`int8_nodes`)."""
-        return dataclasses.replace(self, int8_nodes=tuple(self.int8_nodes) + tuple(
-            n for n in nodes if n not in self.int8_nodes))
+        """These layers compressed less: 4-bit weights at 8 bits (`int8_nodes`); static/dynamic layers with int8
+        weights and float activations (`weight_only_nodes`)."""
+        key = "int8_nodes" if self.mode == "weight_only" else "weight_only_nodes"
+        have = getattr(self, key)
+        return dataclasses.replace(self, **{key: tuple(have) + tuple(n for n in nodes if n not in have)})
 
     def min_opset(self) -> Optional[int]:
         # per-channel DequantizeLinear (axis) needs opset 13; 4-bit per-channel Conv weights (int4/uint4
@@ -183,8 +191,8 @@ class Quantize(WeightPass):
         if float_model is not None and errors:
             errors = self._end_to_end(float_model, source, ctx, target, tables, sorted(errors))
             details["end_to_end_gain"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
-        four = set(details.get("nodes_4bit", ()))  # what a budget may give 8 bits before leaving it float
-        out.layers = [LayerChange(n, e, softer="int8" if n in four else None) for n, e in errors.items()]
+        softer = details.get("softer", {})  # what a budget may do for a layer before leaving it float
+        out.layers = [LayerChange(n, e, softer=softer.get(n)) for n, e in errors.items()]
         return out
 
     def _end_to_end(self, float_model: onnx.ModelProto, source: onnx.ModelProto, ctx: PassContext, target: Target,
@@ -237,8 +245,8 @@ class Quantize(WeightPass):
             details["rounding"] = run.rounding_summary()
         if run.corrections:
             details["bias_correction"] = {"layers": len(run.corrections), "corrections": run.corrections[:500]}
-        if run.four_bit:
-            details["nodes_4bit"] = sorted(run.four_bit)
+        if run.softer:
+            details["softer"] = dict(sorted(run.softer.items()))
         run.grams.clear()
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
@@ -259,6 +267,7 @@ class Quantize(WeightPass):
                          and not run.act_sym)
         if run.reduce_range and self.mode != "weight_only":
             details["reduce_range"] = True
+        run.nbits8 = target.cpu
         return run
 
     def _plan_activations(self, run: "_Run", found: list, observable: set, model: ir.Model,
@@ -267,6 +276,8 @@ class Quantize(WeightPass):
         """Static mode: the activations the rules will quantize, calibrated once (their ranges in the plan)."""
         plan = run.plan
         for f in found:
+            if f.rule.name.startswith("wo-"):  # weight_only_nodes: int8 weights, float activations
+                continue
             plan.activations.update(t.name for t in _activation_tensors(f, target) if t.name in observable)
         if plan.activations:
             self._calibrate(plan, model, source, ctx, run.act_dtype, run.act_sym, notes)
@@ -670,6 +681,18 @@ class Quantize(WeightPass):
             plan.params[name] = qmath.activation_params(lo, hi, act_dtype, act_sym)
 
     # ------------------------------------------------------------------------------------------ rules
+    def _weight_only_node_rules(self, run: "_Run", target: Target, ops) -> list[RewriteRule]:
+        """Static/dynamic: 8-bit MatMulNBits for the `weight_only_nodes` (first: their static rules refuse them)."""
+        if not self.weight_only_nodes or not target.cpu:
+            return []
+        rules = []
+        for op in ("MatMul", "Gemm"):
+            if op in ops:
+                pats = [_matmul_pattern] if op == "MatMul" else [_gemm3_bias_pattern, _pattern_for("Gemm", 2)]
+                rules += [RewriteRule(f"wo-{op.lower()}-8bit{'-bias' if p is _gemm3_bias_pattern else ''}", p,
+                                      run._nbits_replacement, run._nbits_check) for p in pats]
+        return rules
+
     def _rules(self, run: "_Run", target: Target) -> list[RewriteRule]:
         ops = self._ops(target)
         rules: list[RewriteRule] = []
@@ -695,7 +718,9 @@ class Quantize(WeightPass):
                     if four:
                         continue  # no 4-bit DequantizeLinear fallback
                 rules += _weight_only_rules(run, target.ops[op])
-        elif self.mode == "dynamic":
+        else:
+            rules += self._weight_only_node_rules(run, target, ops)
+        if self.mode == "dynamic":
             if "MatMul" in ops:
                 rules.append(RewriteRule("dyn-matmul-bias", _matmul_bias_pattern, run._dyn_replacement,
                                          run._dyn_check))
@@ -703,7 +728,7 @@ class Quantize(WeightPass):
             if "Gemm" in ops:  # Gemm(x, W[, b]) is a MatMul with a bias: same fused kernel
                 rules.append(RewriteRule("dyn-gemm-2", _pattern_for("Gemm", 2), run._dyn_replacement, run._dyn_check))
                 rules.append(RewriteRule("dyn-gemm-3", _gemm3_bias_pattern, run._dyn_replacement, run._dyn_check))
-        else:
+        elif self.mode == "static":
             if "MatMul" in ops and run.fuse_bias:
                 # MatMul + bias Add as one com.microsoft.MatMulIntegerToFloat with its bias: ORT's QDQ fusion
                 # leaves the Add a separate kernel (MiniLM-L3: 18 bias Adds, 1.0 of 6.8 ms at 128 tokens)

@@ -48,6 +48,7 @@ class _Run:
         self.tables = {} if tables is None else tables  # embedding table name -> (q, scale): same in every trial
         self.plan = plan
         self.mode = q.mode
+        self.nbits8 = False  # the target runs 8-bit MatMulNBits (Quantize._new_run)
         self.act_dtype = "uint8"  # static activations (Quantize._new_run: the option or the target)
         self.act_sym = False
         self.reduce_range = False  # set by Quantize._new_run from the option or the target
@@ -60,18 +61,28 @@ class _Run:
         self.rounding: dict[str, dict] = {}  # weight name -> {"algorithm", "rtn_error", "gptq_error"}
         self.means: dict[str, np.ndarray] = {}  # layer input name -> E[x] (bias correction)
         self.corrections: list[dict] = []  # per corrected layer: node, mean |shift| / mean |bias|
-        self.four_bit: set[str] = set()  # nodes given 4-bit weights (MatMulNBits, GatherBlockQuantized)
+        #: node -> what an accuracy budget may give it short of float (LayerChange.softer): "int8" for 4-bit
+        #: weights, "weight_only" for a static/dynamic MatMul/Gemm (int8 weights, float activations)
+        self.softer: dict[str, str] = {}
 
     def _excluded(self, node: gs.Node) -> bool:
         return self.q._excluded(node)
 
     # -- shared checks --------------------------------------------------------------------------
+    def soften_to_weight_only(self, node: gs.Node) -> None:
+        """A static/dynamic MatMul/Gemm a budget may give int8 weights with float activations (where the
+        target runs 8-bit MatMulNBits) before it leaves the layer float."""
+        if self.nbits8 and node.op in ("MatMul", "Gemm"):
+            self.softer[node.name] = "weight_only"
+
     def _weight_ok(self, ctx, node: gs.Node, w: gs.Tensor, min_ndim: int = 2):
         why = weight_problem(node, w, self.q.exclude, min_ndim)
         return fail(why) if why else True
 
     def _layer_ok(self, ctx, node: gs.Node, w: gs.Tensor, x: gs.Tensor, min_ndim: int = 2):
-        """`_weight_ok` for w, then `_act_ok` for x."""
+        """`_weight_ok` for w, then `_act_ok` for x (static/dynamic: not a node given int8 weights only)."""
+        if self.mode != "weight_only" and is_excluded(node, self.q.weight_only_nodes):
+            return fail("int8 weights only (weight_only_nodes)")
         ok = self._weight_ok(ctx, node, w, min_ndim)
         return self._act_ok(x) if ok else ok
 
@@ -257,6 +268,7 @@ class _Run:
     def _static_bias_replacement(self, op, x, w, node, b):
         """MatMul(x, W) + b -> MatMulIntegerToFloat(Q(x), int8 W, s_x, s_w, z_x, z_w, b): the kernel ORT makes
         of DQ(Q(x)) -> MatMul -> Add, with the bias Add inside it."""
+        self.soften_to_weight_only(node)
         xq, sx, zx = self._q_input(op, x)
         consts, _ = self._weight_consts(op, w, 1, self._gram(op, x, w, node))
         b = self._bias_after(op, x, w, node, b, 1)
@@ -287,6 +299,8 @@ class _Run:
 
     # -- 4-bit weights -------------------------------------------------------------------------
     def _nbits_check(self, ctx, x, w, node, b=None):
+        if self.mode != "weight_only" and not is_excluded(node, self.q.weight_only_nodes):
+            return fail(f"{self.mode} quantization (not in weight_only_nodes)")
         ok = self._weight_ok(ctx, node, w)
         if not ok:
             return ok
@@ -318,7 +332,7 @@ class _Run:
         k, n = v.shape
         bits = 8 if self.q.weight_dtype == "int8" or is_excluded(node, self.q.int8_nodes) else 4
         if bits == 4:
-            self.four_bit.add(node.name)
+            self.softer[node.name] = "int8"
         bs = nbits_block(self.q.block_size, k)
         blocks = -(-k // bs)
         h = self._gram(op, x, w, node)
@@ -357,7 +371,7 @@ class _Run:
     def _gather4_replacement(self, op, w, idx, node):
         """Table [R, D] -> ORT's GatherBlockQuantized: 4-bit blocks of `block_size` along each row, two values
         a byte (low nibble first), zero point 8; rows are dequantized after the lookup."""
-        self.four_bit.add(node.name)
+        self.softer[node.name] = "int8"
         v = np.asarray(ir.const_value(w), dtype=np.float32)
         r, d = v.shape
         bs = self.q.block_size or 32
@@ -395,6 +409,7 @@ class _Run:
         return True
 
     def _dyn_replacement(self, op, x, w, node, b=None, **_):
+        self.soften_to_weight_only(node)
         key = (id(w), bool(node.op == "Gemm" and node.attrs.get("transB", 0)))
         consts = self.ccache.get(key)  # initializers shared by every node reading the same weight
         if consts is None:
@@ -618,6 +633,7 @@ def _weight_only_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
         return True
 
     def replacement(op, x, w, node, c=None):
+        q.soften_to_weight_only(node)
         axis = place.weight_axis(node.attrs, np.asarray(ir.const_value(w)).ndim)
         dqw, _ = q._quant_weight(op, w, axis, q._gram(op, x, w, node))
         c = q._bias_after(op, x, w, node, c, axis)
@@ -637,6 +653,8 @@ def _static_input_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
             return ok
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             return fail("Gemm with transA=1")
+        if is_excluded(node, q.q.weight_only_nodes):
+            return fail("int8 weights only (weight_only_nodes)")
         ok = q._act_ok(x)
         if ok and q.fuse_bias and node.op == "MatMul" and q._static_bias_ok(ctx, x, w, node) \
                 and _bias_add_follows(ctx, node, ctx.const_value(w).shape[-1]):
@@ -644,6 +662,7 @@ def _static_input_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
         return ok
 
     def replacement(op, x, w, node, c=None):
+        q.soften_to_weight_only(node)
         axis = place.weight_axis(node.attrs, np.asarray(ir.const_value(w)).ndim)
         dqw, _ = q._quant_weight(op, w, axis, q._gram(op, x, w, node))
         c = q._bias_after(op, x, w, node, c, axis)
