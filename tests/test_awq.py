@@ -112,3 +112,49 @@ def test_sample_rows_spreads_over_the_output_channels():
     s = awq.sample_rows(w, 100)
     assert s.shape == (100, 6) and s[0, 0] == w[0, 0] and s[-1, 0] == w[0, 999]
     assert awq.sample_rows(w[:, :50], 100).shape == (50, 6)  # fewer outputs than the sample: all of them
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_smoothing_a_gemm_is_exact_in_float_in_both_weight_layouts(trans_b):
+    """x W + b = (x / s)(diag(s) W) + b for a Gemm too, whichever way its weight is stored (the digits MLP's
+    trained weights, held-out images)."""
+    from onnxcomp import ir, testing
+    from onnxcomp.passes.quantize.smooth import _apply_smoothing
+
+    m = onnx.load(testing.digits_mlp_path())
+    if not trans_b:  # the same model with fc2's weight stored [K, N]
+        g = next(n for n in m.graph.node if list(n.input[1:2]) == ["fc2.weight"])
+        t = next(t for t in m.graph.initializer if t.name == "fc2.weight")
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).T), t.name))
+        for a in g.attribute:
+            if a.name == "transB":
+                a.i = 0
+    x = testing.digits_data()["x_test_flat"][:100].astype(np.float32)
+    ref = testing.session(m).run(None, {"input": x})[0]
+    fc2_in = next(n for n in m.graph.node if list(n.input[1:2]) == ["fc2.weight"]).input[0]
+    scale = np.random.default_rng(0).uniform(0.25, 4.0, 128).astype(np.float32)
+    model = ir.Model.from_proto(m)
+    assert _apply_smoothing(model, {fc2_in: scale}) == 1
+    out_proto = model.to_proto()
+    onnx.checker.check_model(out_proto, full_check=True)
+    assert "Mul" in {n.op_type for n in out_proto.graph.node}
+    np.testing.assert_allclose(testing.session(out_proto).run(None, {"input": x})[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_scales_gemm_inputs_when_asked_and_auto_leaves_gemms_alone():
+    """algorithm awq takes the digits MLP's Gemms (each 4-bit MatMulNBits after its scales); auto does not scale
+    Gemms (measured not better on the digits models: tools/bench_algorithms.py)."""
+    from onnxcomp import testing
+
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib_flat"][i:i + 20].astype(np.float32)} for i in range(0, 200, 20)]
+    q = {"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 16, "min_weight_elements": 0}
+    res = onnxcomp.compress(testing.digits_mlp_path(), [dict(q, algorithm="awq")], calibration_data=calib,
+                            progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    det = res.report.passes[0].details["awq"]
+    assert det["scaled_inputs"] >= 1 and det["layers"] == det["scaled_inputs"]  # one Gemm per scaled input here
+    assert {n.op_type for n in res.model.graph.node} >= {"MatMulNBits", "Mul"}
+    auto = onnxcomp.compress(testing.digits_mlp_path(), [q], calibration_data=calib, progress=False)
+    assert auto.report.passes[0].details.get("awq", {"scaled_inputs": 0})["scaled_inputs"] == 0
+    assert any("no 4-bit MatMul/Gemm input to scale" in n for n in auto.report.passes[0].notes)

@@ -45,6 +45,7 @@ ROWS: dict[str, dict] = {
     "static adaround (Convs too)": {"mode": "static", "algorithm": "adaround"},
     "int4 weights, gptq": dict(_W4, algorithm="gptq"),
     "int4 weights, adaround": dict(_W4, algorithm="adaround"),
+    "int4 weights, awq": dict(_W4, algorithm="awq"),
     "int4 weights incl. Conv, gptq": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="gptq"),
     "int4 weights incl. Conv, adaround": dict(_W4, ops=["Conv", "Gemm", "MatMul"], algorithm="adaround"),
 }

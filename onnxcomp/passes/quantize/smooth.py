@@ -15,7 +15,7 @@ from ...runtime import observable_tensors
 from ...rewrite.rules import fold_constant_mul_chain_rule
 from ..base import PassContext
 
-from .rules import _matmul_pattern
+from .rules import _gemm3_bias_pattern, _matmul_pattern, _pattern_for
 
 
 def _smoothing_scales(amax_x: dict[str, np.ndarray], amax_w: dict[str, np.ndarray], alpha: float
@@ -42,36 +42,50 @@ def _unsmoothed(x: gs.Tensor) -> gs.Tensor:
 
 
 def _apply_smoothing(model: ir.Model, scales: dict[str, np.ndarray]) -> int:
-    """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W) for every x in `scales` (one Mul per x, shared): the plan
-    puts each main-graph MatMul whose constant 2-D weight fits its input's scales on that MatMul."""
+    """MatMul(x, W) -> MatMul(Mul(x, 1/s), diag(s) W), and Gemm alike (its weight scaled along its input axis),
+    for every x in `scales` (one Mul per x, shared): the plan puts each main-graph MatMul/Gemm whose constant 2-D
+    weight fits its input's scales on that node, with the scales."""
 
-    def target(ctx, x, w, node):
+    def target(ctx, x, w, node, b=None):
         v = ctx.const_value(w)
         if ctx.graph is not model.graph:
             return fail("subgraph (activations there cannot be calibrated)")
-        if x.name not in scales or v is None or v.ndim != 2 or v.shape[0] != scales[x.name].shape[0]:
+        if x.name not in scales or v is None or v.ndim != 2:
             return fail("not a smoothing target")
-        return True
+        if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
+            return fail("Gemm with transA or alpha != 1")
+        k = v.shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) else v.shape[0]
+        return True if k == scales[x.name].shape[0] else fail("weight does not fit the scales")
 
+    patterns = (_matmul_pattern, _pattern_for("Gemm", 2), _gemm3_bias_pattern)
     plan = Plan((f.match.bindings["node"], scales[f.match.bindings["x"].name])
-                for f in find_matches(model, [query("smooth-target", _matmul_pattern, target)]))
+                for f in find_matches(model, [query(f"smooth-target-{i}", p, target) for i, p in enumerate(patterns)]))
 
-    def replacement(op, x, w, node, decision: np.ndarray):
-        sc = decision
-        xs = None
+    def smoothed_input(op, x, sc):
         for c in op.ctx.consumers(x):
             if c.op == "Mul" and len(c.inputs) == 2 and c.inputs[1].name.startswith(f"{x.name}_smooth_inv"):
-                xs = c.outputs[0]
-        if xs is None:
-            xs = op.Mul(x, op.const((1.0 / sc).astype(np.float32), name=f"{x.name}_smooth_inv"))
-            xs.name = op.ctx.index.fresh_name(f"{x.name}_smoothed")
-        wv = np.asarray(ir.const_value(w), np.float32) * sc[:, None]
-        return op.MatMul(xs, op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
+                return c.outputs[0]
+        xs = op.Mul(x, op.const((1.0 / sc).astype(np.float32), name=f"{x.name}_smooth_inv"))
+        xs.name = op.ctx.index.fresh_name(f"{x.name}_smoothed")
+        return xs
 
-    stats = apply_rules(model, [RewriteRule("smooth-matmul", _matmul_pattern, replacement)], plan=plan)
+    def matmul(op, x, w, node, decision: np.ndarray):
+        wv = np.asarray(ir.const_value(w), np.float32) * decision[:, None]
+        return op.MatMul(smoothed_input(op, x, decision), op.const(wv.astype(np.float32), name=f"{w.name}_smoothed"))
+
+    def gemm(op, x, w, node, decision: np.ndarray, b=None):
+        v = np.asarray(ir.const_value(w), np.float32)
+        wv = v * decision[None, :] if node.attrs.get("transB", 0) else v * decision[:, None]
+        ins = [smoothed_input(op, x, decision), op.const(wv.astype(np.float32), name=f"{w.name}_smoothed")]
+        return op.Gemm(*ins, *([b] if b is not None else []), **dict(node.attrs))
+
+    rules = [RewriteRule("smooth-matmul", _matmul_pattern, matmul),
+             RewriteRule("smooth-gemm-2", _pattern_for("Gemm", 2), gemm),
+             RewriteRule("smooth-gemm-3", _gemm3_bias_pattern, gemm)]
+    stats = apply_rules(model, rules, plan=plan)
     # a smoothing Mul right after a constant Mul (e.g. GELU's final *0.5) folds into it: no extra op at run time
     apply_rules(model, [fold_constant_mul_chain_rule()])
-    return stats.rules["smooth-matmul"].applied
+    return stats.applied
 
 
 def _observable(proto: onnx.ModelProto) -> set[str]:
