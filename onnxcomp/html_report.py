@@ -94,8 +94,12 @@ def _cards(d: dict[str, Any]) -> str:
         out.append(_card("session creation", f"{s['candidate']:.0f} ms", f"original {s['reference']:.0f} ms"))
     b = d.get("accuracy_budget")
     if b:
-        out.append(_card("accuracy budget", "met" if b["met"] else "missed", json.dumps(b["bounds"]),
-                         "good" if b["met"] else "bad"))
+        rounds = b.get("backoff", [])
+        less = sum(len(r.get("softened", ())) for r in rounds)
+        left = sum(len(r["left_float"]) for r in rounds)
+        after = f"; after {len(rounds)} back-off round(s): {less} layer(s) compressed less, {left} left as they were"
+        out.append(_card("accuracy budget", "met" if b["met"] else "missed",
+                         json.dumps(b["bounds"]) + (after if rounds else ""), "good" if b["met"] else "bad"))
     if not v:
         out.append(_card("validation", "skipped", "validate=False"))
     return "<div class='cards'>" + "".join(out) + "</div>"

@@ -41,8 +41,18 @@ def _nbytes(t: onnx.TensorProto) -> int:
 
 _FLOAT_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
                 onnx.TensorProto.DOUBLE: "fp64"}
-#: ops whose first input is 4-bit weights packed two per uint8
+#: ops whose weights (and zero points) are n-bit values packed in uint8 (attribute `bits`, default 4: two a byte)
 _PACKED4 = {"com.microsoft.MatMulNBits", "com.microsoft.GatherBlockQuantized"}
+
+
+def _packed_bits(graph: onnx.GraphProto) -> dict[str, int]:
+    """Bits per value of the packed inputs (weights, zero points) of each MatMulNBits / GatherBlockQuantized."""
+    out = {}
+    for n in graph.node:
+        if _op_name(n) in _PACKED4:
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            out.update((i, bits) for i in n.input if i)
+    return out
 
 
 #: name endings of the constants a palettized weight is stored and decoded from (passes/palettize.py names them
@@ -52,15 +62,15 @@ CODEBOOK_SUFFIXES = tuple(f"_palette_{part}" for part in (
     "scaled_shape", "scales_start", "scales_end", "scales_axis"))
 
 
-def _storage(t: onnx.TensorProto, consumer: str) -> str:
+def _storage(t: onnx.TensorProto, consumer: str, packed_bits: int = 4) -> str:
     """How a weight is stored, as a user reads it: fp32 / fp16 / int8 / int4 / codebook (palettized: indices,
-    values, scales) / other (indices, shapes)."""
+    values, scales) / other (indices, shapes). `packed_bits`: the bits of a packed MatMulNBits-style input."""
     if t.name.endswith(CODEBOOK_SUFFIXES):
         return "codebook"
     if t.data_type in _FLOAT_NAMES:
         return _FLOAT_NAMES[t.data_type]
     if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or (
-            consumer in _PACKED4 and t.data_type == onnx.TensorProto.UINT8):
+            consumer in _PACKED4 and t.data_type == onnx.TensorProto.UINT8 and packed_bits == 4):
         return "int4"
     if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
         return "int8"
@@ -109,12 +119,13 @@ def _parameters(graphs: list[onnx.GraphProto]) -> tuple[Counter, Counter, Counte
     pbytes: Counter = Counter()
     storage: Counter = Counter()
     for g in graphs:
+        bits = _packed_bits(g)
         for t in g.initializer:
             op = consumer.get(t.name, "(unused)")
             b = _nbytes(t)
             params[op] += _numel(t)
             pbytes[op] += b
-            storage[_storage(t, op)] += b
+            storage[_storage(t, op, bits.get(t.name, 4))] += b
         for n in g.node:
             if n.op_type != "Constant":
                 continue
@@ -191,6 +202,7 @@ def initializer_storage(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
         for n in g.node:
             for i in n.input:
                 consumer.setdefault(i, _op_name(n))
+        bits = _packed_bits(g)
         for t in g.initializer:
-            out.setdefault(t.name, (_nbytes(t), _storage(t, consumer.get(t.name, ""))))
+            out.setdefault(t.name, (_nbytes(t), _storage(t, consumer.get(t.name, ""), bits.get(t.name, 4))))
     return out

@@ -78,3 +78,20 @@ def test_weight_only_nodes_is_for_static_and_dynamic():
     with pytest.raises(RecipeError, match="weight_only_nodes applies to modes static and dynamic"):
         onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
                                                        "weight_only_nodes": ["fc1"]}], progress=False)
+
+
+def test_the_report_tells_8_bit_from_4_bit_matmulnbits_weights():
+    """Both are uint8 tensors read by MatMulNBits: the node's `bits` says which storage class they are."""
+    calib, valid = _data()
+    q = {"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 16, "min_weight_elements": 0}
+    res = onnxcomp.compress(testing.digits_mlp_path(), [dict(q, int8_nodes=["fc1"])], calibration_data=calib,
+                            validation_data=valid, progress=False)
+    assert _bits(res.model) == {"fc1": 8, "fc2": 4, "fc3": 4}
+    storage = res.report.after["bytes_by_storage"]
+    w = {t.name: t for t in res.model.graph.initializer}
+    fc1_q = next(n for n in res.model.graph.node if n.name.startswith("fc1/")).input[1]
+    fc2_q = next(n for n in res.model.graph.node if n.name.startswith("fc2/")).input[1]
+    assert storage["int8"] >= len(w[fc1_q].raw_data) and storage["int4"] >= len(w[fc2_q].raw_data)
+    only8 = onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
+                                                           "min_weight_elements": 0}], progress=False)
+    assert set(_bits(only8.model).values()) == {8} and "int4" not in only8.report.after["bytes_by_storage"]
