@@ -95,3 +95,19 @@ def test_the_report_tells_8_bit_from_4_bit_matmulnbits_weights():
     only8 = onnxcomp.compress(testing.digits_mlp_path(), [{"type": "quantize", "mode": "weight_only",
                                                            "min_weight_elements": 0}], progress=False)
     assert set(_bits(only8.model).values()) == {8} and "int4" not in only8.report.after["bytes_by_storage"]
+
+
+def test_an_8_bit_weight_only_layer_has_nothing_softer_than_float():
+    """weight_only int8/uint8 layers (DequantizeLinear or 8-bit MatMulNBits) are left float by back-off; they are
+    not offered a gentler setting the pass does not have (it raised a RecipeError on int8_nodes before)."""
+    calib, valid = _data()
+    rec = {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "uint8", "min_weight_elements": 0}],
+           "accuracy_budget": {"cosine": 0.9999999}}
+    try:
+        res = onnxcomp.compress(testing.digits_mlp_path(), rec, calibration_data=calib, validation_data=valid,
+                                progress=False)
+    except onnxcomp.AccuracyBudgetError as e:
+        res = e.result
+    rounds = res.report.budget["backoff"]
+    assert rounds and all(not r["softened"] and r["left_float"] for r in rounds), rounds
+    assert "softer" not in res.report.passes[0].details

@@ -72,7 +72,7 @@ class _Run:
     def soften_to_weight_only(self, node: gs.Node) -> None:
         """A static/dynamic MatMul/Gemm a budget may give int8 weights with float activations (where the
         target runs 8-bit MatMulNBits) before it leaves the layer float."""
-        if self.nbits8 and node.op in ("MatMul", "Gemm"):
+        if self.mode != "weight_only" and self.nbits8 and node.op in ("MatMul", "Gemm"):
             self.softer[node.name] = "weight_only"
 
     def _weight_ok(self, ctx, node: gs.Node, w: gs.Tensor, min_ndim: int = 2):
@@ -633,7 +633,6 @@ def _weight_only_rules(q: _Run, place: OpPlacement) -> list[RewriteRule]:
         return True
 
     def replacement(op, x, w, node, c=None):
-        q.soften_to_weight_only(node)
         axis = place.weight_axis(node.attrs, np.asarray(ir.const_value(w)).ndim)
         dqw, _ = q._quant_weight(op, w, axis, q._gram(op, x, w, node))
         c = q._bias_after(op, x, w, node, c, axis)
