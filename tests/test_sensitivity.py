@@ -82,6 +82,10 @@ def test_probe_errors_are_reused_and_equal_to_a_fresh_measurement():
     assert WeightProbe(m, ["W"], feeds[:1], errors=errors, digest=digest).error(cut) != e1
     assert WeightProbe(m, ["W"], feeds, errors=errors, digest="another model").session is None
     assert errors.misses == 3
+    # providers given with their options (ORT's (name, {option: value}) form) key the errors too
+    with_options = [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+    assert WeightProbe(m, ["W"], feeds, providers=with_options, errors=errors, digest=digest).error(cut) == e1
+    assert errors.misses == 4
 
 
 def test_backoff_rounds_take_probe_errors_from_the_first_round(monkeypatch):

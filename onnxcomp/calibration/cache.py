@@ -103,7 +103,7 @@ class ProbeErrors:
         weights = tuple(sorted((n, a.dtype.str, a.shape, hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8),
                                                                           digest_size=16).digest())
                                for n, a in ((n, np.asarray(v)) for n, v in replace.items())))
-        return digest, tuple(id(f) for f in feeds), tuple(providers or ()), weights
+        return digest, tuple(id(f) for f in feeds), _frozen(list(providers or ())), weights  # (name, {options})
 
     def get(self, key: tuple) -> float | None:
         hit = self._errors.get(key)
