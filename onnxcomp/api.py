@@ -14,7 +14,7 @@ import onnx
 
 from . import ir
 from .budget import back_off
-from .errors import AccuracyBudgetError
+from .errors import AccuracyBudgetError, InternalError, InvalidModelError
 from .passes import PassContext
 from .pipeline import Pipeline
 from . import progress as _progress
@@ -162,9 +162,16 @@ class _Job:
         budget = self.recipe.accuracy_budget
         # over 2 GB, ORT reads the input from its file (the validator does not load its weights again)
         ref = self.source if self.proto is None or (self._on_disk() and ir.is_big(self.proto)) else self.proto
-        return _validate(ref, candidate, inputs=self.validation_data, providers=self.ctx.providers,
-                         latency=latency, metric=None if budget is None else budget.metric,
-                         input_shapes=self.input_shapes, progress=self.ctx.progress)
+        try:
+            return _validate(ref, candidate, inputs=self.validation_data, providers=self.ctx.providers,
+                             latency=latency, metric=None if budget is None else budget.metric,
+                             input_shapes=self.input_shapes, progress=self.ctx.progress)
+        except InvalidModelError as e:
+            # the validator names the model at fault first: the reference is the user's, the candidate ours
+            if not str(e).startswith("candidate model"):
+                raise
+            raise InternalError(f"bug in onnxcomp: the compressed model passes onnx.checker but {e} (the input "
+                                "runs there). Please report it with the model and the recipe.") from None
 
     def run(self, validate: bool):
         """The pipeline, validation, and back-off while the budget is not met (the recipe really applied is kept

@@ -185,10 +185,10 @@ def _upgrade_opset(proto: onnx.ModelProto, need: Optional[int], notes: list[str]
 
     try:
         out = version_converter.convert_version(proto, need)
-        if out.ir_version < 4:  # IR 3 lists every initializer as an input; the converter adds some (Pad's pads)
-            listed = {i.name for i in out.graph.input}
-            out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                                   for t in out.graph.initializer if t.name not in listed)
+        # the converter keeps the IR version, so an IR-3 model gets initializers (Pad's pads) that IR 3 would
+        # have to list as graph inputs: the IR version the new opset needs anyway (7 for opset 13) allows them
+        # unlisted, and the model's inputs stay as they were
+        out.ir_version = max(out.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import)))
         ir.check_proto(out, full=True, what=f"model converted to opset {need}")
     except Exception as e:  # the converter raises several types; all mean "cannot convert"
         raise UnsupportedModelError(f"the pass needs opset >= {need} and the model has opset {have}; "

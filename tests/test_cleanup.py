@@ -311,3 +311,48 @@ def test_cleanup_on_real_fixtures(name, capsys):
         # 112 Constant nodes hold only 19 distinct values: the duplicates are merged
         assert ops(out.graph).count("Constant") < 30 < ops(proto.graph).count("Constant")
         assert rec.nodes_after < rec.nodes_before
+
+
+def _range_from_squeezed_scalars() -> onnx.ModelProto:
+    """Range(Squeeze([0]), Shape(x)[Squeeze([1])], Squeeze([1])): Range takes scalars only, so the folded
+    Squeezes must stay rank 0 (the expanded Attention functions of the backend corpus build their causal masks
+    this way; a [1] index makes the Gather's output [1] too, and with x of fixed shape ORT's shape inference
+    sees the Range inputs' values and refuses them)."""
+    nodes = [helper.make_node("Squeeze", ["zero1d", "ax"], ["zero"], name="sq0"),
+             helper.make_node("Squeeze", ["one1d", "ax"], ["one"], name="sq1"),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "one"], ["n"], name="seq_len"),
+             helper.make_node("Range", ["zero", "n", "one"], ["r"], name="range")]
+    inits = [const("zero1d", np.array([0], np.int64)), const("one1d", np.array([1], np.int64)),
+             const("ax", np.array([0], np.int64))]
+    return make_model(nodes, [vi("x", [2, 5])], [helper.make_tensor_value_info("r", TensorProto.INT64, [None])],
+                      inits)
+
+
+def test_folded_scalar_stays_a_scalar():
+    import onnxcomp
+
+    m = _range_from_squeezed_scalars()
+    feeds = [{"x": np.zeros((2, 5), np.float32)}]
+    res = onnxcomp.compress(m, ["cleanup"], validation_data=feeds, progress=False)
+    assert "Squeeze" not in {n.op_type for n in res.model.graph.node}
+    folded = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for n in res.model.graph.node:
+        if n.op_type == "Constant":
+            folded[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    assert folded["zero"].shape == () and folded["one"].shape == ()
+    assert res.report.validation.outputs["r"].max_abs_err == 0.0
+
+
+def test_a_produced_model_ort_cannot_load_is_an_internal_error(monkeypatch):
+    """The fault of that folding bug, put back: the result passes onnx.checker but ORT refuses it. That is
+    onnxcomp's fault, not the input's: an InternalError saying so, never an InvalidModelError."""
+    import onnxcomp
+    from onnxcomp.errors import InternalError
+    from onnxcomp.rewrite import sweeps
+
+    real = sweeps._evaluate
+    monkeypatch.setattr(sweeps, "_evaluate", lambda *a: np.ascontiguousarray(real(*a)))  # 0-d becomes [1]
+    with pytest.raises(InternalError, match=r"bug in onnxcomp.*candidate model.*Range.*report it"):
+        onnxcomp.compress(_range_from_squeezed_scalars(), ["cleanup"], validation_data=[{"x": np.zeros((2, 5), np.float32)}],
+                          progress=False)

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
+from onnxcomp import compress
 from onnxcomp import testing as fx
 from onnxcomp.data import InputSpec, check_feeds, generate_feeds, input_specs, load_feeds
 from onnxcomp.errors import CalibrationDataError, UnsupportedModelError
@@ -282,14 +283,26 @@ def test_generate_feeds_follow_names_and_gather_tables() -> None:
 
 
 def test_generate_feeds_refuses_what_it_cannot_make() -> None:
-    m = _model([h.make_node("Identity", ["s"], ["t"])], [h.make_tensor_value_info("s", T.STRING, [1])],
-               [h.make_tensor_value_info("t", T.STRING, [1])])
-    with pytest.raises(UnsupportedModelError, match="'s'"):
+    seq = h.make_value_info("s", h.make_sequence_type_proto(h.make_tensor_type_proto(T.FLOAT, None)))
+    m = _model([h.make_node("SequenceLength", ["s"], ["t"])], [seq], [h.make_tensor_value_info("t", T.INT64, [])])
+    with pytest.raises(UnsupportedModelError, match="'s' of type non-tensor"):
         generate_feeds(m, input_specs(m))
     m2 = _model([h.make_node("Identity", ["u"], ["v"])], [h.make_tensor_value_info("u", T.FLOAT, None)],
                 [h.make_tensor_value_info("v", T.FLOAT, None)])
     with pytest.raises(UnsupportedModelError, match="'u'"):
         generate_feeds(m2, input_specs(m2))
+
+
+def test_generated_string_feeds_validate_a_string_model() -> None:
+    """String inputs get random words (they were refused, so cleanup on a StringNormalizer model without
+    validation data failed); the validator compares string outputs exactly."""
+    m = _model([h.make_node("StringNormalizer", ["s"], ["t"], stopwords=["monday"], is_case_sensitive=1)],
+               [h.make_tensor_value_info("s", T.STRING, [1, 5])], [h.make_tensor_value_info("t", T.STRING, [1, None])])
+    f1, f2 = generate_feeds(m, input_specs(m), n=2, seed=0)
+    assert f1["s"].shape == (1, 5) and f1["s"].dtype == object and all(isinstance(w, str) and w for w in f1["s"].flat)
+    assert (f1["s"] != f2["s"]).any()
+    res = compress(m, ["cleanup"], progress=False)
+    assert res.report.validation.outputs["t"].max_abs_err == 0.0
 
 
 def test_generate_feeds_minilm() -> None:

@@ -28,7 +28,8 @@ def corpus():
 def test_formerly_failing_cases_compress(corpus, name, mode):
     """test_scan_sum/dynamic: the opset-13 upgrade would change Scan's state input [1, 2] -> [2]; the pass is
     skipped with that reason instead of refusing the model's own inputs. The opset-6 IR-3 Pad models: the
-    upgrade to opset 13 moves pads into an initializer, which IR 3 needs listed as an input (now it is)."""
+    upgrade to opset 13 moves pads into an initializer, which IR 3 would need listed as an input (the converted
+    model now takes IR 7, which opset 13 needs anyway)."""
     outcome, detail = run_case(name, mode)
     assert outcome in ("ok", "unchanged"), (outcome, detail)
 

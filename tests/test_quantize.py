@@ -210,6 +210,30 @@ def test_opset11_model_is_upgraded_for_per_channel():
     _close_to_float(m, res.model, calib[0], rtol=0.05)
 
 
+def test_ir3_opset6_model_with_pad_attribute_is_upgraded_without_changing_its_inputs():
+    """The backend corpus' opset-6 IR-3 Pad models: opset 13 moves Pad's `pads` attribute into an initializer,
+    which IR 3 would have to list as a graph input (an input the user never had). The converted model takes the
+    IR version opset 13 needs (7), so no input is added and the weights are quantized (W, an input only by IR 3's
+    rule, is an initializer of the result)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Pad", ["x"], ["p"], pads=[0, 1, 0, 1], value=0.0),
+                           helper.make_node("MatMul", ["p", "W"], ["y"], name="mm")], "g",
+                          [vi("x", [3, 4]), vi("W", [6, 4])], [vi("y", [3, 4])], [const("W", w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 6)])
+    m.ir_version = 3  # IR 3: the initializer W is listed as an input too
+    onnx.checker.check_model(m, full_check=True)
+    calib = [{"x": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(8)]
+    res = _q(m, {"mode": "static"}, calib)
+    assert res.report.passes[0].status == "ok", res.report.passes[0].notes
+    inits = {t.name for t in res.model.graph.initializer}
+    assert [i.name for i in res.model.graph.input if i.name not in inits] == ["x"]  # no pads input appeared
+    assert res.model.ir_version >= 7 and {o.domain: o.version for o in res.model.opset_import}[""] == 13
+    assert "QuantizeLinear" in {n.op_type for n in res.model.graph.node}
+    onnx.checker.check_model(res.model, full_check=True)
+    _close_to_float(m, res.model, calib[0], rtol=0.05)
+
+
 def test_static_needs_calibration_data():
     with pytest.raises(CalibrationDataError, match="calibration"):
         _q(testing.digits_cnn_path(), {"mode": "static"})

@@ -479,6 +479,9 @@ def check_input_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence
     return out
 
 
+_LETTERS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def generate_feeds(
     model: onnx.ModelProto,
     specs: Sequence[InputSpec] | None = None,
@@ -495,7 +498,7 @@ def generate_feeds(
     input_ids). Other dims: fixed dims as declared; a symbolic dim takes ``dim_values[name]`` if given, else 1 when it is the
     leading (batch) dim of some input, else 16; one symbolic name has one value across all inputs (batch_size,
     sequence_length); unnamed unknown dims are 1 when leading, else 16.
-    Values: floats ~ N(0, 1); bool random; integers: names containing "mask" -> ones, "token_type"/"segment"
+    Values: floats ~ N(0, 1); bool random; strings: random words of 1..8 letters; integers: names containing "mask" -> ones, "token_type"/"segment"
     -> zeros, "position" -> arange along the last dim, an input that indexes an initializer table through
     Gather (directly or via Cast/Unsqueeze/Reshape) -> uniform in [0, rows), any other integer -> {0, 1}.
     """
@@ -504,7 +507,7 @@ def generate_feeds(
     if n < 1:
         raise CalibrationDataError(f"generate_feeds: n must be >= 1, got {n}")
     for s in specs:
-        if s.dtype is None or (s.dtype.kind not in "biuf" and s.dtype.name != "bfloat16"):
+        if s.dtype is None or (s.dtype.kind not in "biufO" and s.dtype.name != "bfloat16"):
             kind = "non-tensor" if s.elem_type == 0 else s.type_str
             raise UnsupportedModelError(
                 f"cannot generate random feeds for input '{s.name}' of type {kind}; pass inputs= explicitly"
@@ -528,6 +531,9 @@ def generate_feeds(
             lname = s.name.lower()
             if dt.kind == "b":
                 arr = rng.random(shape) < 0.5
+            elif dt.kind == "O":  # strings: short random words, mixed case (string ops care about case)
+                arr = np.array(["".join(rng.choice(_LETTERS, size=int(rng.integers(1, 9))))
+                                for _ in range(int(np.prod(shape)))], dtype=object).reshape(shape)
             elif dt.kind in "iu":
                 if "mask" in lname:
                     arr = np.ones(shape, dtype=dt)

@@ -105,7 +105,7 @@ def fold_constant_subgraphs(graph: gs.Graph, opset: int) -> tuple[int, list[str]
                 notes.append(f"{n.op} '{n.name}' left unfolded: its result ({y.nbytes} bytes) is larger than its "
                              "constant inputs")
                 continue
-            const = gs.Constant(out.name, np.ascontiguousarray(y))
+            const = gs.Constant(out.name, np.array(y, order="C"))  # (ascontiguousarray makes 0-d 1-d)
             index.replace_all_uses(out, const)
             index.remove_node(n)
             done.append(n)
