@@ -486,3 +486,29 @@ def test_gram_matches_numpy_over_variable_length_feeds():
         collect_statistics(m, [], feeds, histogram=False, gram_axes={"x": 3})
     with pytest.raises(RecipeError, match="Gram axis"):
         collect_statistics(m, [], feeds, histogram=False, gram_axes={"x": "last"})
+
+
+def test_moment_chunks_hold_one_chunk_and_collect_each_once_in_order():
+    """MomentChunks (models over 2 GB): a chunk holds inputs up to its byte budget; reading in order collects
+    each input once; reading an input outside the chunk held drops it first (never two chunks at once)."""
+    from onnxcomp.calibration.chunks import MomentChunks
+
+    loads = []
+
+    def load(axes):
+        loads.append(sorted(axes))
+        return {n: (np.full((4, 4), i, np.float64), np.full(4, i, np.float64)) for i, n in enumerate(axes)
+                if n != "unseen"}
+
+    mc = MomentChunks([("a", -1, 4), ("b", -1, 4), ("c", -1, 4), ("unseen", -1, 4)], load, chunk_bytes=2 * 8 * 16)
+    grams, means = mc.grams, mc.means
+    assert grams and "a" in grams and "z" not in means and grams.get("z") is None
+    assert grams.get("a").shape == (4, 4) and means.get("b").shape == (4,)
+    assert loads == [["a", "b"]]
+    assert grams.get("c") is not None and grams.get("unseen") is None and loads == [["a", "b"], ["c", "unseen"]]
+    assert means.get("a") is not None and loads[-1] == ["a", "b"] and mc.collections == 3
+    assert [sorted(c) for c in mc.chunks()] == [["a", "b"], ["c"]]
+    grams.clear()
+    assert grams.get("b") is not None and loads[-1] == ["b", "c"]
+    one = MomentChunks([("big", -1, 100)], load, chunk_bytes=1)  # a chunk holds one input at least
+    assert one.get("big") is not None and loads[-1] == ["big"]

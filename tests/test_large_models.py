@@ -21,9 +21,13 @@ from onnxcomp.errors import InvalidModelError
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
     "cleanup": [{"type": "cleanup"}],
-    "dynamic": [{"type": "cleanup"}, {"type": "quantize", "mode": "dynamic"}],
-    "int4": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 32}],
-    "static": [{"type": "quantize", "mode": "static"}],
+    # min_weight_elements 0: the MLP's Gemms (8192 weights at most) are below the default size; equalize off:
+    # over 2 GB it is not measured (test below), so both routes are compared without it
+    "dynamic": [{"type": "cleanup"}, {"type": "quantize", "mode": "dynamic", "min_weight_elements": 0,
+                                      "equalize": False}],
+    "int4": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 32,
+              "min_weight_elements": 0, "equalize": False}],
+    "static": [{"type": "quantize", "mode": "static", "min_weight_elements": 0, "equalize": False}],
     "channel": [{"type": "sparsify", "pattern": "channel", "sparsity": 0.3, "allocation": "uniform"}],
     "lowrank": [{"type": "lowrank", "params_ratio": 0.6, "allocation": "uniform"}],
 }
@@ -170,3 +174,46 @@ def test_over_2gb_end_to_end(tmp_path):
     for r in rows["rows"]:
         assert r["reload_ok"], r
         assert r["peak_rss"] <= limit[r["recipe"]] * rows["weight_bytes"], r
+
+
+@pytest.mark.parametrize("name", ["dynamic", "int4", "lowrank"])
+def test_moments_collected_a_layer_at_a_time_make_the_same_model(name, monkeypatch):
+    """Over 2 GB, GPTQ's (and AWQ's) input moments and lowrank's whitening Grams come a chunk of layers per
+    calibration run (all Grams of a 34 x 4096^2 model at once are 4.6 GB): with one layer per chunk the weights
+    are byte-identical to one run's, and the chunks take one calibration run each."""
+    from onnxcomp.calibration import cache, chunks
+
+    calib, _ = _data()
+    path = testing.digits_mlp_path()
+    small = onnxcomp.compress(str(path), RECIPES[name], calibration_data=calib, progress=False, validate=False)
+    monkeypatch.setattr(ir, "BIG_BYTES", 4096)
+    monkeypatch.setattr(ir, "SKELETON_MIN_BYTES", 1024)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
+    runs = []
+    real = cache.collect_statistics
+    monkeypatch.setattr(cache, "collect_statistics",
+                        lambda m, names, feeds, **kw: runs.append(sorted(kw.get("gram_axes") or {})) or
+                        real(m, names, feeds, **kw))
+    res = onnxcomp.compress(str(path), RECIPES[name], calibration_data=calib, progress=False, validate=False)
+    assert _weights(res.model) == _weights(small.model)
+    gram_runs = [r for r in runs if r]
+    layers = sum(n.op_type in ("MatMul", "Gemm") for n in onnx.load(str(path)).graph.node)
+    layers -= name == "lowrank"  # fc3 (640 weights) is below lowrank's min_weight_elements
+    assert layers >= 2 and all(len(r) == 1 for r in gram_runs) and len(gram_runs) >= layers, runs
+    if name != "lowrank":
+        assert res.report.passes[-1].details["rounding"]  # the GPTQ-or-nearest choice was made per weight
+
+
+def test_equalization_is_not_measured_over_2gb(big):
+    """Deciding on cross-layer equalization quantizes the model twice more (with and without it) on a float copy:
+    over 2 GB the pass leaves the pairs as they are and says so (equalize: true still applies it)."""
+    calib, _ = _data()
+    recipe = [{"type": "quantize", "mode": "dynamic", "min_weight_elements": 0}]
+    res = onnxcomp.compress(str(testing.digits_mlp_path()), recipe, calibration_data=calib, progress=False,
+                            validate=False)
+    d = res.report.passes[0].details
+    assert "equalize_search" not in d and "equalized" not in d
+    assert any("not measured on a model over 2 GB" in n for n in res.report.passes[0].notes)
+    forced = onnxcomp.compress(str(testing.digits_mlp_path()), [{**recipe[0], "equalize": True}],
+                               calibration_data=calib, progress=False, validate=False)
+    assert forced.report.passes[0].details["equalized"]

@@ -47,7 +47,9 @@ def test_slicing_a_fifth_of_the_stream_keeps_next_byte_predictions_on_held_out_t
 
 def test_post_norm_models_are_refused_with_the_reason_and_data_is_required():
     proto = onnx.load(testing.minilm_path())
-    assert "RMSNorm" in residual.find_stream(ir.Model.from_proto(proto))
+    why = residual.find_stream(ir.Model.from_proto(proto))
+    assert isinstance(why, str) and why.startswith("post-norm stream") and "LayerNorm/LayerNormalization" in why
+    assert "experiment_postnorm_slicing" in why and "FFN channels" in why
     with pytest.raises(CalibrationDataError):
         onnxcomp.compress(str(testing.decoder_path()), [{"type": "sparsify", "pattern": "channel",
                                                          "method": "magnitude", "hidden": 0.2}], progress=False)

@@ -18,9 +18,10 @@ from .collect import collect_statistics
 from .observers import TensorStats
 
 
-#: Gram matrices above this many bytes in one answer are not kept for later requests: holding them for the whole
-#: compression would multiply the peak memory of a large model (34 Grams of 4096^2 float64 are 4.6 GB); the pass
-#: that asked frees them when done, and a later request collects them again
+#: Gram matrices beyond this many bytes in all the answers kept are not kept for later requests, nor any of a
+#: model over 2 GB: holding them for the whole compression would multiply the peak memory of a large model (34
+#: Grams of 4096^2 float64 are 4.6 GB, and a pass collecting them a chunk at a time would keep every chunk); the
+#: pass that asked frees them when done, and a later request collects them again
 MEMO_MAX_GRAM_BYTES = 1 << 30
 
 
@@ -52,6 +53,7 @@ class StatisticsCache:
     def __init__(self) -> None:
         self._memo: dict[tuple, list[tuple[set, dict, dict, list, dict[str, TensorStats]]]] = {}
         self._pinned: dict[int, tuple[onnx.ModelProto, str]] = {}
+        self._gram_bytes = 0  # Gram bytes the memo holds
         self.hits = 0
         self.misses = 0
 
@@ -82,8 +84,10 @@ class StatisticsCache:
         self.misses += 1
         stats = collect_statistics(model, tensor_names, feeds, progress=progress, channel_axes=caxes,
                                    gram_axes=gaxes, **options)
-        if sum(st.gram.nbytes for st in stats.values() if st.gram is not None) <= MEMO_MAX_GRAM_BYTES:
+        grams = sum(st.gram.nbytes for st in stats.values() if st.gram is not None)
+        if not grams or (self._gram_bytes + grams <= MEMO_MAX_GRAM_BYTES and not ir.is_big(model)):
             self._memo.setdefault(key, []).append((wanted, caxes, gaxes, feeds, stats))  # feeds kept: ids stay unique
+            self._gram_bytes += grams
         return stats
 
 

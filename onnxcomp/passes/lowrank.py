@@ -48,6 +48,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import ir
+from ..calibration.chunks import MomentChunks
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import Plan, RewriteRule, apply_rules
 from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_ops, find_weight_layers,
@@ -462,10 +463,31 @@ class Lowrank(WeightPass):
             axes[lay.layer.x.name] = 1 if lay.layer.op == "Conv" else -1
         if not axes:
             return {}, 0.0
+        if ir.is_big(source):  # all Grams at once would outweigh the weights: a few layers per calibration run
+            return self._chunked_grams(plan, axes, source, ctx, feeds)
         stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=axes)
         grams = {n: st.gram for n, st in stats.items() if st.gram is not None and st.gram_rows}
         mm = [st.gram_rows for n, st in stats.items() if axes.get(n) == -1 and st.gram_rows]
         return grams, (float(np.mean(mm)) / len(feeds) if mm else 0.0)
+
+    @staticmethod
+    def _chunked_grams(plan: list[_Layer], axes: dict[str, int], source: onnx.ModelProto, ctx: PassContext,
+                       feeds: list) -> tuple[Any, float]:
+        """`_grams` over 2 GB: the Grams as a MomentChunks view read in plan order (a chunk of layers per
+        calibration run; `_spectra` reads them in that order), and the rows per feed of the first chunk."""
+        rows: list[int] = []
+
+        def load(ax: dict[str, int]) -> dict[str, tuple[np.ndarray, None]]:
+            stats = ctx.collect(source, [], feeds, histogram=False, gram_axes=ax)
+            rows.extend(st.gram_rows for n, st in stats.items() if ax.get(n) == -1 and st.gram_rows)
+            return {n: (st.gram, None) for n, st in stats.items() if st.gram is not None and st.gram_rows}
+
+        order: dict[str, tuple[str, int, int]] = {}
+        for lay in plan:
+            order.setdefault(lay.layer.x.name, (lay.layer.x.name, axes[lay.layer.x.name], lay.k // lay.kron))
+        grams = MomentChunks(list(order.values()), load).grams
+        grams.get(next(iter(order)))  # the first chunk: the rows per feed
+        return grams, (float(np.mean(rows)) / len(feeds) if rows else 0.0)
 
     def _speed_filter(self, plan: list[_Layer], ctx: PassContext, rows: int) -> None:
         """Keep the candidate ranks whose factorized pair is measured faster than the dense op. Ranks are

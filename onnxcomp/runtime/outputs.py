@@ -33,7 +33,8 @@ def session_with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: 
                          providers=None, name: str = "model"):
     """`make_session(with_outputs(model, outputs, casts), providers, name=name)`. Over 2 GB the outputs are added
     to `model` itself while the session is made (the model is written to a temporary file part by part), then
-    removed: a copy would hold the model twice."""
+    removed: a copy would hold the model twice; and the session does not prepack its weights (these sessions
+    measure values, never time, and prepacking holds each weight twice while it runs)."""
     from ..ir import is_big
     from .session import make_session
 
@@ -42,7 +43,7 @@ def session_with_outputs(model: onnx.ModelProto, outputs: Sequence[str], casts: 
     n_out, n_nodes = len(model.graph.output), len(model.graph.node)
     try:
         _add_outputs(model.graph, outputs, casts)
-        return make_session(model, providers, name=name)
+        return make_session(model, providers, name=name, prepack=False)
     finally:
         del model.graph.output[n_out:]
         del model.graph.node[n_nodes:]

@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ... import ir, qmath
+from ...calibration.chunks import MomentChunks
 from ...errors import CalibrationDataError, RecipeError
 from ...rewrite import RewriteRule, apply_rules, fail, find_matches, query
 from ...rewrite.rule import onnx_dtype
@@ -358,14 +359,18 @@ class Quantize(WeightPass):
         if not groups:
             notes.append("awq: no 4-bit MatMul/Gemm input to scale")
             return
-        got = ctx.moments(source, self.calibration_feeds(ctx), {x: -1 for x in groups})
+        feeds = self.calibration_feeds(ctx)
+        chunks = MomentChunks([(x, -1, ws[0].shape[0]) for x, ws in groups.items()],
+                              lambda axes: ctx.moments(source, feeds, axes),
+                              chunk_bytes=None if ir.is_big(source) else 1 << 62)  # small: one run
         counter = ctx.counter("quantize: awq scale search", len(groups))
         scales, rows = {}, []
         floor = AWQ_MIN_GAIN if self.algorithm == "auto" else 0.0
-        for x, ws in groups.items():
-            if x in got and got[x][0].shape[0] == ws[0].shape[0]:
-                rows.append(self._awq_input(x, ws, got[x][0], floor, scales))
-            counter.tick()
+        for got in chunks.chunks():
+            for x in [x for x in groups if x in got]:  # graph order, as in one run
+                if got[x][0].shape[0] == groups[x][0].shape[0]:
+                    rows.append(self._awq_input(x, groups[x], got[x][0], floor, scales))
+                counter.tick()
         n = _apply_smoothing(model, scales) if scales else 0
         details["awq"] = {"scaled_inputs": len(scales), "layers": n, "inputs": rows[:500]}
         notes.append(f"awq: {len(scales)} of {len(rows)} MatMul/Gemm input(s) scaled ({n} layer(s)); "
@@ -414,6 +419,8 @@ class Quantize(WeightPass):
             c = ir.const_value(mul.inputs[1]) if mul is not None and mul.op == "Mul" and len(mul.inputs) == 2 else None
             if c is not None and c.ndim == 1 and c.dtype == np.float32 and mul.inputs[0].name in have and axis == -1:
                 wanted[(x.name, axis)] = (mul.inputs[0].name, c.astype(np.float64))
+        if ir.is_big(source):  # all Grams at once would outweigh the weights: a few layers per calibration run
+            return self._chunked_moments(found, wanted, source, ctx)
         axes = {u: ax for (_, ax), (u, _) in wanted.items()}
         got = ctx.moments(source, self.calibration_feeds(ctx), axes)
         grams, means = {}, {}
@@ -430,6 +437,35 @@ class Quantize(WeightPass):
         if algorithm in ("gptq", "adaround") or (algorithm == "auto" and self.weight_dtype in ("int4", "uint4")):
             grams.update(self._conv_grams(found, model, source, ctx, have))
         return grams, means
+
+    def _chunked_moments(self, found, wanted: dict, source: onnx.ModelProto, ctx: PassContext):
+        """`_input_moments` over 2 GB: the MatMul/Gemm input moments as MomentChunks views, collected a chunk at a
+        time in graph order as the rewrite reads them (no Conv patches: they need a copy of the model)."""
+        feeds = self.calibration_feeds(ctx)
+        spec = {name: uc for (name, axis), uc in wanted.items() if axis == -1}
+        order, seen = [], set()
+        for f in found:
+            x, w = f.match.bindings.get("x"), f.match.bindings.get("w")
+            if isinstance(x, gs.Tensor) and x.name in spec and x.name not in seen and isinstance(w, gs.Tensor):
+                node = f.match.bindings["node"]
+                shape = tuple(w.shape or ())
+                width = shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) and len(shape) == 2 else \
+                    (shape[0] if shape else 0)
+                order.append((x.name, -1, int(width)))
+                seen.add(x.name)
+
+        def load(axes: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            got = ctx.moments(source, feeds, {spec[n][0]: ax for n, ax in axes.items()})
+            out = {}
+            for n in axes:
+                u, c = spec[n]
+                if u in got and (c is None or c.shape[0] == got[u][0].shape[0]):
+                    h, mu = got[u]
+                    out[n] = (h, mu) if c is None else (h * np.outer(c, c), mu * c)
+            return out
+
+        chunks = MomentChunks(order, load)
+        return chunks.grams, chunks.means
 
     def _conv_grams(self, found, model: ir.Model, source: onnx.ModelProto, ctx: PassContext, have: set[str]
                     ) -> dict[str, np.ndarray]:
@@ -476,6 +512,12 @@ class Quantize(WeightPass):
             if pairs:
                 notes.append(f"equalize: {len(pairs)} layer pair(s) could be equalized; left as they are without "
                              "calibration data to measure it (equalize: true forces it)")
+        elif self.equalize is None and ir.is_big(source):  # a trial is a float copy and a quantization more
+            pairs, refused = cle.find_pairs(model, exclude=exclude)
+            details["equalize_refused"] = refused[:100]
+            if pairs:
+                notes.append(f"equalize: {len(pairs)} layer pair(s) could be equalized; not measured on a model over "
+                             "2 GB (each trial quantizes a copy of it), so left as they are (equalize: true forces it)")
         elif self.equalize is None:
             plain = model.to_proto() if changed else source
             trial = ir.Model.from_proto(plain)
