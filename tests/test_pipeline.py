@@ -247,4 +247,3 @@ def test_progress_callback_sees_passes_and_calibration():
     cal = [(d, t) for s, d, t in seen if s.startswith("calibration")]
     # 7 of the 8 feeds: the 5th is held back for validation
     assert cal[-1] == (7, 7) and [d for d, _ in cal] == sorted(d for d, _ in cal)
-

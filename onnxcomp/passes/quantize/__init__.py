@@ -32,7 +32,7 @@ from ...algorithms.select import check_exclude, embedding_pattern, is_excluded
 from ..base import LayerChange, PassContext, PassOutcome, WeightPass
 
 from .rules import (_Plan, _Run, _activation_tensors, _const_weight, _conv_key, _dq_q_pattern, _gemm3_bias_pattern,
-                    _gemm_weight, _lstm_rules, _main_graph_tensors, _matmul_bias_pattern, _matmul_pattern,
+                    _gemm_weight, _input_width, _lstm_rules, _main_graph_tensors, _matmul_bias_pattern, _matmul_pattern,
                     _passthrough_q, _pattern_for, _same_qparams, _static_conv_rules, _static_input_rules,
                     _weight_only_rules)
 from .smooth import _apply_smoothing, _observable, _smoothed_stats, _smoothing_scales, _unsmoothed
@@ -341,7 +341,7 @@ class Quantize(WeightPass):
         as x/s and diag(s) W where they lower the summed output error under the rounding used later (auto: by at
         least AWQ_MIN_GAIN; awq: any gain). Later steps see the scaled weights and the scaled input's moments."""
         have = _observable(source)
-        groups: dict[str, list[np.ndarray]] = {}
+        groups: dict[str, list[tuple[gs.Node, gs.Tensor]]] = {}  # weights read a chunk at a time (over 2 GB)
         refused: set[str] = set()
         probes = [query("awq-probe", _matmul_pattern, self._awq_ok)]
         if self.algorithm == "awq":  # auto keeps Gemms unscaled: digits int4 held-out logit error MLP 0.0211 ->
@@ -354,13 +354,13 @@ class Quantize(WeightPass):
             if f.graph is not model.graph or x.name not in have or len(w.outputs) != 1:
                 refused.add(x.name)
                 continue
-            groups.setdefault(x.name, []).append(_gemm_weight(b["node"], np.asarray(ir.const_value(w), np.float32)))
+            groups.setdefault(x.name, []).append((b["node"], w))
         groups = {k: v for k, v in groups.items() if k not in refused}
         if not groups:
             notes.append("awq: no 4-bit MatMul/Gemm input to scale")
             return
         feeds = self.calibration_feeds(ctx)
-        chunks = MomentChunks([(x, -1, ws[0].shape[0]) for x, ws in groups.items()],
+        chunks = MomentChunks([(x, -1, _input_width(*nws[0])) for x, nws in groups.items()],
                               lambda axes: ctx.moments(source, feeds, axes),
                               chunk_bytes=None if ir.is_big(source) else 1 << 62)  # small: one run
         counter = ctx.counter("quantize: awq scale search", len(groups))
@@ -368,8 +368,9 @@ class Quantize(WeightPass):
         floor = AWQ_MIN_GAIN if self.algorithm == "auto" else 0.0
         for got in chunks.chunks():
             for x in [x for x in groups if x in got]:  # graph order, as in one run
-                if got[x][0].shape[0] == groups[x][0].shape[0]:
-                    rows.append(self._awq_input(x, groups[x], got[x][0], floor, scales))
+                if got[x][0].shape[0] == _input_width(*groups[x][0]):
+                    ws = [_gemm_weight(n, np.asarray(ir.const_value(w), np.float32)) for n, w in groups[x]]
+                    rows.append(self._awq_input(x, ws, got[x][0], floor, scales))
                 counter.tick()
         n = _apply_smoothing(model, scales) if scales else 0
         details["awq"] = {"scaled_inputs": len(scales), "layers": n, "inputs": rows[:500]}
@@ -447,11 +448,7 @@ class Quantize(WeightPass):
         for f in found:
             x, w = f.match.bindings.get("x"), f.match.bindings.get("w")
             if isinstance(x, gs.Tensor) and x.name in spec and x.name not in seen and isinstance(w, gs.Tensor):
-                node = f.match.bindings["node"]
-                shape = tuple(w.shape or ())
-                width = shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) and len(shape) == 2 else \
-                    (shape[0] if shape else 0)
-                order.append((x.name, -1, int(width)))
+                order.append((x.name, -1, _input_width(f.match.bindings["node"], w)))
                 seen.add(x.name)
 
         def load(axes: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -506,18 +503,15 @@ class Quantize(WeightPass):
         if self.equalize is True:
             found = cle.equalize(model, exclude=exclude)
             changed |= self._note_equalized(found, notes, details)
-        elif self.equalize is None and not ctx.calibration_data:
+        elif self.equalize is None and (not ctx.calibration_data or ir.is_big(source)):
+            # over 2 GB a trial is a float copy and two quantizations more: not measured either
             pairs, refused = cle.find_pairs(model, exclude=exclude)
             details["equalize_refused"] = refused[:100]
+            why = "not measured on a model over 2 GB (each trial quantizes a copy of it)" if ctx.calibration_data \
+                else "without calibration data to measure it"
             if pairs:
-                notes.append(f"equalize: {len(pairs)} layer pair(s) could be equalized; left as they are without "
-                             "calibration data to measure it (equalize: true forces it)")
-        elif self.equalize is None and ir.is_big(source):  # a trial is a float copy and a quantization more
-            pairs, refused = cle.find_pairs(model, exclude=exclude)
-            details["equalize_refused"] = refused[:100]
-            if pairs:
-                notes.append(f"equalize: {len(pairs)} layer pair(s) could be equalized; not measured on a model over "
-                             "2 GB (each trial quantizes a copy of it), so left as they are (equalize: true forces it)")
+                notes.append(f"equalize: {len(pairs)} layer pair(s) could be equalized; left as they are {why} "
+                             "(equalize: true forces it)")
         elif self.equalize is None:
             plain = model.to_proto() if changed else source
             trial = ir.Model.from_proto(plain)

@@ -448,6 +448,14 @@ def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _input_width(node: gs.Node, w: gs.Tensor) -> int:
+    """The input size K of a MatMul/Gemm weight, from its shape (nothing loaded: over 2 GB a read is a copy)."""
+    shape = tuple(w.shape or ())
+    if not shape:
+        return 0
+    return int(shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) and len(shape) == 2 else shape[0])
+
+
 def _dq_q_pattern(op, q, s1, z1, s2, z2):
     return op.QuantizeLinear(op.DequantizeLinear(q, s1, z1, _bind="dq"), s2, z2, _bind="qn")
 
