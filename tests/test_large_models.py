@@ -217,3 +217,34 @@ def test_equalization_is_not_measured_over_2gb(big):
     forced = onnxcomp.compress(str(testing.digits_mlp_path()), [{**recipe[0], "equalize": True}],
                                calibration_data=calib, progress=False, validate=False)
     assert forced.report.passes[0].details["equalized"]
+
+
+def test_conv_means_for_bias_correction_come_in_chunks_too(monkeypatch):
+    """Static int8 with bias correction on the digits CNN over 2 GB, one input per chunk: the Conv inputs' means
+    come from the chunks as well, so every bias the usual route corrects is corrected, to the same values (to
+    float rounding: over 2 GB the calibration sessions do not prepack weights, and MLAS sums the Convs in
+    another order)."""
+    from onnxcomp.calibration import chunks
+
+    d = testing.digits_data()
+    calib = [{"input": d["x_calib"][i:i + 8]} for i in range(0, 160, 8)]
+    recipe = [{"type": "quantize", "mode": "static", "min_weight_elements": 0, "equalize": False,
+               "bias_correction": True}]
+    path = str(testing.digits_cnn_path())
+    small = onnxcomp.compress(path, recipe, calibration_data=calib, progress=False, validate=False)
+    assert any(n.endswith("bias_corrected") for n in _weights(small.model))
+    monkeypatch.setattr(ir, "BIG_BYTES", 4096)
+    monkeypatch.setattr(ir, "SKELETON_MIN_BYTES", 1024)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
+    res = onnxcomp.compress(path, recipe, calibration_data=calib, progress=False, validate=False)
+    big_w = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    small_w = {t.name: onnx.numpy_helper.to_array(t) for t in small.model.graph.initializer}
+    assert big_w.keys() == small_w.keys()
+    rows = {r["node"]: r["relative_shift"] for r in small.report.passes[0].details["bias_correction"]["corrections"]}
+    big_rows = {r["node"]: r["relative_shift"] for r in res.report.passes[0].details["bias_correction"]["corrections"]}
+    assert {"conv1", "conv2"} <= set(rows) and big_rows.keys() == rows.keys()
+    for n, shift in rows.items():
+        assert big_rows[n] == pytest.approx(shift, rel=1e-3), n
+    for n, v in small_w.items():
+        if v.dtype == np.float32:
+            np.testing.assert_allclose(big_w[n], v, rtol=1e-4, atol=1e-6, err_msg=n)

@@ -426,40 +426,32 @@ class Quantize(WeightPass):
         got = ctx.moments(source, self.calibration_feeds(ctx), axes)
         grams, means = {}, {}
         for (name, axis), (u, c) in wanted.items():
-            if u not in got or axes[u] != axis:
-                continue
-            h, mu = got[u]
-            if c is not None and c.shape[0] != h.shape[0]:
-                continue
-            means[name] = mu if c is None else mu * c
-            if axis == -1:
-                grams[name] = h if c is None else h * np.outer(c, c)
+            m = _scaled_moments(got, u, c, axis) if axes[u] == axis else None
+            if m is not None:
+                means[name] = m[1]
+                if m[0] is not None:
+                    grams[name] = m[0]
         algorithm = self._algorithm(ctx)
         if algorithm in ("gptq", "adaround") or (algorithm == "auto" and self.weight_dtype in ("int4", "uint4")):
             grams.update(self._conv_grams(found, model, source, ctx, have))
         return grams, means
 
     def _chunked_moments(self, found, wanted: dict, source: onnx.ModelProto, ctx: PassContext):
-        """`_input_moments` over 2 GB: the MatMul/Gemm input moments as MomentChunks views, collected a chunk at a
-        time in graph order as the rewrite reads them (no Conv patches: they need a copy of the model)."""
+        """`_input_moments` over 2 GB: the input moments as MomentChunks views, collected a chunk at a time in graph
+        order as the rewrite reads them (Conv inputs: their means; no patch Grams, they need a copy of the model)."""
         feeds = self.calibration_feeds(ctx)
-        spec = {name: uc for (name, axis), uc in wanted.items() if axis == -1}
+        spec = {name: uc for (name, _), uc in wanted.items()}
+        axis_of = {name: axis for name, axis in wanted}
         order, seen = [], set()
         for f in found:
             x, w = f.match.bindings.get("x"), f.match.bindings.get("w")
             if isinstance(x, gs.Tensor) and x.name in spec and x.name not in seen and isinstance(w, gs.Tensor):
-                order.append((x.name, -1, _input_width(f.match.bindings["node"], w)))
+                order.append((x.name, axis_of[x.name], _input_width(f.match.bindings["node"], w)))
                 seen.add(x.name)
 
-        def load(axes: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        def load(axes: dict[str, int]) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
             got = ctx.moments(source, feeds, {spec[n][0]: ax for n, ax in axes.items()})
-            out = {}
-            for n in axes:
-                u, c = spec[n]
-                if u in got and (c is None or c.shape[0] == got[u][0].shape[0]):
-                    h, mu = got[u]
-                    out[n] = (h, mu) if c is None else (h * np.outer(c, c), mu * c)
-            return out
+            return {n: m for n in axes for m in [_scaled_moments(got, *spec[n], axes[n])] if m is not None}
 
         chunks = MomentChunks(order, load)
         return chunks.grams, chunks.means
@@ -786,3 +778,17 @@ class Quantize(WeightPass):
             if "Conv" in ops:  # the table says whether its output is quantized too (QLinearConv needs it)
                 rules += _static_conv_rules(run, target.ops["Conv"])
         return rules
+
+
+def _scaled_moments(got: dict, u: str, c: Optional[np.ndarray], axis: int
+                    ) -> Optional[tuple[Optional[np.ndarray], np.ndarray]]:
+    """(E[x x^T], E[x]) of x = u * c (c: a SmoothQuant scale vector, or None) from u's moments in `got`; the Gram
+    only along the last axis (MatMul/Gemm inputs; a Conv's channel Gram is not what GPTQ reads). None when u was
+    not observed or c does not fit."""
+    if u not in got:
+        return None
+    h, mu = got[u]
+    if c is not None and c.shape[0] != h.shape[0]:
+        return None
+    gram = None if axis != -1 else (h if c is None else h * np.outer(c, c))
+    return gram, (mu if c is None else mu * c)

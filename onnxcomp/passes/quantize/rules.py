@@ -449,10 +449,13 @@ def _gemm_weight(node: gs.Node, w: np.ndarray) -> np.ndarray:
 
 
 def _input_width(node: gs.Node, w: gs.Tensor) -> int:
-    """The input size K of a MatMul/Gemm weight, from its shape (nothing loaded: over 2 GB a read is a copy)."""
+    """The input size of a MatMul/Gemm (K) or Conv (channels) weight, from its shape (nothing loaded: over 2 GB
+    a read is a copy)."""
     shape = tuple(w.shape or ())
     if not shape:
         return 0
+    if node.op == "Conv":
+        return int(shape[1] * node.attrs.get("group", 1)) if len(shape) > 1 else 0
     return int(shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) and len(shape) == 2 else shape[0])
 
 
