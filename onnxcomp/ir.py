@@ -275,16 +275,23 @@ def write_skeleton(model: onnx.ModelProto, path: Union[str, os.PathLike], with_d
     data_name = path.name + ".data"
     sk, moved = skeleton(model, data_name, min_bytes)
     if moved:
-        with open(path.parent / data_name, "wb") as f:
-            end = 0
-            for offset, t in moved:
-                end = offset + _tensor_nbytes(t)
-                if with_data:
-                    f.seek(offset)
-                    f.write(_tensor_data(t))
-            f.truncate(end)
+        write_tensor_data(moved, path.parent / data_name, with_data)
     path.write_bytes(sk.SerializeToString())
     return path
+
+
+def write_tensor_data(moved: list[tuple[int, onnx.TensorProto]], path: Union[str, os.PathLike],
+                      with_data: bool = True) -> None:
+    """The external data file of `skeleton`'s moved tensors: their bytes at their offsets (a sparse file of the
+    right length without `with_data`)."""
+    with open(path, "wb") as f:
+        end = 0
+        for offset, t in moved:
+            end = offset + _tensor_nbytes(t)
+            if with_data:
+                f.seek(offset)
+                f.write(_tensor_data(t))
+        f.truncate(end)
 
 
 def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:

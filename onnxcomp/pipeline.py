@@ -22,6 +22,7 @@ from typing import Any, Optional
 import onnx
 
 from . import ir
+from .runtime import spilled
 from .errors import InternalError, InvalidModelError, OnnxCompError, UnsupportedModelError
 from .passes.base import LayerChange, Pass, PassContext, PassOutcome
 
@@ -123,7 +124,8 @@ class Pipeline:
             self.ctx.warn(f"pass '{p.name}' skipped: {e}")
         else:
             model = ir.Model.from_proto(source)
-            outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
+            with spilled(source):  # over 2 GB, the pass's sessions share one temporary copy of its weights
+                outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
             outcome.notes[:0] = notes
             candidate = model.to_proto()
             del model

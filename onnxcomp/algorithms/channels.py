@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .. import ir
+from ..calibration.chunks import CHUNK_BYTES
 from ..errors import CalibrationDataError
 from ..rewrite import GraphIndex, Plan, apply_rules
 from ..context import LayerChange, PassContext, PassOutcome
@@ -522,8 +523,9 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
     return out
 
 
-#: Gram bytes collected in one calibration run by uniform channel pruning; more groups take several runs
-GRAM_CHUNK_BYTES = 1 << 30
+#: Gram bytes collected in one calibration run by uniform channel pruning (the budget the other passes' chunked
+#: moments keep); more groups take several runs
+GRAM_CHUNK_BYTES = CHUNK_BYTES
 
 
 def _statistics_chunks(groups: list[_Group]) -> list[list[_Group]]:

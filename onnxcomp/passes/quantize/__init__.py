@@ -242,6 +242,8 @@ class Quantize(WeightPass):
         if self.mode == "static":
             self._plan_activations(run, found, observable, model, source, ctx, target, notes, details)
         left = self._left_float(model, target, rejections)
+        measured = (self._sensitivity_reference(reference, layer_outputs, layer_input, ctx, notes)
+                    if reference is not None and found else None)
         stats, quantized = self._rewrite(model, rules, notes)
         if run.rounding:
             details["rounding"] = run.rounding_summary()
@@ -252,8 +254,8 @@ class Quantize(WeightPass):
         run.grams.clear()
         details.update({"rewrites": stats.to_dict(), "quantized": quantized,
                         "left_float": left[:500], "left_float_total": len(left)})
-        if reference is not None and quantized:
-            details["sensitivity"] = self._sensitivity(model, reference, layer_outputs, layer_input, ctx, notes)
+        if measured is not None and quantized:
+            details["sensitivity"] = self._sensitivity(model, *measured, layer_outputs, layer_input, ctx)
             for row in details["sensitivity"]:
                 row["node"] = layer_node.get(row["tensor"], "")
         return PassOutcome(details=details, notes=notes)
@@ -643,11 +645,12 @@ class Quantize(WeightPass):
             return fail("activation is not float32")
         return True
 
-    def _sensitivity(self, model: ir.Model, reference: onnx.ModelProto, names: list[str], inputs: dict[str, str],
-                     ctx: PassContext, notes: list[str]) -> list[dict[str, Any]]:
-        """Per quantized layer: error of its output vs the float model on calibration data, and the part of it
-        the layer introduced (output error minus the error its input already carried), worst first."""
-        from ...validation.layers import compare_tensors
+    def _sensitivity_reference(self, reference: onnx.ModelProto, names: list[str], inputs: dict[str, str],
+                               ctx: PassContext, notes: list[str]):
+        """The float values that `_sensitivity` compares against, with their feeds: taken before the rewrite,
+        so that the float model's session never runs beside the quantized model (over 2 GB, that is the
+        peak memory of the pass)."""
+        from ...validation.layers import reference_values
 
         feeds = ctx.calibration_data or ctx.validation_data
         if not feeds:
@@ -655,8 +658,17 @@ class Quantize(WeightPass):
 
             feeds = generate_feeds(reference, input_specs(reference), n=8)
             notes.append("per-layer sensitivity measured on generated inputs (no calibration/validation data)")
+        feeds = list(feeds)[:16]
         wanted = sorted(set(names) | {inputs[n] for n in names if n in inputs})
-        errs = compare_tensors(reference, model.to_proto(), wanted, list(feeds)[:16], providers=ctx.providers)
+        return reference_values(reference, wanted, feeds, providers=ctx.providers), feeds
+
+    def _sensitivity(self, model: ir.Model, ref, feeds: list, names: list[str], inputs: dict[str, str],
+                     ctx: PassContext) -> list[dict[str, Any]]:
+        """Per quantized layer: error of its output vs the float model on calibration data, and the part of it
+        the layer introduced (output error minus the error its input already carried), worst first."""
+        from ...validation.layers import compare_to
+
+        errs = compare_to(ref, model.to_proto(), feeds, providers=ctx.providers)
         rows = []
         for n in names:
             e = errs.get(n)
