@@ -87,7 +87,9 @@ def compress(
     t0 = time.perf_counter()
     job = _Job.prepare(model, recipe, calibration_data, validation_data, providers, progress, input_shapes)
     try:
-        out, records, vreport, rounds = job.run(validate)
+        with ir.tensor_store():  # over 2 GB the passes keep the weights on disk; the result gets them back
+            out, records, vreport, rounds = job.run(validate)
+            out = ir.materialize(out)
     finally:
         _progress.close(job.ctx.progress)
     _warn_if_slower(vreport, job.recipe, job.ctx)

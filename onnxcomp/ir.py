@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
+import itertools
 import math
 import os
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -91,14 +94,16 @@ def _require_onnx(model: onnx.ModelProto, where: str) -> None:
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and Constant-node tensors stored as external data (in the model and its subgraphs)."""
+    """Initializers and Constant-node tensors stored as external data (in the model and its subgraphs), other
+    than those onnxcomp keeps in its tensor store (`spill`): data that is not loaded."""
     for g in iter_graph_protos(model.graph):
         for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
+            if t.data_location == onnx.TensorProto.EXTERNAL and _stored(t) is None:
                 yield t
         for n in g.node:
             for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL \
+                        and _stored(a.t) is None:
                     yield a.t
 
 
@@ -161,9 +166,11 @@ _ITEM_BITS: dict[int, int] = {}
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data, from its dims and dtype for raw data (no copy), else its encoded size."""
+    """Bytes of a tensor's data, from its dims and dtype for raw data (no copy), else its encoded size; for a
+    tensor in the store its length, for other external data 0 (not loaded)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        return 0
+        st = _stored(t)
+        return 0 if st is None else st[2]
     if t.HasField("raw_data") and t.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         bits = _ITEM_BITS.get(t.data_type)
         if bits is None:
@@ -199,18 +206,21 @@ def is_big(model: onnx.ModelProto) -> bool:
     counting at the limit."""
     total = 0
     for t in _tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL and _stored(t) is not None:
+            return True  # a model with weights in the store takes the part-by-part paths, whatever its size
         total += _tensor_nbytes(t)
         if total >= BIG_BYTES:
             return True
     return False
 
 
-def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Optional[int] = None
-             ) -> tuple[onnx.ModelProto, list[tuple[int, onnx.TensorProto]]]:
+def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Optional[int] = None,
+             keep_stored: bool = False) -> tuple[onnx.ModelProto, list[tuple[int, onnx.TensorProto]]]:
     """The model with each tensor of >= `min_bytes` replaced by a reference into external file `data_name`
     (aligned offsets), and those tensors as (offset, original tensor); `model` is not modified and no tensor
     data is copied. The skeleton is small: it can be serialized, checked and shape-inferred. `min_bytes`
-    defaults to SKELETON_MIN_BYTES."""
+    defaults to SKELETON_MIN_BYTES. Tensors in the store move too (their data is read from it when written),
+    unless `keep_stored`: then they stay references into the store."""
     min_bytes = SKELETON_MIN_BYTES if min_bytes is None else min_bytes
     sk = _without_graph(model)
     moved: list[tuple[int, onnx.TensorProto]] = []
@@ -218,7 +228,10 @@ def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Opt
 
     def stub(t: onnx.TensorProto, into: onnx.TensorProto) -> None:
         n = _tensor_nbytes(t)
-        if t.data_location == onnx.TensorProto.EXTERNAL or n < min_bytes or t.data_type == onnx.TensorProto.STRING:
+        external = t.data_location == onnx.TensorProto.EXTERNAL
+        stored = external and _stored(t) is not None
+        if (external and (keep_stored or not stored)) or (n < min_bytes and not stored) \
+                or t.data_type == onnx.TensorProto.STRING:
             into.CopyFrom(t)
             return
         offset = end[0] + ((-end[0]) % EXTERNAL_ALIGN if n >= 2**20 else 0)
@@ -261,9 +274,25 @@ def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Opt
 
 def _tensor_data(t: onnx.TensorProto) -> bytes:
     """A tensor's data as the bytes external data stores (little-endian raw bytes)."""
+    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    if st is not None:
+        return _read_stored(st)
     if t.HasField("raw_data"):
         return t.raw_data
     return onnx.numpy_helper.to_array(t).tobytes()
+
+
+def tensor_in_memory(t: onnx.TensorProto) -> onnx.TensorProto:
+    """`t` itself, or for a tensor kept in the store a copy with its data loaded."""
+    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    if st is None:
+        return t
+    out = onnx.TensorProto()
+    out.CopyFrom(t)
+    del out.external_data[:]
+    out.data_location = onnx.TensorProto.DEFAULT
+    out.raw_data = _read_stored(st)
+    return out
 
 
 def write_skeleton(model: onnx.ModelProto, path: Union[str, os.PathLike], with_data: bool = False,
@@ -292,6 +321,140 @@ def write_tensor_data(moved: list[tuple[int, onnx.TensorProto]], path: Union[str
                 f.seek(offset)
                 f.write(_tensor_data(t))
         f.truncate(end)
+
+
+# --------------------------------------------------------------------------- tensor store (over 2 GB)
+#: names of the store's data files begin so (the store is one temporary folder per process, while open)
+STORE_PREFIX = "onnxcomp-store-"
+_STORE_FILES: dict[str, Path] = {}  # data file name -> its path, for the files of the open blocks
+_STORE_LOCAL = threading.local()  # .blocks: this thread's open `tensor_store` blocks, each the files it made
+_STORE_DIR: list[Path] = []  # the folder, while some block is open (in any thread)
+_STORE_LOCK = threading.Lock()
+_STORE_BLOCKS = [0]  # blocks open in all threads
+_STORE_COUNT = itertools.count()
+
+
+def _blocks() -> list[list[str]]:
+    if not hasattr(_STORE_LOCAL, "blocks"):
+        _STORE_LOCAL.blocks = []
+    return _STORE_LOCAL.blocks
+
+
+@contextlib.contextmanager
+def tensor_store() -> Iterator[None]:
+    """While open, a model over 2 GB can keep its weights on disk (`spill`) instead of in the ModelProto: a
+    pass then reads each weight when it needs it, and ONNX Runtime loads the sessions of the model from the
+    same files (nothing written again per session). Closing removes the files the block made: a model still
+    needing them must be `materialize`d first."""
+    made: list[str] = []
+    _blocks().append(made)
+    with _STORE_LOCK:
+        _STORE_BLOCKS[0] += 1
+    try:
+        yield
+    finally:
+        _blocks().remove(made)
+        for name in made:
+            path = _STORE_FILES.pop(name, None)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        with _STORE_LOCK:
+            _STORE_BLOCKS[0] -= 1
+            if not _STORE_BLOCKS[0] and _STORE_DIR:
+                shutil.rmtree(_STORE_DIR.pop(), ignore_errors=True)
+
+
+def store_dir() -> Optional[Path]:
+    """The store's folder while a `tensor_store` block is open in this thread (created on first use), else
+    None."""
+    if not _blocks():
+        return None
+    with _STORE_LOCK:
+        if not _STORE_DIR:
+            _STORE_DIR.append(Path(tempfile.mkdtemp(prefix=STORE_PREFIX)))
+        return _STORE_DIR[0]
+
+
+def _stored(t: onnx.TensorProto) -> Optional[tuple[Path, int, int]]:
+    """(file, offset, length) of a tensor kept in the store, else None."""
+    if not _STORE_FILES or t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    path = _STORE_FILES.get(info.get("location", ""))
+    return None if path is None else (path, int(info.get("offset", 0)), int(info.get("length", 0)))
+
+
+def _read_stored(st: tuple[Path, int, int]) -> bytes:
+    path, offset, length = st
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise InvalidModelError(f"onnxcomp's temporary weights file {path} was cut short (read {len(data)} of "
+                                f"{length} bytes at {offset}); was the temporary folder cleaned meanwhile?")
+    return data
+
+
+def spill(model: onnx.ModelProto, min_bytes: Optional[int] = None) -> onnx.ModelProto:
+    """`model` with its tensors held in memory (of >= `min_bytes`, default SKELETON_MIN_BYTES) written to a new
+    file of the open store, and referenced there; tensors already in the store stay where they are. `model` is
+    not modified: the caller lets go of it to free its memory. Needs an open `tensor_store`."""
+    return spill_to_file(model, min_bytes)[0]
+
+
+def spill_to_file(model: onnx.ModelProto, min_bytes: Optional[int] = None
+                  ) -> tuple[onnx.ModelProto, Optional[str]]:
+    """`spill`, and the name of the store file it wrote (None when every big tensor was in the store already):
+    `drop_store_file` removes it when the spill served once (a session)."""
+    folder = store_dir()
+    if folder is None:
+        raise RuntimeError("ir.spill needs an open ir.tensor_store() block")
+    name = f"{STORE_PREFIX}{os.getpid()}-{next(_STORE_COUNT)}.data"
+    sk, moved = skeleton(model, name, min_bytes, keep_stored=True)
+    if not moved:
+        return sk, None
+    _STORE_FILES[name] = folder / name
+    _blocks()[-1].append(name)  # registered first: a partial file is removed with the block
+    try:
+        write_tensor_data(moved, folder / name)
+    except OSError as e:
+        from .errors import SaveError
+
+        need = sum(_tensor_nbytes(t) for _, t in moved)
+        raise SaveError(f"cannot write onnxcomp's temporary copy of the weights ({need / 2**30:.2f} GiB, a model "
+                        f"over 2 GB keeps them on disk while it is compressed) in {folder}: {e.strerror or e}; "
+                        "set TMPDIR to a folder with that much free space") from None
+    return sk, name
+
+
+def drop_store_file(name: str) -> None:
+    """Remove one file of the store (no model may read it afterwards)."""
+    for made in _blocks():
+        if name in made:
+            made.remove(name)
+    path = _STORE_FILES.pop(name, None)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def has_stored(model: onnx.ModelProto) -> bool:
+    """True when some tensor of `model` is a reference into the store."""
+    return bool(_STORE_FILES) and any(_stored(t) is not None for t in _tensors(model))
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """In place: every tensor of `model` kept in the store gets its data back (before the store closes)."""
+    for t in _tensors(model):
+        st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+        if st is not None:
+            data = _read_stored(st)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+            del data
+    return model
 
 
 def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
@@ -500,7 +663,14 @@ class _UncachedConstant(gs.Constant):
 
 
 def _read_only_values(t: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values as a read-only array, with one copy of its data (the bytes protobuf hands out)."""
+    """A tensor's values as a read-only array, with one copy of its data (the bytes protobuf hands out, or
+    those read from the store)."""
+    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    if st is not None:
+        if t.data_type in _RAW_VIEW_TYPES:
+            dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")
+            return np.frombuffer(_read_stored(st), dtype=dt).reshape(tuple(t.dims))
+        t = tensor_in_memory(t)
     if t.HasField("raw_data") and t.data_type in _RAW_VIEW_TYPES:
         dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")
         return np.frombuffer(t.raw_data, dtype=dt).reshape(tuple(t.dims))

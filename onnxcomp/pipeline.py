@@ -22,7 +22,6 @@ from typing import Any, Optional
 import onnx
 
 from . import ir
-from .runtime import spilled
 from .errors import InternalError, InvalidModelError, OnnxCompError, UnsupportedModelError
 from .passes.base import LayerChange, Pass, PassContext, PassOutcome
 
@@ -71,6 +70,7 @@ class Pipeline:
         self._memo: dict[tuple[str, str], _Ran] = {}
         self._previous: dict[tuple[str, str], _Ran] = {}
         self.reused = 0  # pass runs answered from the memo (the tests and the report read it)
+        self._spills: dict[str, onnx.ModelProto] = {}  # digest -> the model with its weights in the store
 
     def run(self, proto: onnx.ModelProto, passes: list[Pass]) -> tuple[onnx.ModelProto, list[PassRecord]]:
         records: list[PassRecord] = []
@@ -80,7 +80,10 @@ class Pipeline:
         self._previous, self._memo = self._memo, {}  # keep only what this run uses (memory stays one round)
         for i, p in enumerate(passes):
             self._tick(f"pass {i + 1}/{len(passes)}: {p.name}", i, len(passes))
-            current, rec = self._run_pass(p, current)
+            digest = None
+            if ir.store_dir() is not None and ir.is_big(current):
+                current, digest = self._spilled(current)
+            current, rec = self._run_pass(p, current, digest)
             records.append(rec)
         self._tick("passes", len(passes), len(passes))
         final = self._finalize(current, passes, records)
@@ -92,8 +95,20 @@ class Pipeline:
         if self.ctx.progress is not None:
             self.ctx.progress(step, done, total)
 
-    def _run_pass(self, p: Pass, current: onnx.ModelProto) -> tuple[onnx.ModelProto, PassRecord]:
-        digest = self.ctx.statistics.digest(current)
+    def _spilled(self, proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+        """Over 2 GB (inside an `ir.tensor_store`): `proto` with its weights waiting on disk, and its digest.
+        The pass reads each weight when it needs it, and its sessions (a calibration run per chunk of
+        statistics, probes, references) load them from the same file: the proto holds none of them beside the
+        sessions' copies. What the store holds already stays there (a pass writes only the tensors it made), and
+        the same content is written once (back-off rounds run the pipeline on the same input again)."""
+        digest = self.ctx.statistics.digest(proto)
+        if digest not in self._spills or not ir.has_stored(self._spills[digest]):  # (its store block closed)
+            self._spills[digest] = ir.spill(proto)
+        return self._spills[digest], digest
+
+    def _run_pass(self, p: Pass, current: onnx.ModelProto, digest: Optional[str] = None
+                  ) -> tuple[onnx.ModelProto, PassRecord]:
+        digest = digest or self.ctx.statistics.digest(current)
         key = (json.dumps(p.to_dict(), sort_keys=True, default=repr), digest)
         ran = self._memo.get(key) or self._previous.get(key)
         if ran is None:
@@ -124,8 +139,7 @@ class Pipeline:
             self.ctx.warn(f"pass '{p.name}' skipped: {e}")
         else:
             model = ir.Model.from_proto(source)
-            with spilled(source):  # over 2 GB, the pass's sessions share one temporary copy of its weights
-                outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
+            outcome = _guarded(p, "run", lambda: p.run(model, source, self.ctx))
             outcome.notes[:0] = notes
             candidate = model.to_proto()
             del model

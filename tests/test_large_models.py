@@ -250,12 +250,13 @@ def test_conv_means_for_bias_correction_come_in_chunks_too(monkeypatch):
             np.testing.assert_allclose(big_w[n], v, rtol=1e-4, atol=1e-6, err_msg=n)
 
 
-def test_a_pass_writes_its_weights_once_for_all_its_sessions(monkeypatch):
-    """Over 2 GB, every session of a pass's source (a calibration run per chunk of moments, the float reference
-    of the per-layer sensitivity) reads one temporary copy of its weights, written at the first session: before,
-    each session wrote the whole model again (17 chunks of the 2.3 GB bench model: 39 GB written)."""
+def test_weights_are_written_to_disk_once_for_all_sessions(monkeypatch, tmp_path):
+    """Over 2 GB the pipeline keeps the weights in its tensor store: each float weight is written to disk once,
+    at the first pass, and read from there by every session of every pass (a calibration run per chunk of
+    moments, the sensitivity's float reference). Before, each session wrote the whole model again (17 chunks of
+    the 2.3 GB bench model: 39 GB written) and the ModelProto held every weight beside the sessions' copies.
+    The result holds its data again, and the store's files are gone."""
     from onnxcomp.calibration import chunks
-    from onnxcomp.runtime import session
 
     calib, _ = _data()
     path = testing.digits_mlp_path()
@@ -263,14 +264,83 @@ def test_a_pass_writes_its_weights_once_for_all_its_sessions(monkeypatch):
     monkeypatch.setattr(ir, "BIG_BYTES", 4096)
     monkeypatch.setattr(ir, "SKELETON_MIN_BYTES", 1024)
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # one layer's moments per calibration run
-    writes, closed = [], []
-    real_write, real_close = session.write_tensor_data, session._Spill.close
-    monkeypatch.setattr(session, "write_tensor_data",
-                        lambda moved, p, with_data=True: writes.append(p) or real_write(moved, p, with_data))
-    monkeypatch.setattr(session._Spill, "close",
-                        lambda self: closed.append((self.sessions, self.dir and self.dir.name)) or real_close(self))
-    res = onnxcomp.compress(str(path), RECIPES["dynamic"], calibration_data=calib, progress=False, validate=False)
+    writes, sessions = [], []
+    real_write = ir.write_tensor_data
+    folders = set()
+    monkeypatch.setattr(ir, "write_tensor_data", lambda moved, p, with_data=True: folders.add(Path(p).parent) or
+                        writes.append([(t.name, t.data_type) for _, t in moved] if with_data else []) or
+                        real_write(moved, p, with_data))
+    from onnxcomp.runtime import session
+    real_session = session.make_session
+    monkeypatch.setattr(session, "make_session", lambda m, providers=None, **kw: sessions.append(kw.get("name"))
+                        or real_session(m, providers, **kw))
+    res = onnxcomp.compress(str(path), RECIPES["dynamic"], calibration_data=calib, progress=False)
     assert _weights(res.model) == _weights(small.model)
-    used = [(n, d) for n, d in closed if n]
-    assert used and max(n for n, _ in used) >= 3, closed  # the reference, and a calibration run per chunk (2)
-    assert len(writes) == len(used) and all(not os.path.exists(d) for _, d in used), (writes, closed)
+    assert not ir.has_stored(res.model) and not list(ir.external_tensors(res.model))
+    float_writes = [n for w in writes for n, dt in w if dt == onnx.TensorProto.FLOAT]
+    weights = [t.name for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+               and t.ByteSize() >= 1024]
+    assert sorted(float_writes) == sorted(weights), writes  # each float weight once
+    assert sessions.count("calibration model") >= 2 and "reference (layers)" in sessions, sessions
+    store = [f for f in folders if f.name.startswith(ir.STORE_PREFIX)]
+    assert len(store) == 1 and not store[0].exists() and ir.store_dir() is None, folders
+    out = res.save(tmp_path / "m.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_back_off_rounds_write_the_input_once(big):
+    """A budget reruns the pipeline on the same input: over 2 GB its weights go to the store once, not once per
+    round (each round rewrote the whole model to disk)."""
+    from onnxcomp.errors import AccuracyBudgetError
+
+    calib, _ = _data()
+    writes = []
+    real_write = ir.write_tensor_data
+
+    def spy(moved, p, with_data=True):
+        if with_data:
+            writes.extend(t.name for _, t in moved if t.data_type == onnx.TensorProto.FLOAT)
+        return real_write(moved, p, with_data)
+
+    recipe = {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4", "block_size": 32,
+                          "min_weight_elements": 0, "equalize": False}], "accuracy_budget": {"cosine": 0.99999}}
+    import unittest.mock
+
+    with unittest.mock.patch.object(ir, "write_tensor_data", spy):
+        try:
+            res = onnxcomp.compress(str(testing.digits_mlp_path()), recipe, calibration_data=calib, progress=False)
+        except AccuracyBudgetError as e:
+            res = e.result
+    rounds = res.report.budget["backoff"]
+    assert len(rounds) >= 2, rounds
+    weights = [t.name for t in onnx.load(str(testing.digits_mlp_path())).graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT and t.ByteSize() >= 1024]
+    # the store's copy once; validation's float sessions read the input's own file
+    assert sorted(w for w in writes if w in weights) == sorted(weights), writes
+
+
+def test_a_full_disk_while_keeping_the_weights_on_disk_is_a_save_error(big, monkeypatch):
+    """No room in the temporary folder for the store: a SaveError that says how much room it needs and where,
+    and nothing is left in the temporary folder."""
+    import errno
+
+    from onnxcomp.errors import SaveError
+
+    real_write = ir.write_tensor_data
+    folders = []
+
+    def full(moved, p, with_data=True):
+        if ir.STORE_PREFIX not in str(p):
+            return real_write(moved, p, with_data)
+        folders.append(Path(p).parent)
+        with open(p, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ir, "write_tensor_data", full)
+    calib, _ = _data()
+    with pytest.raises(SaveError, match="No space left on device.*TMPDIR"):
+        onnxcomp.compress(str(testing.digits_mlp_path()), RECIPES["dynamic"], calibration_data=calib,
+                          progress=False)
+    assert folders and not any(f.exists() for f in folders)  # the partial file and the store's folder
+    assert ir.store_dir() is None and not ir._STORE_FILES

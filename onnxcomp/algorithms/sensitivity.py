@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calibration import ProbeErrors
+from ..ir import tensor_in_memory
 from ..errors import InternalError
 from ..progress import Counter
 from ..runtime import make_session, run_session
@@ -63,7 +64,7 @@ class WeightProbe:
         keep, self.weights = [], {}
         for t in probe.graph.initializer:
             if t.name in self.names:
-                self.weights[t.name] = numpy_helper.to_array(t)
+                self.weights[t.name] = numpy_helper.to_array(tensor_in_memory(t))
                 if t.name not in listed:
                     probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
             else:

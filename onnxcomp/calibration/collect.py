@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import CalibrationDataError, RecipeError
-from ..ir import load_proto
+from ..ir import load_proto, tensor_in_memory
 from ..storage import sparse_value
 from ..runtime import run_session, session_with_outputs
 from ..runtime.outputs import CAST_SUFFIX
@@ -259,6 +259,7 @@ def _initializer_value(t: Any) -> np.ndarray:
     """The value of a TensorProto or SparseTensorProto initializer (dense)."""
     if isinstance(t, onnx.SparseTensorProto):
         return sparse_value(t)
+    t = tensor_in_memory(t)  # a weight in onnxcomp's store is read from it
     if t.data_location == onnx.TensorProto.EXTERNAL:
         raise CalibrationDataError(
             f"initializer '{t.name}' points at external data that is not loaded; load the model with its data"

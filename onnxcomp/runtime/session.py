@@ -4,20 +4,20 @@
   (e.g. CUDA on a CPU wheel) is skipped with a note, never an exception; the providers the session really
   uses (``session.get_providers()``) are returned so reports show them.
 * A ModelProto over 2 GB, or one whose tensors point at external data, cannot be handed to ORT as bytes;
-  a path is used then (the caller's path, or a temporary copy written with external data; within a
-  ``spilled(model)`` block, one copy of the weights for all the sessions of that model).
+  a path is used then: the caller's path; inside an ``ir.tensor_store`` block, a skeleton in the store's
+  folder (the weights already there are read where they are, only those held in memory are written); else a
+  temporary copy written with external data.
 * Failures become :class:`~onnxcomp.errors.InvalidModelError` naming the model (and, for run failures, the
   node ORT names) with the first line of ORT's message; input-shape/dtype rejections become
   :class:`~onnxcomp.errors.CalibrationDataError`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -26,9 +26,9 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import CalibrationDataError, InvalidModelError
-from ..ir import is_big, save_proto, skeleton, write_tensor_data
+from ..ir import drop_store_file, is_big, save_proto, spill_to_file, store_dir
 
-__all__ = ["MadeSession", "make_session", "run_session", "ort_message", "spilled"]
+__all__ = ["MadeSession", "make_session", "run_session", "ort_message"]
 
 ProviderLike = Union[str, tuple[str, Mapping[str, Any]]]
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -56,69 +56,23 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(True for _ in external_tensors(model))
 
 
-class _Spill:
-    """A proto over 2 GB whose weights are written to a temporary file once, at its first session; each later
-    session of it writes only its skeleton (the graph, with references into that file)."""
+def _store_skeleton(model: onnx.ModelProto) -> tuple[str, str | None]:
+    """A file in the tensor store's folder from which ORT loads `model`: its graph, with its weights read where
+    the store keeps them (those `model` holds in memory are written to a new store file, whose name is returned
+    too, for removal once the session is made)."""
+    from ..errors import SaveError
 
-    DATA = "weights.data"
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.dir: tempfile.TemporaryDirectory | None = None
-        self.layout: list[tuple[str, int, int]] | None = None  # (tensor, offset, bytes) written
-        self.sessions = 0
-
-    def model_file(self) -> str | None:
-        """A skeleton file for a session of `self.model` as it is now; None when its tensors are no longer
-        those written (the caller then writes a copy of its own)."""
-        from ..ir import _tensor_nbytes
-
-        sk, moved = skeleton(self.model, self.DATA)
-        layout = [(t.name, offset, _tensor_nbytes(t)) for offset, t in moved]
-        if self.dir is None:
-            self.dir = tempfile.TemporaryDirectory(prefix="onnxcomp-spill-", ignore_cleanup_errors=True)
-            write_tensor_data(moved, os.path.join(self.dir.name, self.DATA))
-            self.layout = layout
-        elif layout != self.layout:
-            return None
-        self.sessions += 1
-        path = os.path.join(self.dir.name, f"model{self.sessions}.onnx")
-        with open(path, "wb") as f:
-            f.write(sk.SerializeToString())
-        return path
-
-    def close(self) -> None:
-        if self.dir is not None:
-            self.dir.cleanup()
-            self.dir = None
-
-
-_SPILLS: list[_Spill] = []
-
-
-@contextlib.contextmanager
-def spilled(model: onnx.ModelProto) -> Iterator[None]:
-    """Within the block, every session made of `model` (over 2 GB, and not modified meanwhile: a pass's
-    source) reads its weights from one temporary file written once, instead of a new copy of the whole model
-    per session (a pass collecting statistics a chunk at a time makes one session per chunk). A model under
-    2 GB is handed to ORT as bytes, as always."""
-    if not is_big(model):
-        yield
-        return
-    spill = _Spill(model)
-    _SPILLS.append(spill)
+    sk, own_data = spill_to_file(model)
     try:
-        yield
-    finally:
-        _SPILLS.remove(spill)
-        spill.close()
-
-
-def _spilled_file(model: onnx.ModelProto) -> str | None:
-    for spill in _SPILLS:
-        if spill.model is model:
-            return spill.model_file()
-    return None
+        fd, path = tempfile.mkstemp(dir=store_dir(), prefix="session-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as f:
+            f.write(sk.SerializeToString())
+    except OSError as e:
+        if own_data is not None:
+            drop_store_file(own_data)
+        raise SaveError(f"cannot write a model for ONNX Runtime in onnxcomp's temporary folder {store_dir()}: "
+                        f"{e.strerror or e}") from None
+    return path, own_data
 
 
 def _provider_name(p: ProviderLike) -> str:
@@ -166,7 +120,7 @@ def make_session(
     """
     chosen, notes = _choose_providers(providers)
     keep_alive = None
-    spill_file = None
+    skeleton_file = own_data = None
     if isinstance(model, onnx.ModelProto):
         label = name or "model"
         src: Union[str, bytes, None] = None
@@ -175,12 +129,13 @@ def make_session(
         if src is None:
             if path is not None:
                 src = os.fspath(path)
-            elif (spill_file := _spilled_file(model)) is not None:
-                src = spill_file
             elif _has_external_data(model):
                 raise InvalidModelError(
                     f"{label}: the ModelProto references external data that is not loaded; pass the model's path"
                 )
+            elif store_dir() is not None:
+                skeleton_file, own_data = _store_skeleton(model)
+                src = skeleton_file
             else:
                 keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
                 src = str(save_proto(model, Path(keep_alive.name) / "model.onnx", external_data=True))
@@ -202,8 +157,10 @@ def make_session(
     finally:
         if keep_alive is not None:
             keep_alive.cleanup()
-        if spill_file is not None:  # the skeleton; the weights' file stays for the block's next sessions
-            os.unlink(spill_file)
+        if skeleton_file is not None:  # the session has read its graph, and holds (or maps) its weights
+            os.unlink(skeleton_file)
+        if own_data is not None:
+            drop_store_file(own_data)
     used = list(sess.get_providers())
     wanted = [_provider_name(p) for p in chosen]
     dropped = [p for p in wanted if p not in used]
