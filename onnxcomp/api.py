@@ -186,6 +186,8 @@ class _Job:
         if self.recipe.accuracy_budget is None and self._on_disk() and ir.is_big(self.proto):
             out, records = pipeline.run(self._let_go_of_input(), passes)
             gc.collect()  # pass graphs are cyclic garbage that would keep the input's weights alive
+            if ir.store_dir() is not None:  # validation holds the input's session: the result waits on disk
+                out = ir.spill(out)
         else:
             out, records = pipeline.run(self.proto, passes)
         vreport = self._validate(out, latency=True) if validate else None

@@ -143,8 +143,8 @@ class Pipeline:
             outcome.notes[:0] = notes
             candidate = model.to_proto()
             del model
-            if ir.is_big(candidate):  # the gs graph is cyclic garbage that keeps its source's weights alive
-                gc.collect()
+            if ir.is_big(candidate) or ir.is_big(source):
+                gc.collect()  # the gs graph is cyclic garbage that holds a copy of every new weight
             status = "ok"
             try:
                 ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")

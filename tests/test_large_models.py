@@ -163,17 +163,19 @@ def test_external_data_model_as_input(tmp_path):
 
 @pytest.mark.slow
 def test_over_2gb_end_to_end(tmp_path):
-    """tools/bench_big.py: a 2.28 GB model (34 x 4096^2 fp32) through cleanup and dynamic int8, each in a fresh
-    process: exit 0, output reloads and runs; peak RSS within 2.5x the weights for cleanup (the issue's target),
-    within 4x for dynamic int8 (measured 3.57x: the input and cleanup's output are both held while quantize runs)."""
+    """tools/bench_big.py: a 2.28 GB model (34 x 4096^2 fp32) through cleanup, dynamic int8, weight-only int4,
+    channel pruning and low-rank, each in a fresh process: exit 0, the output reloads, passes the checker and runs;
+    peak RSS within 2.5x the weights (the issue's target; the figures are in the closing note of the session that
+    added the tensor store). About an hour on 2 cores."""
     out = tmp_path / "big.json"
+    recipes = ["cleanup", "dynamic", "weight_only_int4", "channel", "lowrank"]
     subprocess.run([sys.executable, str(ROOT / "tools" / "bench_big.py"), "--dir", str(tmp_path), "--json",
-                    str(out), "--recipes", "cleanup", "dynamic"], check=True, env={**os.environ})
+                    str(out), "--recipes", *recipes], check=True, env={**os.environ})
     rows = json.loads(out.read_text())
-    limit = {"cleanup": 2.5, "dynamic": 4.0}
+    assert [r["recipe"] for r in rows["rows"]] == recipes
     for r in rows["rows"]:
         assert r["reload_ok"], r
-        assert r["peak_rss"] <= limit[r["recipe"]] * rows["weight_bytes"], r
+        assert r["peak_rss"] <= 2.5 * rows["weight_bytes"], r
 
 
 @pytest.mark.parametrize("name", ["dynamic", "int4", "lowrank"])
