@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -185,9 +184,9 @@ class _Job:
         passes = list(self.recipe.passes)
         if self.recipe.accuracy_budget is None and self._on_disk() and ir.is_big(self.proto):
             out, records = pipeline.run(self._let_go_of_input(), passes)
-            gc.collect()  # pass graphs are cyclic garbage that would keep the input's weights alive
             if ir.store_dir() is not None:  # validation holds the input's session: the result waits on disk
                 out = ir.spill(out)
+            ir.release_memory()  # pass graphs are cyclic garbage that would keep the input's weights alive
         else:
             out, records = pipeline.run(self.proto, passes)
         vreport = self._validate(out, latency=True) if validate else None

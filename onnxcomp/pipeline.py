@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import json
 import time
 from collections import Counter
@@ -144,7 +143,7 @@ class Pipeline:
             candidate = model.to_proto()
             del model
             if ir.is_big(candidate) or ir.is_big(source):
-                gc.collect()  # the gs graph is cyclic garbage that holds a copy of every new weight
+                ir.release_memory()  # the gs graph is cyclic garbage that holds a copy of every new weight
             status = "ok"
             try:
                 ir.check_proto(candidate, full=True, what=f"output of pass '{p.name}'")
