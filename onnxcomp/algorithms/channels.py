@@ -877,6 +877,7 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
             b = cur(bnode, bi)
             if b.ndim == 1 and b.shape[0] == d.shape[0]:
                 new[(id(bnode), bi)] = (b + d).astype(np.float32)
+        g.new_consumers = {}  # type: ignore[attr-defined]  # held by `new` now: a producer's slice frees its refit
     for g in comp:
         if g.is_gqa:  # the q projection and the head counts
             from . import gqa
