@@ -238,7 +238,8 @@ class _Layer:
     """A planned layer: where it is, its matrix, decomposition, and what was decided."""
 
     layer: WeightLayer
-    m: np.ndarray  # [k, n] float32, y = x @ m (Gemm alpha/transB applied)
+    held: Optional[np.ndarray]  # [k, n] float32, y = x @ m (Gemm alpha/transB applied); None: read when needed
+    shape: tuple[int, int] = (0, 0)  # of the matrix
     kron: int = 1  # Conv: kernel positions per input channel
     spec: Optional[Spectrum] = None
     ranks: list = field(default_factory=list)  # candidate ranks (fast enough), descending
@@ -248,12 +249,18 @@ class _Layer:
     probe: dict = field(default_factory=dict)  # rank -> end-to-end error
 
     @property
+    def m(self) -> np.ndarray:
+        """The weight as a [k, n] float32 matrix: held, or (over 2 GB, where holding every layer's would be the
+        model once more) read from the layer each time."""
+        return self.held if self.held is not None else self.layer.matrix()
+
+    @property
     def k(self) -> int:
-        return self.m.shape[0]
+        return self.shape[0]
 
     @property
     def n(self) -> int:
-        return self.m.shape[1]
+        return self.shape[1]
 
     @property
     def dense_params(self) -> int:
@@ -349,7 +356,7 @@ class Lowrank(WeightPass):
         method = "whitened" if self.whiten else "plain"
         details: dict[str, Any] = {"method": method, "rule": {rule: value}, "allocation": allocation,
                                    "refit": self.refit, "target": ctx.target}
-        plan, skipped = self._plan_layers(model, feeds, notes)
+        plan, skipped = self._plan_layers(model, feeds, notes, hold=not ir.is_big(source))
         grams, rows = self._grams(plan, source, ctx, feeds) if feeds else ({}, None)
         if feeds and not self.whiten and not self.refit:
             notes.append("plain SVD: calibration data used only to report layer output errors")
@@ -377,9 +384,10 @@ class Lowrank(WeightPass):
                                        "probes); give calibration feeds, or use allocation: uniform")
         return allocation
 
-    def _plan_layers(self, model: ir.Model, feeds: Optional[list], notes: list[str]
+    def _plan_layers(self, model: ir.Model, feeds: Optional[list], notes: list[str], hold: bool = True
                      ) -> tuple[list[_Layer], list[dict[str, Any]]]:
-        """The candidate layers (weight as a float32 matrix) and the layers skipped with the reason."""
+        """The candidate layers (weight as a float32 matrix, held unless `hold` is false) and the layers skipped
+        with the reason."""
         rejections: dict[str, str] = {}
         found = find_weight_layers(model, check_ops(self.ops, _OPS, "lowrank.ops"), self.exclude,
                                    self.min_weight_elements, main_graph_only=feeds is not None,
@@ -397,7 +405,9 @@ class Lowrank(WeightPass):
                 continue
             w = wl.weight
             kron = int(np.prod(w.shape[2:])) if wl.op == "Conv" else 1
-            plan.append(_Layer(wl, wl.matrix(), kron))  # float32 as stored; math upcasts where it runs
+            m = wl.matrix()  # float32 as stored; math upcasts where it runs
+            plan.append(_Layer(wl, m if hold else None, tuple(m.shape), kron))
+            del m
         return plan, skipped
 
     def _spectra(self, plan: list[_Layer], grams: dict[str, np.ndarray], notes: list[str], rule: tuple) -> None:
