@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import CalibrationDataError, InvalidModelError
+from ..errors import CalibrationDataError, InvalidModelError, SaveError
 from ..ir import drop_store_file, is_big, save_proto, spill_to_file, store_dir
 
 __all__ = ["MadeSession", "make_session", "run_session", "ort_message"]
@@ -60,11 +60,6 @@ def _store_skeleton(model: onnx.ModelProto) -> tuple[str, str | None]:
     """A file in the tensor store's folder from which ORT loads `model`: its graph, with its weights read where
     the store keeps them (those `model` holds in memory are written to a new store file, whose name is returned
     too, for removal once the session is made)."""
-    import gc
-
-    from ..errors import SaveError
-
-    gc.collect()  # an earlier session of the model waiting in cyclic garbage (the rewrite pauses the collector)
     sk, own_data = spill_to_file(model)
     try:
         fd, path = tempfile.mkstemp(dir=store_dir(), prefix="session-", suffix=".onnx")
