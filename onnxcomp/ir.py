@@ -207,7 +207,7 @@ def is_big(model: onnx.ModelProto) -> bool:
     counting at the limit."""
     total = 0
     for t in _tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL and _stored(t) is not None:
+        if _stored(t) is not None:
             return True  # a model with weights in the store takes the part-by-part paths, whatever its size
         total += _tensor_nbytes(t)
         if total >= BIG_BYTES:
@@ -275,7 +275,7 @@ def skeleton(model: onnx.ModelProto, data_name: str = "data.bin", min_bytes: Opt
 
 def _tensor_data(t: onnx.TensorProto) -> bytes:
     """A tensor's data as the bytes external data stores (little-endian raw bytes)."""
-    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    st = _stored(t)
     if st is not None:
         return _read_stored(st)
     if t.HasField("raw_data"):
@@ -285,7 +285,7 @@ def _tensor_data(t: onnx.TensorProto) -> bytes:
 
 def tensor_in_memory(t: onnx.TensorProto) -> onnx.TensorProto:
     """`t` itself, or for a tensor kept in the store a copy with its data loaded."""
-    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    st = _stored(t)
     if st is None:
         return t
     out = onnx.TensorProto()
@@ -469,7 +469,7 @@ def has_stored(model: onnx.ModelProto) -> bool:
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """In place: every tensor of `model` kept in the store gets its data back (before the store closes)."""
     for t in _tensors(model):
-        st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+        st = _stored(t)
         if st is not None:
             data = _read_stored(st)
             del t.external_data[:]
@@ -687,7 +687,7 @@ class _UncachedConstant(gs.Constant):
 def _read_only_values(t: onnx.TensorProto) -> np.ndarray:
     """A tensor's values as a read-only array, with one copy of its data (the bytes protobuf hands out, or
     those read from the store)."""
-    st = _stored(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+    st = _stored(t)
     if st is not None:
         if t.data_type in _RAW_VIEW_TYPES:
             dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<")

@@ -57,11 +57,3 @@ def compare_to(ref: ReferenceValues, candidate: onnx.ModelProto, feeds: Sequence
         for n, b in zip(common, c):
             accs[n].update(r[pos[n]], b)
     return {n: acc.result() for n, acc in accs.items()}
-
-
-def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: Sequence[str],
-                    feeds: Sequence[Mapping[str, np.ndarray]], providers: Optional[Sequence[str]] = None,
-                    max_samples: int = 16) -> dict[str, OutputError]:
-    """Per tensor name present in both models: max/mean abs, relative L2 and cosine over the feeds."""
-    names = [n for n in names if n in observable_tensors(candidate)]
-    return compare_to(reference_values(reference, names, feeds, providers, max_samples), candidate, feeds, providers)
