@@ -18,8 +18,10 @@ import itertools
 import math
 import os
 import shutil
+import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -373,8 +375,46 @@ def store_dir() -> Optional[Path]:
         return None
     with _STORE_LOCK:
         if not _STORE_DIR:
-            _STORE_DIR.append(Path(tempfile.mkdtemp(prefix=STORE_PREFIX)))
+            _sweep_dead_stores(Path(tempfile.gettempdir()))
+            _STORE_DIR.append(Path(tempfile.mkdtemp(prefix=f"{STORE_PREFIX}{os.getpid()}-")))
         return _STORE_DIR[0]
+
+
+#: a store folder whose process is gone is removed once it has been left this long (a process of another pid
+#: namespace sharing the temporary folder looks dead: its store is spared while it is being written)
+STALE_STORE_S = 15 * 60
+_STORE_FOLDER_RE = re.compile(re.escape(STORE_PREFIX) + r"(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process (or no way to tell): alive
+    return True
+
+
+def _sweep_dead_stores(tmp: Path) -> None:
+    """Remove the store folders that killed compressions left in `tmp` (SIGKILL skips the cleanup, and a store
+    is the size of the model): those whose process is no longer running, untouched for STALE_STORE_S."""
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return
+    now = time.time()
+    for e in entries:
+        m = _STORE_FOLDER_RE.match(e.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or now - e.stat().st_mtime < STALE_STORE_S:
+                continue
+        except OSError:
+            continue
+        if not _pid_alive(int(m.group(1))):
+            shutil.rmtree(e.path, ignore_errors=True)
 
 
 def _stored(t: onnx.TensorProto) -> Optional[tuple[Path, int, int]]:

@@ -346,3 +346,33 @@ def test_a_full_disk_while_keeping_the_weights_on_disk_is_a_save_error(big, monk
                           progress=False)
     assert folders and not any(f.exists() for f in folders)  # the partial file and the store's folder
     assert ir.store_dir() is None and not ir._STORE_FILES
+
+
+def test_stores_that_killed_compressions_left_are_swept(big, tmp_path, monkeypatch):
+    """SIGKILL skips the store's cleanup, and it is the size of the model: the next store removes the folders of
+    processes that are gone, once left for STALE_STORE_S; a live process's store and a fresh one are spared."""
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = int(gone.stdout)
+    assert not ir._pid_alive(dead)
+    old = time.time() - ir.STALE_STORE_S - 60
+    folders = {}
+    for label, pid, mtime in [("dead_old", dead, old), ("dead_fresh", dead, None), ("alive_old", os.getppid(), old),
+                              ("other", None, old)]:
+        f = tmp_path / (f"{ir.STORE_PREFIX}{pid}-{label}" if pid else f"unrelated-{label}")
+        f.mkdir()
+        (f / f"{ir.STORE_PREFIX}{pid}-0.data").write_bytes(b"\0" * 64)
+        if mtime is not None:
+            os.utime(f, (mtime, mtime))
+        folders[label] = f
+    calib, _ = _data()
+    res = onnxcomp.compress(str(testing.digits_mlp_path()), RECIPES["dynamic"], calibration_data=calib,
+                            progress=False)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert not folders["dead_old"].exists()
+    assert all(folders[k].exists() for k in ("dead_fresh", "alive_old", "other"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f"{ir.STORE_PREFIX}{os.getpid()}-")]

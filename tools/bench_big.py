@@ -79,7 +79,9 @@ def calibration(dim: int, samples: int = 8, rows: int = 4, seed: int = 1) -> lis
 
 class _PeakWatcher:
     """Samples RSS (anonymous + file-backed: ORT maps external data) every 5 ms and prints the main thread's
-    stack at each new peak 64 MB above the last (BENCH_BIG_PROFILE=1): ru_maxrss also counts short spikes."""
+    stack at each new peak 64 MB above the last (BENCH_BIG_PROFILE=1): ru_maxrss also counts short spikes.
+    It keeps no frame between samples: a frame object held by this thread kept the locals of steps that had
+    ended alive (a calibration chunk's session mapped the weights beside the next chunk's)."""
 
     def __init__(self) -> None:
         import threading
@@ -100,6 +102,7 @@ class _PeakWatcher:
                 best = total
                 frame = sys._current_frames().get(self.main)
                 stack = traceback.extract_stack(frame)[-8:] if frame else []
+                del frame  # a held frame keeps its locals (a finished step's session, its weights) alive
                 where = " <- ".join(f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}" for f in reversed(stack))
                 print(f"--- RSS {total / 2**30:.2f} GiB (anon {rss['RssAnon'] / 2**30:.2f}, file "
                       f"{rss['RssFile'] / 2**30:.2f}) at {where}", file=sys.stderr, flush=True)
