@@ -519,10 +519,14 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+#: `serialized_chunks` streams a model from this size on part by part (its serialization would be a second copy)
+STREAM_BYTES = 256 * 2**20
+
+
 def serialized_chunks(model: onnx.ModelProto) -> Iterator[bytes]:
     """The model's content as a stream of byte strings (for hashing or compressing): the whole serialization
-    for a model under 2 GB, else its skeleton then each moved tensor's data."""
-    if not is_big(model):
+    for a model under STREAM_BYTES, else its skeleton then each moved tensor's data."""
+    if not is_big(model) and model.ByteSize() < STREAM_BYTES:
         yield model.SerializeToString(deterministic=True)
         return
     sk, moved = skeleton(model)
@@ -722,6 +726,36 @@ class _UncachedConstant(gs.Constant):
     @values.setter
     def values(self, values) -> None:
         self._values = values
+
+
+def stored_constant(name: str, values: np.ndarray) -> Optional[gs.Constant]:
+    """While this thread's job keeps its weights in the store (a model over 2 GB): a new weight of at least
+    SKELETON_MIN_BYTES written to a store file at once, as a constant that reads it back when used, so that a
+    pass's new weights (AWQ's scaled ones, refits, factors) do not pile up in memory until its graph is let go.
+    None otherwise (the caller keeps `values` in memory)."""
+    blocks = _blocks()
+    if not blocks or not blocks[-1] or values.nbytes < SKELETON_MIN_BYTES:
+        return None
+    try:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if dtype not in _RAW_VIEW_TYPES:
+        return None
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = dtype
+    t.dims.extend(values.shape)
+    t.raw_data = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+    m = onnx.ModelProto()
+    m.graph.initializer.append(t)
+    del t
+    sk, stored = spill_to_file(m, min_bytes=0)
+    if stored is None:
+        return None
+    c = gs.Constant(name, _LazyValues(sk.graph.initializer[0]))
+    c.__class__ = _UncachedConstant
+    return c
 
 
 def _read_only_values(t: onnx.TensorProto) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -86,19 +86,24 @@ def sparse_bytes(nnz: int, itemsize: int) -> int:
     return nnz * (itemsize + _INDEX_BYTES)
 
 
-def sparse_storage(model: onnx.ModelProto, names: set[str] | None = None, min_saving: float = 0.1) -> StorageStats:
+def sparse_storage(model: onnx.ModelProto, names: set[str] | None = None, min_saving: float = 0.1,
+                   read: Callable[[onnx.TensorProto], onnx.TensorProto] = lambda t: t) -> StorageStats:
     """In place: every float initializer (among `names`, default all) that is at least `min_saving` smaller as a
-    Constant(sparse_value) node is stored that way; graph inputs with defaults are left alone."""
+    Constant(sparse_value) node is stored that way; graph inputs with defaults are left alone. `read` gives a
+    tensor with its data (`ir.tensor_in_memory` for one in onnxcomp's store); external data is left as it is."""
     stats = StorageStats()
     for g in _graphs(model.graph):
         inputs = {i.name for i in g.input}
         keep, consts = [], []
         for t in g.initializer:
-            if (names is not None and t.name not in names) or t.name in inputs or t.data_type not in _FLOAT_TYPES \
-                    or t.data_location == onnx.TensorProto.EXTERNAL:
+            if (names is not None and t.name not in names) or t.name in inputs or t.data_type not in _FLOAT_TYPES:
                 keep.append(t)
                 continue
-            v = numpy_helper.to_array(t)
+            loaded = read(t)
+            if loaded.data_location == onnx.TensorProto.EXTERNAL:
+                keep.append(t)
+                continue
+            v = numpy_helper.to_array(loaded)
             flat = v.reshape(-1)
             idx = np.flatnonzero(flat)
             dense = v.nbytes

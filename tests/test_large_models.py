@@ -93,6 +93,23 @@ def test_proto_size_digest_and_check_part_by_part(big):
         ir.check_proto(broken, full=True)
 
 
+def test_models_from_stream_bytes_on_are_hashed_and_compressed_part_by_part(monkeypatch):
+    """Under 2 GB too, a model of STREAM_BYTES or more is streamed tensor by tensor (sparsify's gzip size of a
+    1.1 GB pruned model held its whole serialization beside it): same compressed size, same digest for the same
+    content, no chunk the size of the model."""
+    from onnxcomp import storage
+
+    m = ir.load_proto(testing.digits_mlp_path())
+    whole = storage.compressed_size(ir.serialized_chunks(m))
+    monkeypatch.setattr(ir, "STREAM_BYTES", 4096)
+    monkeypatch.setattr(ir, "SKELETON_MIN_BYTES", 1024)
+    assert not ir.is_big(m)
+    chunks = list(ir.serialized_chunks(m))
+    assert len(chunks) > 2 and max(map(len, chunks)) < 0.6 * m.ByteSize()
+    assert abs(storage.compressed_size(iter(chunks)) - whole) < 0.02 * whole
+    assert model_digest(m) == model_digest(ir.load_proto(testing.digits_mlp_path()))
+
+
 def test_skeleton_copies_no_weight_and_keeps_the_model(big, tmp_path):
     m = ir.load_proto(testing.digits_mlp_path())
     before = m.SerializeToString()
@@ -376,3 +393,29 @@ def test_stores_that_killed_compressions_left_are_swept(big, tmp_path, monkeypat
     assert not folders["dead_old"].exists()
     assert all(folders[k].exists() for k in ("dead_fresh", "alive_old", "other"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f"{ir.STORE_PREFIX}{os.getpid()}-")]
+
+
+@pytest.mark.parametrize("name", ["int4", "channel", "lowrank"])
+def test_new_weights_of_a_pass_wait_in_the_store(name, big, monkeypatch):
+    """Over 2 GB a pass's new weights (quantized, refitted, factors) are written to the store as they are made,
+    not held until the pass ends; the result holds every one of them, as the usual route makes them."""
+    calib, _ = _data()
+    stored = []
+    real = ir.stored_constant
+    def spy(n, v):
+        c = real(n, v)
+        if c is not None:
+            stored.append(n)
+        return c
+
+    monkeypatch.setattr(ir, "stored_constant", spy)
+    from onnxcomp.rewrite import rule
+    monkeypatch.setattr(rule, "stored_constant", ir.stored_constant)
+    res = onnxcomp.compress(str(testing.digits_mlp_path()), RECIPES[name], calibration_data=calib, progress=False)
+    assert stored, "no new weight went through the store"
+    kept = {t.name for t in res.model.graph.initializer}
+    assert not ir.has_stored(res.model) and not list(ir.external_tensors(res.model))
+    assert kept & {n for n in stored if n}, (stored, kept)
+    monkeypatch.setattr(ir, "BIG_BYTES", ir.TWO_GB)
+    small = onnxcomp.compress(str(testing.digits_mlp_path()), RECIPES[name], calibration_data=calib, progress=False)
+    assert _weights(res.model) == _weights(small.model)

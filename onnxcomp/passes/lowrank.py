@@ -45,12 +45,12 @@ from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from .. import ir
 from ..calibration.chunks import MomentChunks
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import Plan, RewriteRule, apply_rules
+from ..runtime.shape_speed import pair_speed
 from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_ops, find_weight_layers,
                                  quantized_weights_note, weight_pattern2, weight_pattern3)
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
@@ -175,61 +175,6 @@ def rank_for(rule: str, value: float, spec: Spectrum, k: int, n: int) -> int:
         ok = np.nonzero(spec.rel_errors() <= value)[0]
         return int(max(1, ok[0])) if len(ok) else p
     raise ValueError(rule)
-
-
-# ----------------------------------------------------------------------------------------------- speed check
-_SPEED_CACHE: dict[tuple, tuple[float, float]] = {}
-
-
-def _speed_model(op: str, k: int, n: int, r: Optional[int], rows: int, conv: Optional[dict]) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-
-    def init(name, shape):
-        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.05).astype(np.float32), name)
-
-    if op == "Conv":
-        cin, kernel, spatial, attrs = conv["cin"], conv["kernel"], conv["spatial"], conv["attrs"]
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, *spatial])
-        if r is None:
-            nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)]
-            inits = [init("w", [n, cin, *kernel])]
-        else:
-            ones = [1] * len(kernel)
-            nodes = [helper.make_node("Conv", ["x", "a"], ["h"], **attrs),
-                     helper.make_node("Conv", ["h", "b"], ["y"], kernel_shape=ones)]
-            inits = [init("a", [r, cin, *kernel]), init("b", [n, r, *ones])]
-    else:
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])
-        if r is None:
-            nodes, inits = [helper.make_node("MatMul", ["x", "w"], ["y"])], [init("w", [k, n])]
-        else:
-            nodes = [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["y"])]
-            inits = [init("a", [k, r]), init("b", [r, n])]
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    m = helper.make_model(helper.make_graph(nodes, "speed", [x], [y], inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
-
-
-def pair_speed(op: str, k: int, n: int, r: int, rows: int, providers: Any = None, conv: Optional[dict] = None,
-               budget_s: float = 0.05) -> tuple[float, float]:
-    """(dense ms, factorized pair ms) per run of one layer shape, median of interleaved runs; cached per shape."""
-    from ..runtime import make_session, measure_latency
-
-    key = (op, k, n, r, rows, repr(conv), repr(providers))
-    hit = _SPEED_CACHE.get(key)
-    if hit is not None:
-        return hit
-    dense = _speed_model(op, k, n, None, rows, conv)
-    pair = _speed_model(op, k, n, r, rows, conv)
-    shape = [d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim]
-    feed = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
-    sd = make_session(dense, providers, name="lowrank speed check (dense)").session
-    sp = make_session(pair, providers, name="lowrank speed check (pair)").session
-    res = measure_latency(sd, sp, [feed], warmup=2, time_budget_s=budget_s)
-    _SPEED_CACHE[key] = (res.reference_ms, res.candidate_ms)
-    return _SPEED_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------- the pass
@@ -430,8 +375,11 @@ class Lowrank(WeightPass):
                 notes.append(f"{lay.layer.name}: input statistics unavailable; plain SVD used")
             _candidates(lay, *rule)
             top = max(lay.ranks, default=0)
-            lay.spec.left = np.ascontiguousarray(lay.spec.left[:, :top])
-            lay.spec.right = np.ascontiguousarray(lay.spec.right[:top])
+            # over 2 GB (matrices read when needed) the factors are kept as float32, what they are stored as:
+            # every layer's up to its largest candidate rank at float64 was the model's size once more
+            dt = np.float64 if lay.held is not None else np.float32
+            lay.spec.left = np.ascontiguousarray(lay.spec.left[:, :top], dtype=dt)
+            lay.spec.right = np.ascontiguousarray(lay.spec.right[:top], dtype=dt)
             if not self.refit:  # only the refit reads the Gram again (errors come from the spectrum)
                 lay.spec.gram = None
 
@@ -463,6 +411,8 @@ class Lowrank(WeightPass):
             a, b = lay.spec.factors(lay.rank, self.refit, lay.m)
             factors.add(lay.layer.node, (a.astype(np.float32), b.astype(np.float32)))
             rows_out.append(self._row(lay, a @ b if self.refit and lay.spec.gram is not None else None))
+            if lay.held is None:  # over 2 GB: the factors are in the plan; the spectrum's copy goes
+                lay.spec.left = lay.spec.right = lay.spec.gram = None
         return factors, rows_out
 
     def _grams(self, plan: list[_Layer], source: onnx.ModelProto, ctx: PassContext, feeds: list

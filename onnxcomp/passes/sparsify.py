@@ -272,7 +272,7 @@ class Sparsify(WeightPass):
         names = set(outcome.details.get("sparsified_weights", []))
         info: dict[str, Any] = {"storage": self.storage}
         if self.storage == "auto" and names:
-            st = storage.sparse_storage(proto, names)
+            st = storage.sparse_storage(proto, names, read=ir.tensor_in_memory)
             info["sparse_tensors"] = len(st.converted)
             info["bytes_saved_by_sparse_storage"] = st.bytes_saved
             if not st.converted:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import const_value
+from ..ir import const_value, stored_constant
 from .index import GraphIndex
 from .pattern import Pattern
 
@@ -94,9 +94,9 @@ class GraphBuilder:
         return make
 
     def const(self, value: Any, name: Optional[str] = None, dtype: Any = None) -> gs.Constant:
-        """A new initializer holding `value`."""
+        """A new initializer holding `value` (over 2 GB, a big one waits in the tensor store: `ir.stored_constant`)."""
         arr = np.asarray(value, dtype=dtype)
-        c = gs.Constant(name or "", arr)
+        c = stored_constant(name or "", arr) or gs.Constant(name or "", arr)
         self.constants.append(c)
         return c
 
