@@ -269,3 +269,43 @@ def test_grams_over_the_memory_budget_are_collected_a_few_groups_at_a_time(monke
     parts, res = _prune(proto, feeds, method="sparsegpt", sparsity=0.25, allocation="uniform")
     assert res.details["statistics_runs"] == 3
     assert parts.SerializeToString() == whole.SerializeToString()
+
+
+def test_each_pruned_group_reports_the_time_its_layers_take_before_and_after(monkeypatch):
+    """Per group, its layers' shapes before and after are timed on the target (generated layers, shape_speed),
+    at the rows per calibration sample its consumers read; the totals are the sums. The timing is faked here
+    to check the shapes asked for and the sums (a test never asserts on wall-clock time)."""
+    from onnxcomp.runtime import shape_speed
+
+    asked = []
+
+    def fake(k, n, widths, rows, gates=0, providers=None, budget_s=0.05):
+        asked.append((k, n, widths, rows, gates))
+        return float(widths[0]), float(widths[1])
+
+    monkeypatch.setattr(shape_speed, "matmul_chain", fake)
+    d = testing.digits_data()
+    cal = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
+    proto = ir.load_proto(testing.digits_mlp_path())
+    _, res = _prune(proto, cal, method="sparsegpt", sparsity=0.5)
+    groups = res.details["groups"]
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    assert len(asked) == len(groups) == 2
+    for (k, n, widths, rows, gates), g in zip(asked, groups):
+        assert widths == (g["channels"], g["kept"]) and rows == 20 and gates == 0 == g["rows_timed"] - 20
+        assert (g["ms_before"], g["ms_after"]) == (float(g["channels"]), float(g["kept"]))
+        assert g["time_saved"] == pytest.approx(1 - g["kept"] / g["channels"], abs=1e-4)
+        assert k in {s[0] for s in shapes.values() if len(s) == 2} | {s[1] for s in shapes.values() if len(s) == 2}
+    t = res.details["time"]
+    assert t["ms_before"] == sum(g["channels"] for g in groups) and t["ms_after"] == sum(g["kept"] for g in groups)
+    assert any("time of the 2 pruned" in line for line in Sparsify.summarize(res.details))
+
+
+def test_group_timing_runs_real_shapes_in_ort():
+    """Unfaked: the timed layers are real ORT sessions of the group's shapes (values are wall-clock, so only
+    their presence and sign are checked)."""
+    d = testing.digits_data()
+    cal = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 100, 20)]
+    _, res = _prune(ir.load_proto(testing.digits_mlp_path()), cal, method="sparsegpt", sparsity=0.5)
+    assert all(g["ms_before"] > 0 and g["ms_after"] > 0 for g in res.details["groups"])
+    assert res.details["time"]["groups_timed"] == 2

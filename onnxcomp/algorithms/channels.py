@@ -58,6 +58,7 @@ class _Group:
     keep: Optional[np.ndarray] = None
     attention: Optional[dict[str, Any]] = None  # attention-head group: the block's bindings (heads.py)
     extra: list[WeightLayer] = field(default_factory=list)  # more producers (q and k of a head group)
+    rows: float = 0.0  # rows (batch x sequence) per calibration sample the consumers read; 0: not measured
 
     @property
     def producers(self) -> list[WeightLayer]:
@@ -507,7 +508,7 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
             del stats
             rows += _prune_groups(plans, counts, {}, method, True, opts, source, ctx, feeds, details)
             del plans
-        return _channels_outcome(model, groups, rows, refused, details, notes)
+        return _channels_outcome(model, groups, rows, refused, details, notes, ctx.providers)
     extra = stream.normed if stream is not None else ()
     feeds, stats = _group_statistics(groups, source, ctx, method, opts, extra) if data_aware or extra \
         else (None, {})
@@ -517,7 +518,7 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         counts, sens = _allocate(plans, method, opts, source, ctx, feeds)
         details["allocation"] = "sensitivity"
     rows = _prune_groups(plans, counts, sens, method, data_aware, opts, source, ctx, feeds, details)
-    out = _channels_outcome(model, groups, rows, refused, details, notes)
+    out = _channels_outcome(model, groups, rows, refused, details, notes, ctx.providers)
     if stream is not None:
         _slice_residual(model, opts, stats, details, notes)
     return out
@@ -656,8 +657,9 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
 
 
 def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str, Any]], refused: list,
-                      details: dict[str, Any], notes: list[str]) -> PassOutcome:
-    """Rewrite the pruned groups into `model` and report the weights removed."""
+                      details: dict[str, Any], notes: list[str], providers: Any = None) -> PassOutcome:
+    """Rewrite the pruned groups into `model` and report the weights removed and the time it saves."""
+    _time_saved(groups, rows, providers, details, notes)
     total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None or g.is_gqa])
     hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and not g.is_gqa])
     total_b, total_a = total_b + hb, total_a + ha
@@ -673,6 +675,53 @@ def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str
     return PassOutcome(details=details, notes=notes, layers=layers)
 
 
+#: rows a group's layers are timed at when there is no calibration data to take them from
+DEFAULT_SPEED_ROWS = 32
+
+
+def _matmul_widths(g: _Group) -> Optional[tuple[int, int]]:
+    """(input width of the producers, summed output width of the consumers) of a MatMul/Gemm group whose
+    consumers read the channels directly, else None (Conv, attention heads, a Flatten between)."""
+    if g.attention is not None or g.block != 1:
+        return None
+    def k_n(layer: WeightLayer) -> Optional[tuple[int, int]]:
+        shape = tuple(int(d) for d in (layer.w.shape or ()))
+        if layer.op not in ("MatMul", "Gemm") or len(shape) != 2:
+            return None
+        return shape[::-1] if layer.op == "Gemm" and layer.node.attrs.get("transB", 0) else shape
+    prod = [k_n(p) for p in g.producers]
+    cons = [k_n(c) for c in g.consumers]
+    if any(x is None for x in prod + cons) or len({p[0] for p in prod}) != 1:
+        return None
+    return prod[0][0], sum(c[1] for c in cons)
+
+
+def _time_saved(groups: list[_Group], rows: list[dict[str, Any]], providers: Any, details: dict[str, Any],
+                notes: list[str]) -> None:
+    """The measured time of each pruned MatMul/Gemm group's layers at its old and its new width (generated
+    layers of the same shapes timed on the target, runtime.shape_speed), in its report row and summed: what
+    removing channels saves depends on the shapes and the kernels, not on the parameter count."""
+    from ..runtime.shape_speed import matmul_chain
+
+    before = after = 0.0
+    timed = 0
+    for g, row in zip(groups, rows):
+        widths = _matmul_widths(g) if row["removed"] else None
+        if widths is None:
+            continue
+        n_rows = max(1, int(round(g.rows))) if g.rows else DEFAULT_SPEED_ROWS
+        ms = matmul_chain(widths[0], widths[1], (row["channels"], row["kept"]), n_rows, gates=len(g.extra),
+                          providers=providers)
+        row.update(rows_timed=n_rows, ms_before=round(ms[0], 4), ms_after=round(ms[1], 4),
+                   time_saved=round(1.0 - ms[1] / ms[0], 4) if ms[0] > 0 else 0.0)
+        before, after, timed = before + ms[0], after + ms[1], timed + 1
+    if timed:
+        details["time"] = {"groups_timed": timed, "ms_before": round(before, 4), "ms_after": round(after, 4),
+                           "ratio": round(after / before, 4) if before > 0 else 1.0}
+        notes.append(f"the {timed} pruned MatMul/Gemm group(s) time {after / before:.2f}x of their unpruned "
+                     "shapes (each group's layers timed alone at its calibration rows per sample)")
+
+
 def _plan(g: _Group, st: Any, data_aware: bool):
     """(consumer matrices, stacked rows w, Gram h or None, intercept rows) of a group; the intercept row is
     added when every consumer has a bias to absorb the removed channels' mean contribution."""
@@ -681,6 +730,7 @@ def _plan(g: _Group, st: Any, data_aware: bool):
     if not (data_aware and st is not None and st.gram is not None and st.gram_rows):
         return mats, w, None, 0
     h = st.gram / st.gram_rows
+    g.rows = st.gram_rows / max(1, st.samples * g.block)
     if all(_bias_target(g, c) is not None for c in g.consumers) and all(c.op != "Conv" for c in g.consumers):
         mu = st.gram_sum / st.gram_rows
         h = np.block([[h, mu[:, None]], [mu[None, :], np.ones((1, 1))]])

@@ -147,7 +147,13 @@ class Sparsify(WeightPass):
                              f"of its energy kept), {res['norms']} RMSNorms, {res['weights']} weights rotated")
             lines += [f"{g['producer']}{' + ' + ', '.join(g['joined']) if g.get('joined') else ''}: {g['kept']}/"
                       f"{g['channels']} {'heads' if g.get('kind') == 'heads' else 'channels'} kept"
-                      + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "") for g in groups[:6]]
+                      + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "")
+                      + (f", its layers {g['ms_after']:.3g} ms (was {g['ms_before']:.3g}) at {g['rows_timed']} rows"
+                         if "ms_after" in g else "") for g in groups[:6]]
+            t = details.get("time")
+            if t:
+                lines.append(f"time of the {t['groups_timed']} pruned MatMul/Gemm group(s), timed alone on the "
+                             f"target: {t['ms_before']:.3g} -> {t['ms_after']:.3g} ms ({t['ratio']:.2f}x)")
             return lines
         size = details.get("size", {})
         lines = [f"{details['pattern']} ({details['method']}, {details['allocation']}): sparsity "
