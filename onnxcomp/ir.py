@@ -17,8 +17,8 @@ import heapq
 import itertools
 import math
 import os
-import shutil
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -742,14 +742,12 @@ def stored_constant(name: str, values: np.ndarray) -> Optional[gs.Constant]:
         return None
     if dtype not in _RAW_VIEW_TYPES:
         return None
-    t = onnx.TensorProto()
+    m = onnx.ModelProto()
+    t = m.graph.initializer.add()  # filled in place: appending a tensor would copy its bytes
     t.name = name
     t.data_type = dtype
     t.dims.extend(values.shape)
     t.raw_data = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
-    m = onnx.ModelProto()
-    m.graph.initializer.append(t)
-    del t
     sk, stored = spill_to_file(m, min_bytes=0)
     if stored is None:
         return None
