@@ -391,8 +391,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # another user's process (or no way to tell): alive
+    except OSError:
+        return True  # another user's process (PermissionError), or no way to tell: alive
     return True
 
 

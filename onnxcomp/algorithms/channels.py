@@ -675,10 +675,6 @@ def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str
     return PassOutcome(details=details, notes=notes, layers=layers)
 
 
-#: rows a group's layers are timed at when there is no calibration data to take them from
-DEFAULT_SPEED_ROWS = 32
-
-
 def _matmul_widths(g: _Group) -> Optional[tuple[int, int]]:
     """(input width of the producers, summed output width of the consumers) of a MatMul/Gemm group whose
     consumers read the channels directly, else None (Conv, attention heads, a Flatten between)."""
@@ -701,7 +697,7 @@ def _time_saved(groups: list[_Group], rows: list[dict[str, Any]], providers: Any
     """The measured time of each pruned MatMul/Gemm group's layers at its old and its new width (generated
     layers of the same shapes timed on the target, runtime.shape_speed), in its report row and summed: what
     removing channels saves depends on the shapes and the kernels, not on the parameter count."""
-    from ..runtime.shape_speed import matmul_chain
+    from ..runtime.shape_speed import DEFAULT_ROWS, matmul_chain
 
     before = after = 0.0
     timed = 0
@@ -709,7 +705,7 @@ def _time_saved(groups: list[_Group], rows: list[dict[str, Any]], providers: Any
         widths = _matmul_widths(g) if row["removed"] else None
         if widths is None:
             continue
-        n_rows = max(1, int(round(g.rows))) if g.rows else DEFAULT_SPEED_ROWS
+        n_rows = max(1, int(round(g.rows))) if g.rows else DEFAULT_ROWS
         ms = matmul_chain(widths[0], widths[1], (row["channels"], row["kept"]), n_rows, gates=len(g.extra),
                           providers=providers)
         row.update(rows_timed=n_rows, ms_before=round(ms[0], 4), ms_after=round(ms[1], 4),

@@ -50,7 +50,7 @@ from .. import ir
 from ..calibration.chunks import MomentChunks
 from ..errors import CalibrationDataError, RecipeError
 from ..rewrite import Plan, RewriteRule, apply_rules
-from ..runtime.shape_speed import pair_speed
+from ..runtime.shape_speed import DEFAULT_ROWS, pair_speed
 from ..algorithms.select import (ALREADY_QUANTIZED, WeightLayer, check_ops, find_weight_layers,
                                  quantized_weights_note, weight_pattern2, weight_pattern3)
 from .base import LayerChange, PassContext, PassOutcome, WeightPass
@@ -59,7 +59,6 @@ _OPS = ("MatMul", "Gemm", "Conv")
 _RULE_KEYS = ("rank", "energy", "params_ratio", "error_budget")
 #: candidate ranks for sensitivity allocation, as fractions of the break-even rank k·n/(k+n)
 _CANDIDATE_FRACTIONS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.28, 0.2, 0.14, 0.08)
-_DEFAULT_SPEED_ROWS = 32
 
 
 # ----------------------------------------------------------------------------------------------- numerics
@@ -305,7 +304,7 @@ class Lowrank(WeightPass):
         grams, rows = self._grams(plan, source, ctx, feeds) if feeds else ({}, None)
         if feeds and not self.whiten and not self.refit:
             notes.append("plain SVD: calibration data used only to report layer output errors")
-        speed_rows = self.speed_rows or (int(round(rows)) if rows else _DEFAULT_SPEED_ROWS)
+        speed_rows = self.speed_rows or (int(round(rows)) if rows else DEFAULT_ROWS)
         self._spectra(plan, grams, notes, (rule, value, allocation == "sensitivity"))
         del grams
         if self.speed_check:

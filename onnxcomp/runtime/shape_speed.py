@@ -12,7 +12,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["matmul_chain", "pair_speed", "time_pair"]
+__all__ = ["DEFAULT_ROWS", "matmul_chain", "pair_speed", "time_pair"]
+
+#: rows (batch x sequence) a shape is timed at when there is no calibration data to take them from
+DEFAULT_ROWS = 32
 
 _CACHE: dict[tuple, tuple[float, float]] = {}
 
