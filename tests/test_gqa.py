@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import helper, numpy_helper
 
@@ -83,3 +84,64 @@ def test_blocks_whose_inside_is_read_elsewhere_are_refused_with_the_reason():
     assert len([g for g in groups if g.attention is not None]) == 2
     assert any(r["layer"] == "layers.0.self_attn.o_proj" and "grouped-query attention" in r["reason"]
                for r in refused), refused
+
+
+def test_a_dead_kv_group_is_removed_whole_and_every_kv_head_count_is_rewritten():
+    m = _decoder(dead=(4, 5, 6, 7))  # the query heads of KV group 1 contribute nothing
+    out, res = _prune(m, method="magnitude", sparsity=0.0, heads=0.5, head_unit="kv")
+    rows = [r for r in res.details["groups"] if r.get("form") == "gqa"]
+    assert [(r["kept"], r["channels"], r["kv_heads"], r["unit"]) for r in rows] == [(4, 8, 1, "kv")] * 3
+    shapes = _init_shapes(out)
+    for w, shape in (("wq", (192, 96)), ("wk", (192, 24)), ("wv", (192, 24)), ("wo", (96, 192))):
+        assert [s for n, s in shapes.items() if n.startswith(f"l0.{w}")] == [shape]
+    consts = [numpy_helper.to_array(t).tolist() for t in out.graph.initializer if t.data_type == 7]
+    assert [0, 0, 1, 24] in consts  # k and v: 1 KV head of 24
+    assert [1, 1, 4, 1, 1] in consts and [0, 4, -1, 24] in consts  # the repeat stays 4 per KV head
+    assert [0, 0, 4, 24] in consts and [0, 0, 96] in consts
+    for f in _feeds():
+        np.testing.assert_allclose(_run(out, f)[0], _run(m, f)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_kv_groups_with_data_drop_the_group_that_costs_nothing():
+    m = _decoder(dead=(0, 1, 2, 3))  # KV group 0 is dead: the group-OBS cost of removing it is zero
+    calib = testing.decoder_feeds(testing.decoder_windows("calib", 8), batch_size=4)
+    out, res = _prune(m, calib, method="sparsegpt", sparsity=0.0, heads=0.5, head_unit="kv")
+    rows = [r for r in res.details["groups"] if r.get("form") == "gqa"]
+    assert all(r["unit"] == "kv" and r["kv_heads"] == 1 and r["rel_err"] < 0.05 for r in rows), rows
+    before = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for i in range(3):  # group 1 kept: the q columns of heads 4..7, the k/v columns of KV head 1
+        np.testing.assert_array_equal(after[f"l{i}.wq_pruned"], before[f"l{i}.wq"][:, 96:])
+        np.testing.assert_array_equal(after[f"l{i}.wk_pruned"], before[f"l{i}.wk"][:, 24:])
+        np.testing.assert_array_equal(after[f"l{i}.wv_pruned"], before[f"l{i}.wv"][:, 24:])
+    held = testing.decoder_windows("eval", 16)
+    feeds = testing.decoder_feeds(held)
+    got = testing.decoder_metrics(testing.decoder_logits(m, feeds), testing.decoder_logits(out, feeds), held)
+    assert got["top1_agreement"] > 0.99 and abs(got["bpb_ratio"] - 1) < 0.005, got  # only the damped refit
+
+
+def test_kv_groups_read_outside_the_block_fall_back_to_query_heads_with_the_reason():
+    m = _decoder()
+    # a KV-cache-like output: the rotated keys of layer 0 leave the graph, so its KV heads must all stay
+    m.graph.output.append(helper.make_tensor_value_info("layers.0.self_attn.k_rope.rotary", onnx.TensorProto.FLOAT,
+                                                        None))
+    groups, refused = find_groups(ir.Model.from_proto(m), heads=True, head_unit="kv")
+    units = {g.attention["mo"].name: g.attention["unit"] for g in groups if g.is_gqa}
+    assert units == {f"layers.{i}.self_attn.o_proj": ("query" if i == 0 else "kv") for i in range(3)}
+    why = [r["reason"] for r in refused if r["layer"] == "layers.0.self_attn.o_proj" and "KV" in r["reason"]]
+    assert why and "whole KV groups" in why[0] and "KV cache" in why[0] and "k_rope.rotary" in why[0], refused
+    out, res = _prune(m, method="magnitude", sparsity=0.0, heads=0.5, head_unit="kv")
+    kept = {r["consumers"][0]: (r["kept"], r["kv_heads"]) for r in res.details["groups"] if r.get("form") == "gqa"}
+    assert kept["layers.0.self_attn.o_proj"] == (4, 2) and kept["layers.1.self_attn.o_proj"] == (4, 1)
+    sess = testing.session(out)
+    assert sess.run(None, _feeds(1)[0])[1].shape[1] == 2  # the output still has both KV heads
+
+
+def test_head_unit_needs_heads_and_a_known_value():
+    from onnxcomp.errors import RecipeError
+    from onnxcomp.passes.sparsify import Sparsify
+
+    with pytest.raises(RecipeError, match="head_unit applies with heads"):
+        Sparsify(pattern="channel", head_unit="kv")
+    with pytest.raises(RecipeError, match="valid: 'query', 'kv'"):
+        Sparsify(pattern="channel", heads=0.5, head_unit="kv_groups")

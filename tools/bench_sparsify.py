@@ -40,7 +40,8 @@ def _gzip(path: str | os.PathLike) -> int:
     return len(zlib.compress(Path(path).read_bytes(), 6))
 
 
-def _recipes(patterns, methods, sparsities, sensitivity, heads=None, hidden=()) -> list[tuple[str, str, float, dict]]:
+def _recipes(patterns, methods, sparsities, sensitivity, heads=None, hidden=(), head_units=("query",)
+             ) -> list[tuple[str, str, float, dict]]:
     out = []
     for pat in patterns:
         levels = [0.5] if ":" in pat else sparsities
@@ -60,17 +61,19 @@ def _recipes(patterns, methods, sparsities, sensitivity, heads=None, hidden=()) 
                     p["block"] = [1, 4]
                 out.append((pat, "sparsegpt+sens", s, p))
         if heads and pat == "channel":  # attention heads too (uniform fraction, and in the sensitivity budget)
-            for s in [0.0, *levels]:
-                out.append((pat, f"sparsegpt+heads{heads:g}+uniform", s,
-                            {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
-                             "heads": heads, "allocation": "uniform"}))
-            for s in levels:
-                out.append((pat, f"sparsegpt+heads{heads:g}", s, {"type": "sparsify", "method": "sparsegpt",
-                                                                  "pattern": pat, "sparsity": s, "heads": heads}))
-                if sensitivity:
-                    out.append((pat, f"sparsegpt+sens+heads{heads:g}", s,
+            for unit in head_units:
+                tag, hu = (f"heads{heads:g}", {}) if unit == "query" else (f"{unit}heads{heads:g}", {"head_unit": unit})
+                for s in [0.0, *levels]:
+                    out.append((pat, f"sparsegpt+{tag}+uniform", s,
                                 {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
-                                 "heads": heads, "allocation": "sensitivity"}))
+                                 "heads": heads, "allocation": "uniform", **hu}))
+                for s in levels:
+                    out.append((pat, f"sparsegpt+{tag}", s, {"type": "sparsify", "method": "sparsegpt",
+                                                            "pattern": pat, "sparsity": s, "heads": heads, **hu}))
+                    if sensitivity:
+                        out.append((pat, f"sparsegpt+sens+{tag}", s,
+                                    {"type": "sparsify", "method": "sparsegpt", "pattern": pat, "sparsity": s,
+                                     "heads": heads, "allocation": "sensitivity", **hu}))
         if hidden and pat == "channel":  # residual-stream slicing alone, then with the channel levels
             for hd in hidden:
                 out.append((pat, f"hidden{hd:g}", 0.0, {"type": "sparsify", "method": "sparsegpt", "pattern": pat,
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", action="store_true", help="add sparsegpt rows with allocation: sensitivity")
     ap.add_argument("--heads", type=float, default=None,
                     help="channel rows that also remove this fraction of attention heads")
+    ap.add_argument("--head-units", nargs="+", choices=["query", "kv"], default=["query"],
+                    help="with --heads: grouped-query blocks lose query heads alike per KV group, or whole KV groups")
     ap.add_argument("--hidden", type=float, nargs="+", default=[],
                     help="channel rows that also slice this fraction of the residual stream (RMSNorm models)")
     ap.add_argument("--calib", type=int, default=128, help="MiniLM calibration sentences (from sentence 200)")
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
             rows = []
             base = runner.fp32()
             rows.append(("fp32", "-", 0.0, base, 1.0, None))
-            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity, args.heads, args.hidden):
+            for pat, meth, s, p in _recipes(args.patterns, args.methods, args.sparsities, args.sensitivity, args.heads,
+                                            args.hidden, args.head_units):
                 log(f" {name}: {pat} {meth} {s}")
                 info: dict[str, Any] = {}
 

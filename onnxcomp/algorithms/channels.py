@@ -70,8 +70,16 @@ class _Group:
         return self.attention is not None and self.attention.get("form") == "gqa"
 
     @property
+    def kv_unit(self) -> bool:
+        """A grouped-query block pruned by whole KV groups (a KV head with its query heads)."""
+        return self.is_gqa and self.attention.get("unit") == "kv"
+
+    @property
     def params(self) -> int:
-        return sum(l.weight.size for l in [*self.producers, *self.consumers])
+        n = sum(l.weight.size for l in [*self.producers, *self.consumers])
+        if self.kv_unit:  # whole KV groups take their share of Wk and Wv with them
+            n += sum(ir.const_value(self.attention["kv"][t]["mm"].inputs[1]).size for t in "kv")
+        return n
 
 
 def _expand(keep: np.ndarray, block: int) -> np.ndarray:
@@ -421,6 +429,9 @@ def _obs_prune(w: np.ndarray, h: Optional[np.ndarray], block: int, remove: list[
 def _round_for(g: "_Group", k: int) -> int:
     """Channels removed from group g for a wish of k: GQA query heads equally many per KV group (at least one
     kept in each), other groups rounded by `_round`."""
+    if g.kv_unit:
+        hkv, rep = g.attention["hkv"], g.channels // g.attention["hkv"]
+        return min(hkv - 1, max(0, int(round(k / rep)))) * rep
     if g.is_gqa:
         hkv = g.attention["hkv"]
         return min(g.channels // hkv - 1, max(0, int(round(k / hkv)))) * hkv
@@ -436,10 +447,11 @@ def _round(k: int, c: int) -> int:
 
 
 def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: tuple[str, ...] = (),
-                heads: bool = False, notes: Optional[list[str]] = None) -> tuple[list[_Group], list[dict[str, str]]]:
+                heads: bool = False, notes: Optional[list[str]] = None, head_unit: str = "query"
+                ) -> tuple[list[_Group], list[dict[str, str]]]:
     """Every prunable channel group (and, with `heads`, attention block) of the main graph, and the layers
     that are not prunable with the reason. With `heads`, Shape readers inside attention blocks are re-pointed
-    (an equivalent graph)."""
+    (an equivalent graph); `head_unit` "kv" prunes grouped-query blocks by whole KV groups where they allow it."""
     notes = [] if notes is None else notes
     layers = find_weight_layers(model, ops=_CHANNEL_OPS, main_graph_only=True)
     by_node = {id(l.node): l for l in layers}
@@ -470,7 +482,7 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
         groups.append(g)
     if heads:
         groups += _head_groups(model, by_node, ops, exclude, refused, notes)
-        groups += _gqa_groups(model, by_node, index, ops, exclude, refused, notes)
+        groups += _gqa_groups(model, by_node, index, ops, exclude, refused, notes, head_unit)
     return groups, refused
 
 
@@ -484,7 +496,7 @@ def prune_channels(model: ir.Model, source: onnx.ModelProto, ctx: PassContext, o
         method = "sparsegpt" if ctx.calibration_data is not None else "magnitude"
     details: dict[str, Any] = {"pattern": "channel", "method": method}
     ops = check_ops(opts.ops, _CHANNEL_OPS, "sparsify.ops")
-    groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(opts.heads), notes)
+    groups, refused = find_groups(model, ops, tuple(opts.exclude), bool(opts.heads), notes, opts.head_unit)
     details["refused"] = refused
     stream = _residual_stream(model, opts, ctx, refused, notes)
     if not groups:
@@ -649,7 +661,10 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
         row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
     if g.is_gqa:
         row["form"] = "gqa"
-        row["kv_heads"] = g.attention["hkv"]  # kept: the query heads are removed alike in every KV group
+        hkv, rep = g.attention["hkv"], g.channels // g.attention["hkv"]
+        # kept KV heads: all of them when query heads go alike in every KV group, else the whole groups kept
+        row["kv_heads"] = int(len(np.unique(keep // rep)))
+        row["unit"] = "kv" if g.kv_unit else "query"
     if h is not None:  # consumer output error on calibration data, from the Gram: tr(D^T H D) / tr(W^T H W)
         d = _zero_removed(wf, keep, g.block, fixed) - w
         row["rel_err"] = float(np.sqrt(max(0.0, np.sum(d * (h @ d))) / max(1e-30, np.sum(w * (h @ w)))))
@@ -778,6 +793,8 @@ def _choose_per_kv_group(method: str, g: _Group, w: np.ndarray, h: Optional[np.n
     repeat stays uniform), each group's choice by the method on its own rows, then one joint refit."""
     hkv = g.attention["hkv"]
     rep, d = g.channels // hkv, g.block
+    if g.kv_unit:
+        return _choose_kv_groups(method, g, w, h, counts, damping, fixed)
     score = None
     if h is None or method == "magnitude":
         score = _magnitude_score(g, w)
@@ -798,6 +815,30 @@ def _choose_per_kv_group(method: str, g: _Group, w: np.ndarray, h: Optional[np.n
                 keep.append(heads[local])
         kept = np.concatenate(keep)
         refit = h is not None and r > 0  # nothing removed: the weights stay as they are
+        out.append((kept, _refit(w, h, kept, d, fixed, damping) if refit else w.astype(np.float64)))
+    return out
+
+
+def _choose_kv_groups(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int],
+                      damping: float, fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`_choose` for whole KV groups: a group is its rep query heads (rep * d consecutive rows of the output
+    projection), removed as one block by group-OBS (sparsegpt) or by the summed head scores, then refitted."""
+    hkv = g.attention["hkv"]
+    rep, d = g.channels // hkv, g.block
+    out = []
+    for k in counts:
+        r = k // rep
+        if h is not None and method == "sparsegpt":
+            ((groups, _),) = _obs_prune(w, h, rep * d, [r], damping, fixed)
+        else:
+            if h is None or method == "magnitude":
+                score = _magnitude_score(g, w)
+            else:
+                n = g.channels * d
+                score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
+            groups = np.sort(np.argsort(-score.reshape(hkv, rep).sum(axis=1), kind="stable")[: hkv - r])
+        kept = _expand(np.asarray(groups), rep)
+        refit = h is not None and r > 0
         out.append((kept, _refit(w, h, kept, d, fixed, damping) if refit else w.astype(np.float64)))
     return out
 
@@ -1041,9 +1082,10 @@ def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude,
 
 
 def _gqa_groups(model: ir.Model, by_node: dict[int, WeightLayer], index: GraphIndex, ops, exclude, refused: list,
-                notes: list[str]) -> list[_Group]:
+                notes: list[str], head_unit: str = "query") -> list[_Group]:
     """One group per grouped-query / rotary attention block (gqa.py): its query heads, read by the output
-    projection in blocks of head_dim rows; rebuilt by the channel rewrite with gqa.constants."""
+    projection in blocks of head_dim rows; rebuilt by the channel rewrite with gqa.constants. With head_unit
+    "kv", whole KV groups go where the block allows it (else its query heads, with the reason in `refused`)."""
     from . import gqa
 
     blocks, why = gqa.find_blocks(model)
@@ -1055,6 +1097,17 @@ def _gqa_groups(model: ir.Model, by_node: dict[int, WeightLayer], index: GraphIn
             refused.append({"layer": b["mo"].name, "reason": "grouped-query attention: a projection is excluded"})
             continue
         b["form"] = "gqa"
+        b["unit"] = "query"
+        if head_unit == "kv":
+            kv = [by_node.get(id(b["kv"][t]["mm"])) for t in ("k", "v")] if "kv" in b else []
+            why = b.get("kv_refused") or next(
+                (f"projection '{l.name}' is excluded" for l in kv if l is None or l.op not in ops
+                 or is_excluded(l.node, exclude)), None)
+            if why:
+                refused.append({"layer": b["mo"].name, "reason": f"whole KV groups: {why}; query heads pruned "
+                                "alike in every KV group instead"})
+            else:
+                b["unit"] = "kv"
         out.append(_Group(q, b["region"], [o], b["rc"].outputs[0], b["hq"], b["dim"], {},
                           _consumer_biases([o], index), attention=b))
     if blocks:

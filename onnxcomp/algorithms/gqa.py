@@ -9,8 +9,11 @@
 Query heads are removed alike in every KV group (rep -> rep'): the k/v projections, and so the KV cache, stay;
 Wq loses d columns and Wo d rows per removed head, and the head counts in the q Reshape, the repeat's Expand and
 Reshape, and the context Reshape are rewritten. Which heads go and how Wo is refitted is decided like a channel
-group (channels.py) with block d, one KV group at a time. The block is found with an engine query rooted at the
-output projection; the rotary region between the q projection and the scores is checked node by node.
+group (channels.py) with block d, one KV group at a time. Or whole KV groups go (Hkv -> Hkv', `head_unit: kv`):
+a KV head with its rep query heads, so Wk and Wv lose d columns each too and the k/v Reshapes (and an Expand
+that names Hkv) are rewritten; that needs the k/v heads to be read only inside the block (no KV cache output).
+The block is found with an engine query rooted at the output projection; the rotary regions between the q and k
+projections and the scores are checked node by node.
 """
 from __future__ import annotations
 
@@ -247,35 +250,102 @@ def _plan(b: dict[str, Any], index: GraphIndex) -> dict[str, Any] | str:
         sites[key] = s
         region += s[2]
     inside = {id(n) for n in region} | {id(q["mm"]), id(b["mo"])}
-    for n in region + [q["mm"]]:
+    why = _read_outside(region + [q["mm"]], inside, index)
+    if why:
+        return why
+    plan = {**b, "q": q, "region": region, "hq": hq, "hkv": hkv, "dim": d, "sites": sites}
+    kv = _kv_plan(plan, index, inside) if hkv > 1 else "a single KV head"
+    if isinstance(kv, str):
+        plan["kv_refused"] = kv
+    else:
+        plan["region"] = region + kv["nodes"]
+        plan["kv"] = kv
+    return plan
+
+
+def _read_outside(nodes: list[gs.Node], inside: set[int], index: GraphIndex) -> Optional[str]:
+    for n in nodes:
         for o in n.outputs:
             if index.is_graph_output(o) or any(id(c) not in inside for c in index.consumers(o)):
                 return f"'{o.name}' inside the block is read outside it"
-    return {**b, "q": q, "region": region, "hq": hq, "hkv": hkv, "dim": d, "sites": sites}
+    return None
+
+
+def _kv_plan(plan: dict[str, Any], index: GraphIndex, inside: set[int]) -> dict[str, Any] | str:
+    """What removing whole KV groups rebuilds besides the query-head rewrite: the k and v projections, their
+    Reshape/Transpose (and the key's rotary region), the repeat's Unsqueezes, and the sites of every KV-head
+    count; or why whole KV groups cannot go."""
+    k, v = _head_source(plan["kr"]), _head_source(plan["vh"])
+    if v["transpose"].outputs[0] is not plan["vh"]:
+        return "the values are changed between their projection and the scores"
+    rot = _rotary_region(index, k["transpose"].outputs[0], plan["kr"])
+    if isinstance(rot, str):
+        return f"key heads: {rot}"
+    nodes = [x for src in (k, v) for x in (src["mm"], src["add"], src["reshape"], src["transpose"]) if x is not None]
+    nodes += rot + [plan[n] for n in ("uk", "uv") if n in plan]
+    sites: dict[str, tuple[gs.Node, int, list[gs.Node]]] = {}
+    want = {"k": (k["reshape"], 4, 2), "v": (v["reshape"], 4, 2)}
+    if "ek" in plan:
+        for t in ("k", "v"):
+            if shape_entries(plan[f"e{t}"], 5)[1] not in (1,):  # [.., Hkv, rep, ..] rather than broadcast 1
+                want[f"e{t}_kv"] = (plan[f"e{t}_node"], 5, 1)
+    for key, (reader, rank, pos) in want.items():
+        s = _site(reader.inputs[1], reader, rank, pos)
+        if s is None:
+            return f"the KV head count of '{reader.name}' is computed, not a constant"
+        sites[key] = s
+        nodes += [x for x in s[2] if x not in nodes]
+    inside = inside | {id(n) for n in nodes}
+    why = _read_outside(nodes, inside, index)
+    if why:
+        return f"{why} (a KV cache output keeps every KV head)"
+    return {"k": k, "v": v, "nodes": nodes, "sites": sites}
 
 
 def constants(block: dict[str, Any], keep: np.ndarray, current: Callable[[gs.Node, int], np.ndarray]
               ) -> dict[tuple[int, int], np.ndarray]:
     """(id(node), input index) -> new constant for the q projection and every head count when only the query
-    heads `keep` (equally many per KV group) remain; `current(node, i)` reads a constant as planned so far."""
+    heads `keep` remain: equally many per KV group, or whole KV groups (then the k/v projections and the KV-head
+    counts too); `current(node, i)` reads a constant as planned so far."""
     d, hkv, hq = block["dim"], block["hkv"], block["hq"]
+    rep = hq // hkv
     h2 = len(keep)
-    rep2 = h2 // hkv
-    cols = (keep[:, None] * d + np.arange(d)).reshape(-1)
-    q = block["q"]
-    new = {(id(q["mm"]), 1): np.ascontiguousarray(current(q["mm"], 1)[:, cols])}
-    if q["add"] is not None:
-        bi = q["bias_index"]
-        new[(id(q["add"]), bi)] = np.ascontiguousarray(current(q["add"], bi)[cols])
+    per_group = np.bincount(np.asarray(keep) // rep, minlength=hkv)
+    kv_keep = np.flatnonzero(per_group)
+    whole = len(kv_keep) < hkv
+    if whole and not (np.all(per_group[kv_keep] == rep) and "kv" in block):
+        raise ValueError(f"query heads {keep.tolist()} are neither alike per KV group nor whole KV groups")
+    if not whole:
+        assert np.all(per_group == per_group[0]) and h2 <= hq
+    hkv2, rep2 = len(kv_keep), h2 // len(kv_keep)
+    new: dict[tuple[int, int], np.ndarray] = {}
+
+    def take(src: dict[str, Any], heads: np.ndarray) -> None:
+        cols = _expand_heads(heads, d)
+        new[(id(src["mm"]), 1)] = np.ascontiguousarray(current(src["mm"], 1)[:, cols])
+        if src["add"] is not None:
+            bi = src["bias_index"]
+            new[(id(src["add"]), bi)] = np.ascontiguousarray(current(src["add"], bi)[cols])
+
+    take(block["q"], np.asarray(keep))
+    sites = dict(block["sites"])
     values = {"q": (2, h2), "ek": (2, rep2), "ev": (2, rep2), "sk": (1, h2), "sv": (1, h2), "so": (2, h2 * d)}
-    for key, (node, i, _) in block["sites"].items():
+    if whole:
+        kv = block["kv"]
+        take(kv["k"], kv_keep)
+        take(kv["v"], kv_keep)
+        sites.update(kv["sites"])
+        values.update({"k": (2, hkv2), "v": (2, hkv2), "ek_kv": (1, hkv2), "ev_kv": (1, hkv2)})
+    for key, (node, i, _) in sites.items():
         pos, value = values[key]
-        arr = np.array(current(node, i), copy=True)
+        arr = new.get((id(node), i))
+        if arr is None:
+            arr = np.array(current(node, i), copy=True)
         flat = arr.reshape(-1)
-        if node.op == "Concat":
-            flat[0] = value
-        else:
-            flat[pos] = value
+        flat[0 if node.op == "Concat" else pos] = value
         new[(id(node), i)] = arr
-    assert h2 % hkv == 0 and h2 <= hq
     return new
+
+
+def _expand_heads(heads: np.ndarray, d: int) -> np.ndarray:
+    return (np.asarray(heads)[:, None] * d + np.arange(d)).reshape(-1)

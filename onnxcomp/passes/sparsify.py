@@ -74,6 +74,10 @@ class Sparsify(WeightPass):
     # MHA (BERT form) and grouped-query/rotary attention (Llama form: query heads alike in every KV group); with
     # allocation sensitivity the heads' and the channels' targets make one budget, spent where outputs suffer least
     heads: Optional[float] = None
+    # grouped-query blocks: what `heads` removes -- "query": query heads alike in every KV group (the KV heads,
+    # and so the KV cache, stay); "kv": whole KV groups, a KV head with its query heads (Wk, Wv and the attention
+    # shrink too; refused, with the reason, where the KV heads are read outside the block, e.g. a KV cache output)
+    head_unit: Literal["query", "kv"] = "query"
     # pattern channel: fraction of the residual stream sliced (SliceGPT-style: the stream rotated onto its principal
     # directions on the calibration data, the weakest directions removed from every weight that reads or writes it;
     # pre-norm RMSNorm models; needs calibration data); None: the stream is kept
@@ -109,6 +113,10 @@ class Sparsify(WeightPass):
         if self.heads is not None and (self.pattern != "channel" or not 0.0 <= self.heads < 1.0):
             raise RecipeError(f"sparsify.heads (fraction of attention heads removed, in [0, 1)) applies to pattern "
                               f"'channel' only; got heads={self.heads:g} with pattern {self.pattern!r}")
+        if self.head_unit not in ("query", "kv"):
+            raise RecipeError(f"sparsify.head_unit: invalid value {self.head_unit!r}; valid: 'query', 'kv'")
+        if self.head_unit != "query" and self.heads is None:
+            raise RecipeError("sparsify.head_unit applies with heads (the fraction of attention heads removed)")
         if self.hidden is not None and (self.pattern != "channel" or not 0.0 <= self.hidden < 1.0):
             raise RecipeError(f"sparsify.hidden (fraction of the residual stream sliced, in [0, 1)) applies to "
                               f"pattern 'channel' only; got hidden={self.hidden:g} with pattern {self.pattern!r}")
