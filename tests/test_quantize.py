@@ -66,6 +66,34 @@ def test_convtranspose_per_channel_axis_is_output_channels():
     _close_to_float(m, res.model, random_feeds(m), rtol=0.02)
 
 
+def test_convtranspose_4bit_weights_are_int4_per_output_channel_and_run_in_ort():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 8, 3, 3)) * np.linspace(0.2, 2, 8)[None, :, None, None]).astype(np.float32)
+    m = make_model([helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv", strides=[2, 2])],
+                   [vi("x", [1, 16, 5, 5])], [vi("y", [1, 8, 11, 11])], [const("W", w)])
+    res = _q(m, {"mode": "weight_only", "weight_dtype": "int4", "block_size": 32, "ops": ["ConvTranspose"]})
+    dq, q, scale, axis = _dq_feeding(res.model, "ConvTranspose")
+    assert axis == 1 and scale.shape == (8,)
+    stored = next(t for t in res.model.graph.initializer if t.name == dq.input[0])
+    assert stored.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    assert max(o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    onnx.checker.check_model(res.model, full_check=True)
+    # 4-bit per output channel: the error of 16 levels over each channel's range, not more
+    _close_to_float(m, res.model, random_feeds(m), rtol=0.12)
+    assert res.report.validation.size_ratio < 0.3
+
+
+def test_convtranspose_not_named_in_ops_is_reported_left_float_with_how_to_get_it():
+    w = np.random.default_rng(4).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    m = make_model([helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv")],
+                   [vi("x", [1, 16, 5, 5])], [vi("y", [1, 8, 7, 7])], [const("W", w)])
+    res = _q(m, {"mode": "weight_only"})
+    d = res.report.passes[-1].details
+    assert d["left_float"] == [{"node": "deconv", "op": "ConvTranspose", "reason": d["left_float"][0]["reason"]}]
+    assert "no fused kernel" in d["left_float"][0]["reason"] and "quantize.ops" in d["left_float"][0]["reason"]
+    assert "quantized: nothing; left in float: 1 node(s)" in str(res.report)
+
+
 def test_matmul_weight_axis_is_last_and_bias_fused_in_dynamic_mode():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((64, 256)).astype(np.float32)

@@ -169,8 +169,8 @@ class Quantize(WeightPass):
         if sens:
             worst = ", ".join(f"{r['node'] or r['tensor']} (rel err {r['introduced']:.3g})" for r in sens[:3])
             lines.append(f"most sensitive layers: {worst}")
-        if details.get("quantized"):
-            lines.append(f"quantized: {details['quantized']}; left in float: {details.get('left_float_total', 0)} "
+        if details.get("quantized") or details.get("left_float_total"):
+            lines.append(f"quantized: {details.get('quantized') or 'nothing'}; left in float: {details.get('left_float_total', 0)} "
                          "node(s) (reasons in the JSON/HTML report)")
         return lines
 
@@ -301,6 +301,11 @@ class Quantize(WeightPass):
                 op_of[n.name] = n.op
                 if n.op in target.keep_float and n.op not in ops:
                     left.append({"node": n.name, "op": n.op, "reason": target.keep_float[n.op]})
+                elif n.op not in ops and self.mode in getattr(target.ops.get(n.op), "size_only_modes", ()) \
+                        and len(n.inputs) > 1 and ir.const_value(n.inputs[1]) is not None:
+                    left.append({"node": n.name, "op": n.op, "reason": (
+                        f"{self.mode} {n.op} has no fused kernel on {target.name} (its weights would be dequantized "
+                        f"every run: smaller, not faster); name it in quantize.ops to store it quantized anyway")})
         for name, reason in rejections.items():
             if op_of.get(name) in ops:
                 left.append({"node": name, "op": op_of[name], "reason": reason})
