@@ -145,3 +145,22 @@ def test_head_unit_needs_heads_and_a_known_value():
         Sparsify(pattern="channel", head_unit="kv")
     with pytest.raises(RecipeError, match="valid: 'query', 'kv'"):
         Sparsify(pattern="channel", heads=0.5, head_unit="kv_groups")
+
+
+def test_fused_ort_attention_is_refused_with_what_to_do_instead():
+    # the ORT transformers optimizer's form: one com.microsoft GroupQueryAttention node between the projections
+    # and o_proj (built here as a graph only: the refusal is decided before anything runs)
+    nodes = [helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens", "total"], ["ctx"],
+                              name="attn", domain="com.microsoft", num_heads=8, kv_num_heads=2),
+             helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj")]
+    ins = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4, d]) for n, d in (("q", 64), ("k", 16),
+                                                                                           ("v", 16))]
+    ins += [helper.make_tensor_value_info("seqlens", onnx.TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total", onnx.TensorProto.INT32, [])]
+    g = helper.make_graph(nodes, "fused", ins, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.zeros((64, 32), np.float32), "wo")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    groups, refused = find_groups(ir.Model.from_proto(m), heads=True)
+    assert not [g for g in groups if g.attention is not None]
+    why = [r["reason"] for r in refused if r["layer"] == "attn"]
+    assert why and "GroupQueryAttention" in why[0] and "before ORT's transformers optimizer" in why[0], refused

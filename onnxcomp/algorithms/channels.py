@@ -483,7 +483,21 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
     if heads:
         groups += _head_groups(model, by_node, ops, exclude, refused, notes)
         groups += _gqa_groups(model, by_node, index, ops, exclude, refused, notes, head_unit)
+        refused += _fused_attention(model)
     return groups, refused
+
+
+#: ORT's fused attention kernels (what its transformers optimizer emits): the head counts are attributes
+_FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                              "PackedMultiHeadAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention"})
+
+
+def _fused_attention(model: ir.Model) -> list[dict[str, str]]:
+    """A refusal, with what to do instead, for every fused com.microsoft attention node of the main graph."""
+    return [{"layer": n.name, "reason": f"fused attention (com.microsoft {n.op}): its heads are not pruned; prune "
+             "heads on the exported graph (MatMul/Softmax attention, recognised) before ORT's transformers "
+             "optimizer fuses it"}
+            for n in model.graph.nodes if n.op in _FUSED_ATTENTION and n.domain == "com.microsoft"]
 
 
 # -------------------------------------------------------------------------------------------- the pass part
