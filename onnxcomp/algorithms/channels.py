@@ -675,7 +675,7 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
         row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
     if g.is_gqa:
         row["form"] = "gqa"
-        hkv, rep = g.attention["hkv"], g.channels // g.attention["hkv"]
+        rep = g.channels // g.attention["hkv"]
         # kept KV heads: all of them when query heads go alike in every KV group, else the whole groups kept
         row["kv_heads"] = int(len(np.unique(keep // rep)))
         row["unit"] = "kv" if g.kv_unit else "query"
