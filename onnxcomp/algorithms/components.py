@@ -26,6 +26,7 @@ class Component:
     outputs: list[gs.Tensor]
     consts: dict[tuple[int, int], np.ndarray]
     tensors: dict[int, gs.Tensor] = field(default_factory=dict)  # id(outside tensor) -> the tensor
+    attrs: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(node) -> attributes it is rebuilt with
 
     @property
     def signature(self) -> tuple:
@@ -38,9 +39,9 @@ class Component:
 
 
 def component(nodes: list[gs.Node], new_const: dict[tuple[int, int], np.ndarray], order: dict[int, int],
-              index: GraphIndex) -> Component:
+              index: GraphIndex, attrs: dict[int, dict[str, Any]] | None = None) -> Component:
     """The component made of `nodes` (any order; `order`: id(node) -> graph position) with constants `new_const`
-    ((id(node), input index) -> value)."""
+    ((id(node), input index) -> value) and changed attributes `attrs` (id(node) -> name -> value)."""
     seq = sorted({id(n): n for n in nodes}.values(), key=lambda n: order[id(n)])
     inside = {id(n) for n in seq}
     made = {id(t) for n in seq for t in n.outputs}
@@ -53,7 +54,7 @@ def component(nodes: list[gs.Node], new_const: dict[tuple[int, int], np.ndarray]
                 tensors[id(t)] = t
     outputs = [t for n in seq for t in n.outputs
                if t.name and (index.is_graph_output(t) or any(id(c) not in inside for c in index.consumers(t)))]
-    return Component(seq, ext, outputs, new_const, tensors)
+    return Component(seq, ext, outputs, new_const, tensors, dict(attrs or {}))
 
 
 def component_rule(k: int, comps: list[Component], name: str = "prune-channels") -> tuple[RewriteRule, Plan]:
@@ -100,7 +101,7 @@ def component_rule(k: int, comps: list[Component], name: str = "prune-channels")
                 else:
                     ins.append(val[id(t)])
             outs = getattr(op, n.op)(*ins, _domain=n.domain or None, _outputs=len(n.outputs), _name=n.name,
-                                     **dict(n.attrs))
+                                     **{**dict(n.attrs), **decision.attrs.get(id(n), {})})
             outs = outs if isinstance(outs, tuple) else (outs,)
             for t, o in zip(n.outputs, outs):
                 val[id(t)] = o

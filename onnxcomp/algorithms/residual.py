@@ -1,8 +1,9 @@
 """Slicing the residual stream (SliceGPT-style, one rotation for the whole stream) of pre-norm RMSNorm models.
 
 The stream starts at an embedding Gather and passes through residual Adds; every block reads it through an
-RMSNorm (Pow/ReduceMean/Add eps/Sqrt/Reciprocal|Div/Mul, then a gain Mul) into MatMuls, and writes a MatMul
-output back with the Add; a last RMSNorm feeds the head. RMSNorm commutes with an orthogonal rotation Q once its
+RMSNorm (Pow/ReduceMean/Add eps/Sqrt/Reciprocal|Div/Mul, then a gain Mul; or one fused node: ONNX's
+RMSNormalization, opset 23) into MatMuls, and writes a MatMul output back
+with the Add; a last RMSNorm feeds the head. RMSNorm commutes with an orthogonal rotation Q once its
 gain is moved into the weights that read it, so with Q every weight touching the stream changes exactly:
 
     embedding E -> E Q,  readers W -> Q^T diag(g) W,  writers W (+ b) -> W Q (+ b Q),  gains -> 1
@@ -70,8 +71,42 @@ class Norm:
     readers: list[gs.Node]
 
     @property
+    def fused(self) -> bool:
+        """One RMSNormalization node (its gain is input 1, eps an attribute)."""
+        return "fused" in self.b
+
+    @property
     def nodes(self) -> list[gs.Node]:
         return [self.b[k] for k in ("pow", "mean", "add_eps", "sqrt", "recip", "normed", "gain") if k in self.b]
+
+    @property
+    def observed(self) -> str:
+        """The tensor whose Gram gives this norm's share of the rotation: the normalised (pre-gain) input, or a
+        fused norm's output (its Gram divided by g g^T in `rotation`: the same matrix)."""
+        return (self.b["gain"] if self.fused else self.b["normed"]).outputs[0].name
+
+
+#: fused RMSNorm ops: ONNX RMSNormalization (opset 23). ORT's SimplifiedLayerNormalization is not here: onnx.checker
+#: rejects it (it is registered by ORT only), so such a model is refused as input before any pass runs
+_FUSED_NORMS = frozenset({"RMSNormalization"})
+
+
+def _fused_norms(model: ir.Model) -> dict[int, dict[str, Any]]:
+    """id(input) -> bindings of every fused RMSNorm over the last axis with a constant, nowhere-zero gain."""
+    out = {}
+    for n in model.graph.nodes:
+        if n.op not in _FUSED_NORMS or (n.domain or "") not in ("", "ai.onnx") or len(n.inputs) != 2 \
+                or len(n.outputs) != 1 or n.attrs.get("stash_type", 1) != 1:
+            continue
+        g = ir.const_value(n.inputs[1])
+        x = n.inputs[0]
+        rank = len(x.shape) if getattr(x, "shape", None) is not None else None
+        if g is None or g.ndim != 1 or g.dtype != np.float32 or not np.all(g != 0):
+            continue
+        if n.attrs.get("axis", -1) not in (-1,) and (rank is None or n.attrs.get("axis") != rank - 1):
+            continue
+        out.setdefault(id(x), {"x": x, "fused": n, "gain": n, "g": n.inputs[1]})
+    return out
 
 
 @dataclass
@@ -86,8 +121,8 @@ class Stream:
 
     @property
     def normed(self) -> list[str]:
-        """The normalised (pre-gain) tensors whose Grams give the rotation."""
-        return [n.b["normed"].outputs[0].name for n in self.norms]
+        """The tensors whose Grams give the rotation (Norm.observed)."""
+        return [n.observed for n in self.norms]
 
 
 def _weight(n: gs.Node, i: int) -> Optional[np.ndarray]:
@@ -118,8 +153,10 @@ def find_stream(model: ir.Model) -> Stream | str:
     for f in find_matches(model, [query(p.__name__, p, _check) for p in _PATTERNS], exclusive=True):
         if f.graph is model.graph:
             norms.setdefault(id(f.match.bindings["x"]), dict(f.match.bindings))
+    for k, b in _fused_norms(model).items():
+        norms.setdefault(k, b)
     if not norms:
-        return _post_norm_reason(model, index) or "no RMSNorm (Pow/ReduceMean/Sqrt/... form) found"
+        return _post_norm_reason(model, index) or "no RMSNorm (the Pow/ReduceMean/Sqrt/... form, or RMSNormalization) found"
     embeds = [n for n in model.graph.nodes if n.op == "Gather" and _weight(n, 0) is not None
               and n.attrs.get("axis", 0) == 0 and id(n.outputs[0]) in norms]
     if len(embeds) != 1:
@@ -135,7 +172,7 @@ def find_stream(model: ir.Model) -> Stream | str:
         b = norms.get(id(s))
         if b is None:
             return f"'{s.name}' on the stream is not read by an RMSNorm"
-        norm_nodes = {id(b["pow"]), id(b["normed"])}
+        norm_nodes = {id(b["fused"])} if "fused" in b else {id(b["pow"]), id(b["normed"])}
         rest = [c for c in readers if id(c) not in norm_nodes]
         gain_out = b["gain"].outputs[0]
         mm = index.consumers(gain_out)
@@ -180,11 +217,15 @@ def rotation(stream: Stream, stats: dict[str, Any]) -> Optional[tuple[np.ndarray
     """(Q [D, D], energies [D]): directions by decreasing energy of the normalised stream; None without
     statistics."""
     c = np.zeros((stream.dim, stream.dim))
-    for name in stream.normed:
-        st = stats.get(name)
+    for nm in stream.norms:
+        st = stats.get(nm.observed)
         if st is None or st.gram is None or not st.gram_rows:
             return None
-        c += st.gram / st.gram_rows
+        m = st.gram / st.gram_rows
+        if nm.fused:  # y = g * normed: E[normed normed^T] = E[y y^T] / (g g^T)
+            g = ir.const_value(nm.b["g"]).astype(np.float64)
+            m = m / np.outer(g, g)
+        c += m
     vals, vecs = np.linalg.eigh(c)
     return vecs[:, ::-1].copy(), vals[::-1].copy()
 
@@ -203,6 +244,7 @@ def slice_stream(model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[int, i
     d, k = q.shape
     q64 = q.astype(np.float64)
     new: dict[tuple[int, int], np.ndarray] = {}
+    attrs: dict[int, dict[str, Any]] = {}
     before = after = 0
 
     def put(node: gs.Node, i: int, v: np.ndarray) -> None:
@@ -220,9 +262,12 @@ def slice_stream(model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[int, i
         g = ir.const_value(b["g"]).astype(np.float64)
         gi = list(b["gain"].inputs).index(b["g"])
         put(b["gain"], gi, np.full(k, scale))
-        ei = list(b["add_eps"].inputs).index(b["eps"])
-        eps = ir.const_value(b["eps"])
-        new[(id(b["add_eps"]), ei)] = (eps * (d / k)).astype(eps.dtype)
+        if nm.fused:  # the mean is over k values now: eps * D/k keeps the norm exact on the kept energy
+            attrs[id(b["fused"])] = {"epsilon": float(b["fused"].attrs.get("epsilon", 1e-5)) * d / k}
+        else:
+            ei = list(b["add_eps"].inputs).index(b["eps"])
+            eps = ir.const_value(b["eps"])
+            new[(id(b["add_eps"]), ei)] = (eps * (d / k)).astype(eps.dtype)
         for r in nm.readers:
             put(r, 1, q64.T @ (g[:, None] * _weight(r, 1).astype(np.float64)))
         nodes += nm.nodes + nm.readers
@@ -234,7 +279,7 @@ def slice_stream(model: ir.Model, stream: Stream, q: np.ndarray) -> tuple[int, i
             new[(id(add), bi)] = (ir.const_value(add.inputs[bi]).astype(np.float64) @ q64).astype(np.float32)
             nodes.append(add)
     order = {id(n): i for i, n in enumerate(model.graph.nodes)}
-    spec = component(nodes, new, order, GraphIndex(model.graph))
+    spec = component(nodes, new, order, GraphIndex(model.graph), attrs)
     rule, plan = component_rule(0, [spec], name="slice-residual-stream")
     stats = apply_rules(model, [rule], plan=plan)
     if stats.unapplied:
