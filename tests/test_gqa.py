@@ -164,3 +164,47 @@ def test_fused_ort_attention_is_refused_with_what_to_do_instead():
     assert not [g for g in groups if g.attention is not None]
     why = [r["reason"] for r in refused if r["layer"] == "attn"]
     assert why and "GroupQueryAttention" in why[0] and "before ORT's transformers optimizer" in why[0], refused
+
+
+def _attention_op_decoder(dead=()) -> onnx.ModelProto:
+    """The decoder fixture at opset 23 with each block's scores, softmax and context as one ONNX Attention node on
+    the 4-D rotated heads (what torch.onnx exports there: no repeat_kv, the op shares KV heads itself)."""
+    from onnx import version_converter
+
+    m = version_converter.convert_version(_decoder(dead), 23)
+    scale = float(numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "c.scale")).reshape(-1)[0])
+    gone = (".repeat_k.", ".repeat_v.", ".k_t", ".scores", ".scaled", ".masked", ".probs")
+    nodes = []
+    for n in m.graph.node:
+        if ".self_attn." in n.name and any(x in n.name for x in gone):
+            continue
+        if n.name.endswith(".self_attn.context"):
+            p = n.name[: -len(".context")]
+            n = helper.make_node("Attention", [f"{p}.q_rope.rotary", f"{p}.k_rope.rotary", f"{p}.v_heads",
+                                               "causal_mask"], [n.output[0]], name=f"{p}.attention", scale=scale)
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@pytest.mark.parametrize("unit,dead,kept,kv", [("query", DEAD, 6, 2), ("kv", (4, 5, 6, 7), 4, 1)])
+def test_the_onnx_attention_op_form_loses_dead_heads_exactly(unit, dead, kept, kv):
+    m = _attention_op_decoder(dead)
+    f = _feeds(4)
+    np.testing.assert_allclose(_run(m, f[0])[0], _run(_decoder(dead), f[0])[0], rtol=1e-4, atol=1e-4)
+    out, res = _prune(m, method="magnitude", sparsity=0.0, heads=0.25 if unit == "query" else 0.5, head_unit=unit)
+    rows = [r for r in res.details["groups"] if r.get("form") == "gqa"]
+    assert [(r["kept"], r["kv_heads"], r["unit"]) for r in rows] == [(kept, kv, unit)] * 3
+    assert sum(n.op_type == "Attention" for n in out.graph.node) == 3
+    shapes = _init_shapes(out)
+    assert [s for n, s in shapes.items() if n.startswith("l0.wq")] == [(192, kept * 24)]
+    assert [s for n, s in shapes.items() if n.startswith("l0.wk")] == [(192, kv * 24)]
+    for feed in f:
+        np.testing.assert_allclose(_run(out, feed)[0], _run(m, feed)[0], rtol=1e-4, atol=1e-4)

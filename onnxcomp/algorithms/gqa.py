@@ -5,6 +5,8 @@
     k, v repeated to Hq heads: Reshape(Expand(Unsqueeze(k, 2), [1,1,rep,1,1]), [.., Hq, -1, d])   (absent if rep 1)
     p = Softmax(Add(Mul|Div(MatMul(q, Transpose(k, [0,1,3,2])), scale), mask))
     y = MatMul(Reshape(Transpose(MatMul(p, v), [0,2,1,3]), [.., Hq*d]), Wo) [+ bo]
+    or, at opset 23, the scores and context as one ONNX Attention(q, k, v [, mask]) on 4-D heads (no repeat:
+    the op shares each KV head among its query heads; head counts from the shapes, so none to rewrite in it)
 
 Query heads are removed alike in every KV group (rep -> rep'): the k/v projections, and so the KV cache, stay;
 Wq loses d columns and Wo d rows per removed head, and the head counts in the q Reshape, the repeat's Expand and
@@ -53,7 +55,23 @@ def _make_pattern(scale_op: str, masked: bool, repeat: bool):
     return pattern
 
 
-_PATTERNS = [_make_pattern(s, m, r) for s in ("Mul", "Div") for m in (True, False) for r in (True, False)]
+def _attention_pattern(masked: bool):
+    """The same block with ONNX's Attention op (opset 23) as its core: 4-D q/k/v, KV heads shared natively."""
+    def pattern(op, qr, kr, vh, mask, so, wo):
+        ins = (qr, kr, vh, mask) if masked else (qr, kr, vh)
+        c = op.Reshape(op.Transpose(op.Attention(*ins, _bind="att"), _bind="tc"), so, _bind="rc")
+        return op.MatMul(c, wo, _bind="mo")
+
+    def unmasked(op, qr, kr, vh, so, wo):
+        return pattern(op, qr, kr, vh, None, so, wo)
+
+    fn = pattern if masked else unmasked
+    fn.__name__ = f"gqa_attention_op{'_mask' if masked else ''}"
+    return fn
+
+
+_PATTERNS = [_make_pattern(s, m, r) for s in ("Mul", "Div") for m in (True, False) for r in (True, False)] + \
+    [_attention_pattern(m) for m in (True, False)]
 
 
 def _producer(t: gs.Tensor) -> Optional[gs.Node]:
@@ -161,10 +179,33 @@ def _rotary_region(index: GraphIndex, head: gs.Tensor, end: gs.Tensor) -> list[g
     return list(nodes.values())
 
 
+def _check_attention_op(ctx, b: dict[str, Any]) -> Any:
+    """ONNX Attention with 4-D inputs (head counts from the shapes, not attributes), plain softmax scores and a
+    mask that is the same for every head."""
+    att = b["att"]
+    if (att.domain or "") not in ("", "ai.onnx") or len(att.outputs) != 1:
+        return fail("not the ONNX Attention op with one output")
+    if any(k in att.attrs for k in ("q_num_heads", "kv_num_heads")):
+        return fail("3-D Attention (head counts as attributes) is not rewritten")
+    if att.attrs.get("softcap", 0.0) or att.attrs.get("qk_matmul_output_mode", 0):
+        return fail("Attention with softcap or an extra scores output")
+    if "mask" in b:
+        m = b["mask"]
+        shape = m.shape if ir.const_value(m) is None else ir.const_value(m).shape
+        if shape is None or (len(shape) >= 3 and shape[-3] != 1):
+            return fail("the mask may differ per head (head axis not 1)")
+    return True
+
+
 def _check(ctx, **b) -> Any:
-    if tuple(b["tk"].attrs.get("perm", ())) != _PERM_KT or tuple(b["tc"].attrs.get("perm", ())) != _PERM:
+    if "att" in b:
+        if tuple(b["tc"].attrs.get("perm", ())) != _PERM:
+            return fail("unexpected context transpose")
+        scores = _check_attention_op(ctx, b)
+    elif tuple(b["tk"].attrs.get("perm", ())) != _PERM_KT or tuple(b["tc"].attrs.get("perm", ())) != _PERM:
         return fail("unexpected key or context transpose")
-    scores = check_scores(ctx, b)
+    else:
+        scores = check_scores(ctx, b)
     if scores is not True:
         return scores
     q, k, v = (_head_source(b[n]) for n in ("qr", "kr", "vh"))
@@ -180,7 +221,7 @@ def _check(ctx, **b) -> Any:
             if ax is None or [int(a) for a in ax.reshape(-1)] != [2] or e is None or e[2] != rep \
                     or s is None or s[1] != hq:
                 return fail(f"the {t} repeat is not Unsqueeze(2) -> Expand(x{rep}) -> Reshape to {hq} heads")
-    elif rep != 1:
+    elif rep != 1 and "att" not in b:  # the Attention op shares each KV head among its query heads itself
         return fail("fewer KV heads than query heads but no repeat")
     so = shape_entries(b["so"], 3)
     if so is None or so[2] not in (hq * d, -1):
@@ -226,14 +267,14 @@ def _plan(b: dict[str, Any], index: GraphIndex) -> dict[str, Any] | str:
     """The block's nodes and the constants its query-head count lives in; why it cannot be rebuilt, if so."""
     q, k = _head_source(b["qr"]), _head_source(b["kr"])
     hq, hkv, d = q["heads"], k["heads"], q["dim"]
-    if hq == hkv and "ek" not in b:
+    if "ek" not in b:
         rep_nodes: list[gs.Node] = []
     else:
         rep_nodes = [b["ek_node"], b["xk"], b["ev_node"], b["xv"]]
     rot = _rotary_region(index, q["transpose"].outputs[0], b["qr"])
     if isinstance(rot, str):
         return rot
-    core = [b[n] for n in ("tk", "qk", "scale_node", "mask_add", "sm", "pv", "tc", "rc") if n in b]
+    core = [b[n] for n in ("tk", "qk", "scale_node", "mask_add", "sm", "pv", "att", "tc", "rc") if n in b]
     chain = [x for x in (q["add"], q["reshape"], q["transpose"]) if x is not None]
     region = chain + rot + rep_nodes + core
     sites: dict[str, tuple[gs.Node, int, list[gs.Node]]] = {}
