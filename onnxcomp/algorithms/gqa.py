@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..rewrite import GraphIndex, fail, find_matches, query
-from .heads import check_scores, shape_entries
+from .heads import check_mask, check_scores, shape_entries
 
 _PERM = (0, 2, 1, 3)
 _PERM_KT = (0, 1, 3, 2)
@@ -189,12 +189,7 @@ def _check_attention_op(ctx, b: dict[str, Any]) -> Any:
         return fail("3-D Attention (head counts as attributes) is not rewritten")
     if att.attrs.get("softcap", 0.0) or att.attrs.get("qk_matmul_output_mode", 0):
         return fail("Attention with softcap or an extra scores output")
-    if "mask" in b:
-        m = b["mask"]
-        shape = m.shape if ir.const_value(m) is None else ir.const_value(m).shape
-        if shape is None or (len(shape) >= 3 and shape[-3] != 1):
-            return fail("the mask may differ per head (head axis not 1)")
-    return True
+    return check_mask(b)
 
 
 def _check(ctx, **b) -> Any:

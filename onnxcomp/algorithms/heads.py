@@ -107,6 +107,11 @@ def check_scores(ctx, b: dict[str, Any]) -> Any:
         return fail("the score scale is not a constant scalar")
     if b["sm"].attrs.get("axis", -1) not in (-1, 3):
         return fail("softmax is not over the keys")
+    return check_mask(b)
+
+
+def check_mask(b: dict[str, Any]) -> Any:
+    """An optional attention mask ("mask") that is the same for every head (no head axis, or one of size 1)."""
     if "mask" in b:
         m = b["mask"]
         shape = m.shape if ir.const_value(m) is None else ir.const_value(m).shape
