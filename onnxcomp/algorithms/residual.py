@@ -1,10 +1,10 @@
 """Slicing the residual stream (SliceGPT-style, one rotation for the whole stream) of pre-norm RMSNorm models.
 
 The stream starts at an embedding Gather and passes through residual Adds; every block reads it through an
-RMSNorm (Pow/ReduceMean/Add eps/Sqrt/Reciprocal|Div/Mul, then a gain Mul; or one fused node: ONNX's
-RMSNormalization, opset 23) into MatMuls, and writes a MatMul output back
-with the Add; a last RMSNorm feeds the head. RMSNorm commutes with an orthogonal rotation Q once its
-gain is moved into the weights that read it, so with Q every weight touching the stream changes exactly:
+RMSNorm (Pow/ReduceMean/Add eps/Sqrt/Reciprocal|Div/Mul, then a gain Mul; or ONNX's fused RMSNormalization,
+opset 23) into MatMuls, and writes a MatMul output back with the Add; a last RMSNorm feeds the head. RMSNorm
+commutes with an orthogonal rotation Q once its gain is moved into the weights that read it, so with Q every
+weight touching the stream changes exactly:
 
     embedding E -> E Q,  readers W -> Q^T diag(g) W,  writers W (+ b) -> W Q (+ b Q),  gains -> 1
 
@@ -156,7 +156,8 @@ def find_stream(model: ir.Model) -> Stream | str:
     for k, b in _fused_norms(model).items():
         norms.setdefault(k, b)
     if not norms:
-        return _post_norm_reason(model, index) or "no RMSNorm (the Pow/ReduceMean/Sqrt/... form, or RMSNormalization) found"
+        return _post_norm_reason(model, index) or \
+            "no RMSNorm (the Pow/ReduceMean/Sqrt/... form, or RMSNormalization) found"
     embeds = [n for n in model.graph.nodes if n.op == "Gather" and _weight(n, 0) is not None
               and n.attrs.get("axis", 0) == 0 and id(n.outputs[0]) in norms]
     if len(embeds) != 1:
