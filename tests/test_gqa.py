@@ -91,6 +91,7 @@ def test_a_dead_kv_group_is_removed_whole_and_every_kv_head_count_is_rewritten()
     out, res = _prune(m, method="magnitude", sparsity=0.0, heads=0.5, head_unit="kv")
     rows = [r for r in res.details["groups"] if r.get("form") == "gqa"]
     assert [(r["kept"], r["channels"], r["kv_heads"], r["unit"]) for r in rows] == [(4, 8, 1, "kv")] * 3
+    assert res.details["params_removed"] == 3 * (2 * 96 * 192 + 2 * 24 * 192)  # Wq, Wo and Wk, Wv per layer
     shapes = _init_shapes(out)
     for w, shape in (("wq", (192, 96)), ("wk", (192, 24)), ("wv", (192, 24)), ("wo", (96, 192))):
         assert [s for n, s in shapes.items() if n.startswith(f"l0.{w}")] == [shape]

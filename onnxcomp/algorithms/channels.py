@@ -1010,6 +1010,11 @@ def _rewrite(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
     before = sum(l.weight.size for l in layers.values())
     consts = [_new_constants(comp) for comp in comps]
     after = sum(v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in layers)
+    kv = {id(n): n for g in groups if g.kv_unit for n in (g.attention["kv"][t]["mm"] for t in "kv")}
+    new_kv = {nid: v.size for c in consts for (nid, i), v in c.items() if i == 1 and nid in kv}
+    for nid, n in kv.items():  # whole KV groups also shrink Wk and Wv
+        size = ir.const_value(n.inputs[1]).size
+        before, after = before + size, after + new_kv.get(nid, size)
     _apply_components(model, comps, consts, "prune-channels")
     return before, after
 

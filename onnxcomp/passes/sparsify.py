@@ -155,6 +155,7 @@ class Sparsify(WeightPass):
                              f"of its energy kept), {res['norms']} RMSNorms, {res['weights']} weights rotated")
             lines += [f"{g['producer']}{' + ' + ', '.join(g['joined']) if g.get('joined') else ''}: {g['kept']}/"
                       f"{g['channels']} {'heads' if g.get('kind') == 'heads' else 'channels'} kept"
+                      + (f" ({g['kv_heads']} KV heads)" if g.get("form") == "gqa" else "")
                       + (f", rel err {g['rel_err']:.3g}" if "rel_err" in g else "")
                       + (f", its layers {g['ms_after']:.3g} ms (was {g['ms_before']:.3g}) at {g['rows_timed']} rows"
                          if "ms_after" in g else "") for g in groups[:6]]
