@@ -789,16 +789,28 @@ def _simulate(sim: onnx.ModelProto, updates: dict[str, np.ndarray]) -> None:
 def _choose(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int], damping: float,
             fixed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(kept channels, new consumer rows) for each count of removed channels, by the method's criterion."""
+    if g.kv_unit:
+        return _choose_kv_groups(method, g, w, h, counts, damping, fixed)
     if g.is_gqa:
         return _choose_per_kv_group(method, g, w, h, counts, damping, fixed)
-    if h is None or method == "magnitude":
-        return _obs_prune(w, None, g.block, counts, damping, fixed, score=_magnitude_score(g, w))
-    if method == "sparsegpt":
+    score = _channel_score(method, g, w, h)
+    if score is None:  # sparsegpt
         return _obs_prune(w, h, g.block, counts, damping, fixed)
-    n = g.channels * g.block  # wanda: activation energy x consumer row energy, then a least-squares refit
-    score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
     runs = _obs_prune(w, None, g.block, counts, damping, fixed, score=score)
-    return [(keep, _refit(w, h, keep, g.block, fixed, damping)) for keep, _ in runs]
+    if h is None or method == "magnitude":
+        return runs
+    return [(keep, _refit(w, h, keep, g.block, fixed, damping)) for keep, _ in runs]  # wanda: least-squares refit
+
+
+def _channel_score(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Per-channel importance for the score-based methods: magnitude (also any method without data), or wanda's
+    activation energy x consumer row energy; None for sparsegpt with data (its choice is group-OBS)."""
+    if h is None or method == "magnitude":
+        return _magnitude_score(g, w)
+    if method == "wanda":
+        n = g.channels * g.block
+        return (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
+    return None
 
 
 def _choose_per_kv_group(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndarray], counts: list[int],
@@ -807,14 +819,7 @@ def _choose_per_kv_group(method: str, g: _Group, w: np.ndarray, h: Optional[np.n
     repeat stays uniform), each group's choice by the method on its own rows, then one joint refit."""
     hkv = g.attention["hkv"]
     rep, d = g.channels // hkv, g.block
-    if g.kv_unit:
-        return _choose_kv_groups(method, g, w, h, counts, damping, fixed)
-    score = None
-    if h is None or method == "magnitude":
-        score = _magnitude_score(g, w)
-    elif method == "wanda":
-        n = g.channels * d
-        score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
+    score = _channel_score(method, g, w, h)
     out = []
     for k in counts:
         r = k // hkv
@@ -839,17 +844,13 @@ def _choose_kv_groups(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndar
     projection), removed as one block by group-OBS (sparsegpt) or by the summed head scores, then refitted."""
     hkv = g.attention["hkv"]
     rep, d = g.channels // hkv, g.block
+    score = _channel_score(method, g, w, h)
     out = []
     for k in counts:
         r = k // rep
-        if h is not None and method == "sparsegpt":
+        if score is None:
             ((groups, _),) = _obs_prune(w, h, rep * d, [r], damping, fixed)
         else:
-            if h is None or method == "magnitude":
-                score = _magnitude_score(g, w)
-            else:
-                n = g.channels * d
-                score = (np.diag(h)[:n] * (w[:n] ** 2).sum(axis=1)).reshape(g.channels, -1).sum(axis=1)
             groups = np.sort(np.argsort(-score.reshape(hkv, rep).sum(axis=1), kind="stable")[: hkv - r])
         kept = _expand(np.asarray(groups), rep)
         refit = h is not None and r > 0

@@ -323,7 +323,7 @@ def _kv_plan(plan: dict[str, Any], index: GraphIndex, inside: set[int]) -> dict[
     want = {"k": (k["reshape"], 4, 2), "v": (v["reshape"], 4, 2)}
     if "ek" in plan:
         for t in ("k", "v"):
-            if shape_entries(plan[f"e{t}"], 5)[1] not in (1,):  # [.., Hkv, rep, ..] rather than broadcast 1
+            if shape_entries(plan[f"e{t}"], 5)[1] != 1:  # [.., Hkv, rep, ..] rather than broadcast 1
                 want[f"e{t}_kv"] = (plan[f"e{t}_node"], 5, 1)
     for key, (reader, rank, pos) in want.items():
         s = _site(reader.inputs[1], reader, rank, pos)

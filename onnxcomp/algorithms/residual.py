@@ -103,7 +103,7 @@ def _fused_norms(model: ir.Model) -> dict[int, dict[str, Any]]:
         rank = len(x.shape) if getattr(x, "shape", None) is not None else None
         if g is None or g.ndim != 1 or g.dtype != np.float32 or not np.all(g != 0):
             continue
-        if n.attrs.get("axis", -1) not in (-1,) and (rank is None or n.attrs.get("axis") != rank - 1):
+        if n.attrs.get("axis", -1) != -1 and (rank is None or n.attrs.get("axis") != rank - 1):
             continue
         out.setdefault(id(x), {"x": x, "fused": n, "gain": n, "g": n.inputs[1]})
     return out
