@@ -29,7 +29,8 @@ RECIPES = {
               "min_weight_elements": 0, "equalize": False}],
     "static": [{"type": "quantize", "mode": "static", "min_weight_elements": 0, "equalize": False}],
     "channel": [{"type": "sparsify", "pattern": "channel", "sparsity": 0.3, "allocation": "uniform"}],
-    "lowrank": [{"type": "lowrank", "params_ratio": 0.6, "allocation": "uniform"}],
+    # speed_check off: whether a pair this small times faster depends on the machine, and these tests need factors
+    "lowrank": [{"type": "lowrank", "params_ratio": 0.6, "allocation": "uniform", "speed_check": False}],
 }
 
 

@@ -12,7 +12,7 @@ from onnxcomp import testing
 RECIPES = {
     "channel": [{"type": "sparsify", "pattern": "channel", "sparsity": 0.5}],
     "channel+static": [{"type": "sparsify", "pattern": "channel", "sparsity": 0.5}, {"type": "quantize", "mode": "static"}],
-    "lowrank": [{"type": "lowrank", "params_ratio": 0.5}],
+    "lowrank": [{"type": "lowrank", "params_ratio": 0.5, "speed_check": False}],  # factors on every machine
     "static": [{"type": "quantize", "mode": "static"}],
     "2:4": [{"type": "sparsify", "pattern": "2:4"}],
 }
