@@ -883,12 +883,27 @@ def shape_inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
     op it does not know). Over 2 GB it is the inferred skeleton (big tensors are stubs): for its shapes only."""
     try:
         if not is_big(proto):
-            return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+            return _contrib_inferred(onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True))
         with tempfile.TemporaryDirectory(prefix="onnxcomp-shapes-") as d:  # over 2 GB: infer on the skeleton
             p = write_skeleton(proto, Path(d) / "m.onnx")
             onnx.shape_inference.infer_shapes_path(str(p), str(p), strict_mode=False, data_prop=True)
             return load_proto(p, load_external_data=False)  # shapes only: its big tensors are stubs
     except Exception:  # inference is a help, not a requirement
+        return proto
+
+
+def _contrib_inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """With ORT contrib ops (com.microsoft: fused Attention, SkipLayerNormalization, BiasGelu... from ORT's
+    transformers optimizer), ONNX inference leaves their outputs and everything after them untyped, so no pass
+    would see a float activation there: ORT's symbolic shape inference, which knows those ops, fills them in
+    (best effort: `proto` as it is when it fails)."""
+    if not any(n.domain == "com.microsoft" for g in iter_graph_protos(proto.graph) for n in g.node):
+        return proto
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - its failures are plain exceptions (and sympy may be missing)
         return proto
 
 

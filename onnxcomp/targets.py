@@ -98,17 +98,24 @@ _GATHER = OpPlacement("Gather", _axis0, ("static", "dynamic", "weight_only"))
 # mode uses it too)
 _LSTM = OpPlacement("LSTM", _axis1, ("dynamic", "static"))
 
+# ORT's transformers optimizer's fused ops (com.microsoft, CPU kernels): the packed QKV weight of Attention as
+# QAttention (activations quantized at run time in dynamic mode, calibrated in static), the embedding tables of
+# EmbedLayerNormalization as QEmbedLayerNormalization (uint8, every mode)
+_ATTENTION = OpPlacement("Attention", _last_axis, ("dynamic", "static"))
+_EMBED_LN = OpPlacement("EmbedLayerNormalization", _axis0, ("static", "dynamic", "weight_only"))
+_CPU_OPS = (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM, _ATTENTION, _EMBED_LN)
+
 TARGETS: dict[str, Target] = {
     "ort-cpu": Target(
         "ort-cpu", ("CPUExecutionProvider",),  # ONNX Runtime, CPU execution provider, any x86-64 or ARM CPU
         activation_dtype="uint8", activation_symmetric=False, reduce_range=True, fuse_static_bias=True,
-        ops={p.op: p for p in (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM)}, keep_float=_KEEP_FLOAT),
+        ops={p.op: p for p in _CPU_OPS}, keep_float=_KEEP_FLOAT),
     # the same for CPUs whose u8 x s8 kernels do not saturate (x86 with AVX512-VNNI or AVX-VNNI, ARM64): full
     # 8-bit weights; MiniLM-L3 static int8 cosine 0.99915 -> 0.99954 (GPTQ rounding, 64 calibration sentences)
     "ort-cpu-vnni": Target(
         "ort-cpu-vnni", ("CPUExecutionProvider",),
         activation_dtype="uint8", activation_symmetric=False, reduce_range=False, fuse_static_bias=True,
-        ops={p.op: p for p in (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM)}, keep_float=_KEEP_FLOAT),
+        ops={p.op: p for p in _CPU_OPS}, keep_float=_KEEP_FLOAT),
     "ort-cuda": Target(
         "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),  # falls back to CPU where no GPU
         activation_dtype="int8", activation_symmetric=True,

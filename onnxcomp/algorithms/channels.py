@@ -37,8 +37,11 @@ from .select import WeightLayer, check_ops, find_weight_layers, is_excluded
 
 _UNARY = frozenset({"Relu", "Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu",
                     "HardSigmoid", "HardSwish", "Mish", "Abs", "Neg", "Exp", "Sqrt", "Identity", "Dropout",
-                    "Clip", "PRelu", "ThresholdedRelu", "Celu"})
+                    "Clip", "PRelu", "ThresholdedRelu", "Celu", "QuickGelu"})
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"})
+#: com.microsoft activations with a per-channel bias input (ORT's transformers optimizer fuses bias + GELU):
+#: input 0 is the channel tensor, the bias is sliced with it
+_BIAS_ACT = frozenset({"BiasGelu", "FastGelu"})
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 _CHANNEL_OPS = ("MatMul", "Gemm", "Conv")
 #: candidate fractions of channels removed per group when allocating by sensitivity
@@ -193,7 +196,7 @@ def _add_region_node(walk: _Walk, n: gs.Node, t: gs.Tensor) -> Optional[str]:
     if walk.block != 1 and n.op not in _UNARY:
         return f"{n.op} '{n.name}' after a Flatten"
     if n.op in _UNARY or n.op == "BatchNormalization" or (n.op in _POOLS and walk.axis == 1) \
-            or n.op in _BINARY:
+            or n.op in _BINARY or (n.op in _BIAS_ACT and n.domain == "com.microsoft"):
         why = _check_elementwise(walk, n, t)
     elif n.op == "Flatten" and walk.axis == 1 and n.attrs.get("axis", 1) == 1 and walk.block == 1:
         why = _flatten(walk, n, t)
@@ -244,7 +247,7 @@ def _const_operand(walk: _Walk, n: gs.Node, i: int, x: gs.Tensor, v: np.ndarray,
             return f"BatchNormalization '{n.name}' parameter '{x.name}' is not per channel"
         walk.slices[(id(n), i)] = 0
         return None
-    if n.op == "PRelu" or n.op in _BINARY:
+    if n.op == "PRelu" or n.op in _BINARY or n.op in _BIAS_ACT:
         return _broadcast_operand(walk, n, i, x, v, t)
     return None
 

@@ -35,6 +35,7 @@ from .rules import (_Plan, _Run, _activation_tensors, _const_weight, _conv_key, 
                     _gemm_weight, _input_width, _lstm_rules, _main_graph_tensors, _matmul_bias_pattern, _matmul_pattern,
                     _passthrough_q, _pattern_for, _same_qparams, _static_conv_rules, _static_input_rules,
                     _weight_only_rules)
+from .fused import ATTENTION_PATTERNS, attention_rules, embed_layernorm_rules
 from .smooth import _apply_smoothing, _observable, _smoothed_stats, _smoothing_scales, _unsmoothed
 from ...algorithms.nbits import blocked_gptq, blocked_rtn, nbits_block
 
@@ -613,7 +614,8 @@ class Quantize(WeightPass):
         have = _observable(source)
         grams = {}
         probes = [query(f"gram-probe-{i}", p, _const_weight)
-                  for i, p in enumerate((_matmul_pattern, _pattern_for("Gemm", 2), _gemm3_bias_pattern))]
+                  for i, p in enumerate((_matmul_pattern, _pattern_for("Gemm", 2), _gemm3_bias_pattern,
+                                         *ATTENTION_PATTERNS))]
         for f in find_matches(model, probes):
             x = f.match.bindings["x"]
             mul = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "Mul" else None
@@ -697,7 +699,7 @@ class Quantize(WeightPass):
             ops |= {op for op in self.ops if self.mode in target.ops[op].size_only_modes}
             ops &= set(self.ops)
         if not self.embeddings:
-            ops.discard("Gather")
+            ops -= {"Gather", "EmbedLayerNormalization"}
         return ops
 
     def _excluded(self, node: gs.Node) -> bool:
@@ -756,8 +758,12 @@ class Quantize(WeightPass):
                 rules.append(RewriteRule("embedding-4bit", embedding_pattern, run._gather4_replacement,
                                          run._gather4_check))
             rules.append(RewriteRule("embedding-int8", embedding_pattern, run._gather_replacement, run._gather_check))
+        if "EmbedLayerNormalization" in ops:  # ORT-optimized BERT embeddings: uint8 tables in every mode
+            rules += embed_layernorm_rules(run)
         if "LSTM" in ops and self.mode in ("dynamic", "static"):
             rules += _lstm_rules(run)
+        if "Attention" in ops and self.mode in ("dynamic", "static"):  # ORT-optimized attention: QAttention
+            rules += attention_rules(run)
         if self.mode == "weight_only":
             four = self.weight_dtype in ("int4", "uint4")
             for op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):

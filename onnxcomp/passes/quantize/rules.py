@@ -96,7 +96,7 @@ class _Run:
     def _gram(self, op, x: gs.Tensor, w: gs.Tensor, node: gs.Node) -> Optional[np.ndarray]:
         """The input second moment GPTQ rounds `w` against: None for rtn, an unobserved input, or a weight
         several nodes read (one rounding cannot follow several inputs)."""
-        if not self.grams or node.op not in ("MatMul", "Gemm", "Conv") or len(op.ctx.consumers(w)) != 1:
+        if not self.grams or node.op not in ("MatMul", "Gemm", "Conv", "Attention") or len(op.ctx.consumers(w)) != 1:
             return None
         if node.op == "Conv":  # collected where GPTQ applies to Convs (Quantize._input_moments, see _conv_key)
             h = self.grams.get(_conv_key(node))
