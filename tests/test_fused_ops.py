@@ -193,3 +193,63 @@ def test_ort_fused_minilm_ffn_channels(fused):
     assert all("SkipLayerNormalization" in r["reason"] for r in d["refused"])
     m = testing.minilm_metrics(testing.minilm_embed(fused, held), testing.minilm_embed(res.model, held))
     assert m["cosine_mean"] > 0.95, m
+
+
+def _heads_of(model):
+    n = next(n for n in model.graph.node if n.op_type == "Attention")
+    return {a.name: helper.get_attribute_value(a) for a in n.attribute}["num_heads"], n
+
+
+def test_fused_attention_dead_heads_are_removed_exactly():
+    """Heads whose rows of the output projection are zero go first: num_heads, the packed q/k/v columns of the
+    kept heads (the same heads in each part), the bias and Wo's rows change; the output does not."""
+    rng = np.random.default_rng(4)
+    m = _attention_block(rng)
+    w = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "Wqkv"))
+    wo = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "Wo")).copy()
+    wo[16:32] = 0.0  # head 1 of 4 (head size 16)
+    wo[48:64] = 0.0  # head 3
+    m = _with_weights(m, Wo=wo)
+    res = onnxcomp.compress(m, [{"type": "sparsify", "pattern": "channel", "sparsity": 0.0, "heads": 0.5,
+                                 "allocation": "uniform"}], calibration_data=_feeds(rng), progress=False)
+    heads, node = _heads_of(res.model)
+    assert heads == 2
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    kept = np.concatenate([np.arange(0, 16), np.arange(32, 48)])
+    cols = np.concatenate([p * 64 + kept for p in range(3)])
+    np.testing.assert_array_equal(inits[node.input[1]], w[:, cols])
+    (row,) = [g for g in res.report.passes[0].details["groups"] if g["kind"] == "heads"]
+    assert row["form"] == "fused" and row["kept"] == 2
+    for f in _feeds(rng, 2):
+        np.testing.assert_allclose(testing.session(res.model).run(None, f)[0], testing.session(m).run(None, f)[0],
+                                   atol=2e-5)
+
+
+@pytest.mark.parametrize("attrs, why", [({"qkv_hidden_sizes": [64, 32, 96]}, "unequal qkv_hidden_sizes"),
+                                        ({"do_rotary": 1}, "rotary")])
+def test_fused_attention_forms_without_separable_heads_are_refused(attrs, why):
+    rng = np.random.default_rng(5)
+    m = _attention_block(rng, attrs=attrs)
+    if "qkv_hidden_sizes" in attrs:  # a packed weight of those sizes
+        w = (rng.standard_normal((64, 192)) / 8).astype(np.float32)
+        m = _with_weights(m, Wqkv=w)
+    res = onnxcomp.compress(m, [{"type": "sparsify", "pattern": "channel", "sparsity": 0.0, "heads": 0.5}],
+                            calibration_data=_feeds(rng), progress=False, validate=False)
+    reasons = [r["reason"] for r in res.report.passes[0].details["refused"] if r["layer"] == "attn"]
+    assert reasons and why in reasons[0], reasons
+    assert _heads_of(res.model)[0] == 4
+
+
+def test_ort_fused_minilm_heads_match_the_exported_form(minilm, fused):
+    """Head pruning on the fused MiniLM keeps the same heads with the same refit as on the exported graph:
+    the same embeddings."""
+    calib, held = testing.minilm_feeds(32, start=200), testing.minilm_feeds(40)
+    recipe = [{"type": "sparsify", "pattern": "channel", "sparsity": 0.0, "heads": 0.25, "allocation": "uniform"}]
+    a = onnxcomp.compress(minilm, recipe, calibration_data=calib, progress=False)
+    b = onnxcomp.compress(str(fused), recipe, calibration_data=calib, progress=False)
+    rows = [[(g["kept"], round(g["rel_err"], 5)) for g in r.report.passes[0].details["groups"] if g["kind"] == "heads"]
+            for r in (a, b)]
+    assert rows[0] == rows[1] and [k for k, _ in rows[1]] == [9, 9, 9], rows
+    assert [_heads_of(b.model)[0]] == [9]
+    ea, eb = testing.minilm_embed(a.model, held), testing.minilm_embed(b.model, held)
+    assert testing.minilm_metrics(ea, eb)["cosine_min"] > 0.9999

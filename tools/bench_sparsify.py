@@ -33,7 +33,7 @@ from onnxcomp import testing  # noqa: E402
 
 import bench_quantize as bq  # noqa: E402
 
-ALL_MODELS = ["minilm", "digits_cnn", "digits_mlp", "decoder"]
+ALL_MODELS = ["minilm", "minilm_fused", "digits_cnn", "digits_mlp", "decoder"]
 
 
 def _gzip(path: str | os.PathLike) -> int:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sparsify-") as tmp:
         for name in args.models:
             bench = bq.model_bench(name, args.quick, testing.session)
-            if name == "minilm":
+            if name in ("minilm", "minilm_fused"):
                 bench.calib_oc = testing.minilm_feeds(args.calib, start=200)
             runner = bq.Runner(bench, Path(tmp), testing.session, args.budget, log)
             fp32_gzip = _gzip(bench.path)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                 out_rows.append({"pattern": pat, "method": meth, "target": s, "achieved": ach, "gzip_ratio": gzr,
                                  **row.to_dict()})
             for fn in bench.footnotes:
-                if name == "minilm" and fn.startswith("calibration:"):
+                if name in ("minilm", "minilm_fused") and fn.startswith("calibration:"):
                     fn = f"calibration: sentences 200..{199 + len(bench.calib_oc)}, unpadded (--calib)"
                 print(f"- {fn}")
             sys.stdout.flush()

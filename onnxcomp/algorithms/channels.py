@@ -73,6 +73,11 @@ class _Group:
         return self.attention is not None and self.attention.get("form") == "gqa"
 
     @property
+    def is_fused(self) -> bool:
+        """ORT's fused com.microsoft Attention (fused_attention.py): heads of its packed QKV weight."""
+        return self.attention is not None and self.attention.get("form") == "fused"
+
+    @property
     def kv_unit(self) -> bool:
         """A grouped-query block pruned by whole KV groups (a KV head with its query heads)."""
         return self.is_gqa and self.attention.get("unit") == "kv"
@@ -486,12 +491,14 @@ def find_groups(model: ir.Model, ops: tuple[str, ...] = _CHANNEL_OPS, exclude: t
     if heads:
         groups += _head_groups(model, by_node, ops, exclude, refused, notes)
         groups += _gqa_groups(model, by_node, index, ops, exclude, refused, notes, head_unit)
+        groups += _fused_groups(model, by_node, index, ops, exclude, refused, notes)
         refused += _fused_attention(model)
     return groups, refused
 
 
-#: ORT's fused attention kernels (what its transformers optimizer emits): the head counts are attributes
-_FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+#: ORT's fused attention kernels (what its transformers optimizer emits) whose heads are not pruned (packed-QKV
+#: Attention is: fused_attention.py)
+_FUSED_ATTENTION = frozenset({"MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                               "PackedMultiHeadAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention"})
 
 
@@ -676,6 +683,8 @@ def _prune_group(g: _Group, mats: list[np.ndarray], w: np.ndarray, h: Optional[n
            "channels": g.channels, "kept": int(len(keep)), "removed": int(g.channels - len(keep))}
     if g.extra and g.attention is None:
         row["joined"] = [e.name for e in g.extra]  # the other producers of a gated MLP
+    if g.is_fused:
+        row["form"] = "fused"
     if g.is_gqa:
         row["form"] = "gqa"
         rep = g.channels // g.attention["hkv"]
@@ -692,8 +701,8 @@ def _channels_outcome(model: ir.Model, groups: list[_Group], rows: list[dict[str
                       details: dict[str, Any], notes: list[str], providers: Any = None) -> PassOutcome:
     """Rewrite the pruned groups into `model` and report the weights removed and the time it saves."""
     _time_saved(groups, rows, providers, details, notes)
-    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None or g.is_gqa])
-    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and not g.is_gqa])
+    total_b, total_a = _rewrite(model, [g for g in groups if g.attention is None or g.is_gqa or g.is_fused])
+    hb, ha = _rewrite_heads(model, [g for g in groups if g.attention is not None and not (g.is_gqa or g.is_fused)])
     total_b, total_a = total_b + hb, total_a + ha
     details["groups"] = rows
     details["params_before"], details["params_after"] = total_b, total_a
@@ -865,6 +874,11 @@ def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
     """||producer columns|| * ||consumer rows|| per channel: what the channel can contribute, without data."""
     energy = np.zeros(g.channels)
     for p in g.producers:
+        if g.is_fused:
+            from . import fused_attention
+
+            energy += fused_attention.head_energy(p.node)
+            continue
         v = p.weight
         cols = v.reshape(v.shape[0], -1) if p.op == "Conv" else (v if _out_axis(p) == 0 else v.T)
         energy += (cols ** 2).sum(axis=1).reshape(g.channels, -1).sum(axis=1)
@@ -989,6 +1003,11 @@ def _new_constants(comp: list[_Group]) -> dict[tuple[int, int], np.ndarray]:
 
             new.update(gqa.constants(g.attention, g.keep, cur))
             continue
+        if g.is_fused:  # the kept heads' columns of the packed QKV weight and bias
+            from . import fused_attention
+
+            new.update(fused_attention.constants(g.attention["node"], g.keep, cur))
+            continue
         for p in g.producers:
             new[(id(p.node), 1)] = np.take(cur(p.node, 1), g.keep, axis=_out_axis(p))
             if p.bias is not None:
@@ -1104,6 +1123,34 @@ def _head_groups(model: ir.Model, by_node: dict[int, WeightLayer], ops, exclude,
     return out
 
 
+def _fused_groups(model: ir.Model, by_node: dict[int, WeightLayer], index: GraphIndex, ops, exclude,
+                  refused: list, notes: list[str]) -> list[_Group]:
+    """One group per fused com.microsoft Attention (packed QKV) whose context only its output projection reads:
+    its heads, d rows each of that MatMul (fused_attention.py)."""
+    from . import fused_attention
+
+    blocks, why = fused_attention.find_blocks(model, index)
+    refused.extend(why)
+    out = []
+    for n in blocks:
+        readers = index.consumers(n.outputs[0])
+        o = by_node.get(id(readers[0])) if len(readers) == 1 else None
+        h, d = fused_attention.heads_and_dim(n)
+        if o is None or o.x is not n.outputs[0] or o.op != "MatMul" or o.weight.shape[0] != h * d:
+            refused.append({"layer": n.name, "reason": "fused attention: its context is not read by one output "
+                            "projection MatMul alone"})
+            continue
+        if o.op not in ops or is_excluded(o.node, exclude) or is_excluded(n, exclude):
+            refused.append({"layer": n.name, "reason": "fused attention: it or its output projection is excluded"})
+            continue
+        qkv = WeightLayer(n, n.inputs[0], n.inputs[1], n.inputs[2], model.graph)
+        out.append(_Group(qkv, [], [o], n.outputs[0], h, d, {}, _consumer_biases([o], index),
+                          attention={"form": "fused", "node": n}))
+    if blocks:
+        notes.append(f"fused attention (com.microsoft Attention): {len(out)} block(s) recognised")
+    return out
+
+
 def _gqa_groups(model: ir.Model, by_node: dict[int, WeightLayer], index: GraphIndex, ops, exclude, refused: list,
                 notes: list[str], head_unit: str = "query") -> list[_Group]:
     """One group per grouped-query / rotary attention block (gqa.py): its query heads, read by the output
@@ -1173,8 +1220,11 @@ def _rewrite_heads(model: ir.Model, groups: list[_Group]) -> tuple[int, int]:
 def _component(comp: list[_Group], new_const: dict[tuple[int, int], np.ndarray], order: dict[int, int],
                index: GraphIndex) -> Component:
     """The nodes a group component rebuilds: its producers, regions, consumers and the consumers' bias Adds."""
+    from . import fused_attention
+
     nodes = []
     for g in comp:
         nodes += [*(p.node for p in g.producers), *g.region, *(c.node for c in g.consumers)]
         nodes += [a for a in (g.biases.get(c.name) for c in g.consumers) if a is not None]
-    return component(nodes, new_const, order, index)
+    attrs = {id(g.attention["node"]): fused_attention.attrs(g.attention["node"], g.keep) for g in comp if g.is_fused}
+    return component(nodes, new_const, order, index, attrs)
