@@ -13,14 +13,6 @@ from tests.graphs import const, random_feeds, vi
 MS = "com.microsoft"
 
 
-@pytest.fixture(scope="module")
-def fused():
-    try:
-        return testing.minilm_fused_path()
-    except testing.FixtureUnavailable as e:
-        pytest.skip(str(e))
-
-
 def _ms_model(nodes, inputs, outputs, inits):
     g = helper.make_graph(nodes, "g", inputs, outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
