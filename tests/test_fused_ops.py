@@ -104,6 +104,14 @@ def test_attention_forms_qattention_lacks_are_left_float_with_the_reason():
     assert "DynamicQuantizeMatMul" in _ops(res.model)  # the MatMul after it: its input typed through the op
 
 
+def test_weight_only_says_why_the_fused_attention_stays_float():
+    rng = np.random.default_rng(6)
+    res = onnxcomp.compress(_attention_block(rng), [{"type": "quantize", "mode": "weight_only",
+                                                     "min_weight_elements": 0}],
+                            calibration_data=_feeds(rng), progress=False)
+    assert "QAttention" in _left(res, "Attention")["attn"] and "MatMulNBits" in _ops(res.model)
+
+
 def test_matmul_after_a_contrib_op_is_quantized():
     """BiasGelu's output has no type for ONNX inference: the MatMul reading it used to be left float as
     'activation is not float'; ORT's symbolic inference types it."""
