@@ -99,8 +99,8 @@ _GATHER = OpPlacement("Gather", _axis0, ("static", "dynamic", "weight_only"))
 _LSTM = OpPlacement("LSTM", _axis1, ("dynamic", "static"))
 
 # ORT's transformers optimizer's fused ops (com.microsoft, CPU kernels): the packed QKV weight of Attention as
-# QAttention (activations quantized at run time in dynamic mode, calibrated in static), the embedding tables of
-# EmbedLayerNormalization as QEmbedLayerNormalization (uint8, every mode)
+# QAttention (activations quantized at run time in dynamic mode, calibrated in static); EmbedLayerNormalization
+# unfused so that its tables are quantized like the embedding Gathers (every mode)
 _ATTENTION = OpPlacement("Attention", _last_axis, ("dynamic", "static"))
 _EMBED_LN = OpPlacement("EmbedLayerNormalization", _axis0, ("static", "dynamic", "weight_only"))
 _CPU_OPS = (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM, _ATTENTION, _EMBED_LN)

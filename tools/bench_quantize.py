@@ -91,6 +91,7 @@ OC_RECIPES: dict[str, dict] = {
     "oc_static_percentile": {"passes": [{"type": "quantize", "mode": "static", "calibration": "percentile"}]},
     "oc_dynamic": {"passes": [{"type": "quantize", "mode": "dynamic"}]},
     "oc_dynamic_rtn": {"passes": [{"type": "quantize", "mode": "dynamic", "algorithm": "rtn"}]},
+    "oc_dynamic_no_smooth": {"passes": [{"type": "quantize", "mode": "dynamic", "smoothquant": None}]},
     "oc_weight_only_int8": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int8"}]},
     "oc_weight_only_int4": {"passes": [{"type": "quantize", "mode": "weight_only", "weight_dtype": "int4",
                                         "block_size": 32}]},

@@ -5,8 +5,9 @@ weights packed in `Attention` nodes and its embedding tables in `EmbedLayerNorma
 is left to quantize there. These rules give them ORT's integer kernels, as its own quantizer does:
 - Attention(x, W [K, 3H], b) -> QAttention(Q(x), int8 W per output column, b, ...): in dynamic mode x is
   quantized at run time (DynamicQuantizeLinear), in static mode with its calibrated range;
-- EmbedLayerNormalization -> QEmbedLayerNormalization with uint8 tables (per tensor: the kernel's form), in every
-  mode (no activation involved), like the embedding Gathers.
+- EmbedLayerNormalization is unfused first (Gathers, Adds, LayerNormalization: `unfuse_embed_layernorm`), so its
+  tables get the int8 row-wise embedding rule, in every mode; its quantized kernel (QEmbedLayerNormalization)
+  takes each table uint8 per tensor, which measured less accurate.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ... import ir, qmath
-from ...rewrite import RewriteRule, fail
+from ... import ir
+from ...rewrite import RewriteRule, apply_rules, fail
 from ...rewrite.rule import onnx_dtype
-from ...algorithms.select import embedding_problem
 from .rules import _Run
 
 MS = "com.microsoft"
@@ -93,33 +93,37 @@ def _eln8(op, ids, seg, word, pos, segemb, gamma, beta, mask):
                                       _bind="node")
 
 
-_TABLES = ("word", "pos", "segemb", "gamma", "beta")
+def _eln_check(ctx, node, word, pos, segemb, gamma, beta, mask=None, **_: Any):
+    for k, t in (("word_embedding", word), ("position_embedding", pos), ("segment_embedding", segemb),
+                 ("gamma", gamma), ("beta", beta)):
+        v = ctx.const_value(t)
+        if v is None or v.dtype != np.float32:
+            return fail(f"EmbedLayerNormalization input '{k}' is not a float32 constant")
+    if mask is None and ctx.consumers(node.outputs[1]):
+        return fail("EmbedLayerNormalization without a mask whose mask_index is read")
+    return True
 
 
-def embed_layernorm_rules(q: _Run) -> list[RewriteRule]:
-    """com.microsoft EmbedLayerNormalization (word, position and segment tables, LayerNorm gamma/beta) ->
-    QEmbedLayerNormalization with each of the five stored uint8 per tensor (ORT's kernel reads no other form)."""
+def _eln_replacement(op, ids, seg, word, pos, segemb, gamma, beta, node, mask=None):
+    """LayerNormalization(word[ids] + position[0..S-1] + segment[seg]) and mask_index = ReduceSum(mask, 1):
+    what the fused kernel computes (the same outputs to float rounding)."""
+    one = op.const(np.array([1], np.int64), name=f"{node.name}_axis1")
+    s = op.Cast(op.Gather(op.Shape(ids), op.const(np.array(1, np.int64), name=f"{node.name}_seq_dim"), axis=0),
+                to=onnx.TensorProto.INT32)
+    positions = op.Range(op.const(np.array(0, np.int32), name=f"{node.name}_zero"), s,
+                         op.const(np.array(1, np.int32), name=f"{node.name}_one"))
+    total = op.Add(op.Add(op.Gather(word, ids, axis=0), op.Gather(pos, positions, axis=0)),
+                   op.Gather(segemb, seg, axis=0))
+    y = op.LayerNormalization(total, gamma, beta, axis=-1, epsilon=float(node.attrs.get("epsilon", 1e-12)))
+    index = (op.ReduceSum(mask, one, keepdims=0) if mask is not None
+             else op.ConstantOfShape(op.Shape(ids, end=1), value=onnx.numpy_helper.from_array(np.zeros(1, np.int32))))
+    return y, index
 
-    def check(ctx, node, word, **t: Any):
-        why = embedding_problem(node, word, q.q.exclude)
-        if why:
-            return fail(why)
-        for k in _TABLES:
-            v = ctx.const_value(word if k == "word" else t[k])
-            if v is None or v.dtype != np.float32:
-                return fail(f"EmbedLayerNormalization input '{k}' is not a float32 constant")
-        return True
 
-    def replacement(op, ids, seg, word, pos, segemb, gamma, beta, node, mask=None):
-        vals, scales, zps = [], [], []
-        for k, t in zip(_TABLES, (word, pos, segemb, gamma, beta)):
-            v = np.asarray(ir.const_value(t), np.float32)
-            scale, zp = qmath.weight_params(v, None, "uint8", False)
-            vals.append(op.const(qmath.quantize(v, scale, zp, None, "uint8"), name=f"{t.name}_quantized"))
-            scales.append(op.const(np.asarray(scale, np.float32), name=f"{t.name}_scale"))
-            zps.append(op.const(np.asarray(zp, np.uint8), name=f"{t.name}_zero_point"))
-        return op.QEmbedLayerNormalization(ids, seg, *vals, mask if mask is not None else gs.Variable.empty(),
-                                           *scales, *zps, _domain=MS, _outputs=2, **dict(node.attrs))
-
-    return [RewriteRule(f"qembed-layernorm-{n}", p, replacement, check)
-            for n, p in (("mask", _eln8), ("nomask", _eln7))]
+def unfuse_embed_layernorm(model: ir.Model) -> int:
+    """Every EmbedLayerNormalization -> its Gathers, Adds and LayerNormalization, so the tables get the int8
+    row-wise embedding rule. Its quantized kernel, QEmbedLayerNormalization, takes each table uint8 per tensor:
+    ORT-fused MiniLM-L3 static cosine 0.99815 with it, 0.99897 unfused (dynamic 0.99827 -> 0.99907)."""
+    rules = [RewriteRule(f"unfuse-embed-layernorm-{n}", p, _eln_replacement, _eln_check)
+             for n, p in (("mask", _eln8), ("nomask", _eln7))]
+    return apply_rules(model, rules).applied
