@@ -902,9 +902,17 @@ def _contrib_inferred(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
     except Exception:  # noqa: BLE001 - its failures are plain exceptions (and sympy may be missing)
         return proto
+    declared = {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    for field in ("input", "output"):  # the model's own declarations stay (it renames their symbolic dims)
+        del getattr(out.graph, field)[:]
+        getattr(out.graph, field).extend(getattr(proto.graph, field))
+    kept = [v for v in out.graph.value_info if v.name not in declared]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
 
 
 def _without_graph(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -146,6 +146,8 @@ def test_ort_fused_minilm_dynamic_and_static(fused):
         assert len(int8_tables) == 2, int8_tables  # word and position rows (the 2-row segment table is too small)
         if kernel:
             assert ops.count(kernel) == 9
+        declared = {v.name: v.type for v in onnx.load(str(fused), load_external_data=False).graph.output}
+        assert {v.name: v.type for v in res.model.graph.output}["463"] == declared["463"]  # its dims as declared
         assert res.report.size_ratio < 0.3
         m = testing.minilm_metrics(ref, testing.minilm_embed(res.model, held))
         assert m["cosine_mean"] > floor, (mode, m)
