@@ -105,6 +105,14 @@ def test_attention_forms_qattention_lacks_are_left_float_with_the_reason():
     assert "DynamicQuantizeMatMul" in _ops(res.model)  # the MatMul after it: its input typed through the op
 
 
+def test_static_int8_activations_leave_the_fused_attention_float_with_the_reason():
+    rng = np.random.default_rng(7)
+    res = onnxcomp.compress(_attention_block(rng), [{"type": "quantize", "mode": "static", "activation_dtype": "int8",
+                                                     "min_weight_elements": 0}],
+                            calibration_data=_feeds(rng), progress=False)
+    assert "uint8" in _left(res, "Attention")["attn"] and "QAttention" not in _ops(res.model)
+
+
 def test_weight_only_says_why_the_fused_attention_stays_float():
     rng = np.random.default_rng(6)
     res = onnxcomp.compress(_attention_block(rng), [{"type": "quantize", "mode": "weight_only",

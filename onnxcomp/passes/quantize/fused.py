@@ -65,6 +65,10 @@ def attention_rules(q: _Run) -> list[RewriteRule]:
             return fail("Attention with a present (KV cache) output: QAttention is quantized without past state")
         if onnx_dtype(x) != onnx.TensorProto.FLOAT:
             return fail(f"input '{x.name}' is not float32")
+        if q.q.weight_dtype not in ("int8", "uint8"):
+            return fail(f"QAttention takes 8-bit weights (weight_dtype {q.q.weight_dtype})")
+        if q.mode == "static" and (q.act_dtype != "uint8" or q.act_sym):
+            return fail("QAttention's CPU kernel takes asymmetric uint8 activations (activation_dtype uint8)")
         return True
 
     def replacement(op, x, w, b, node, mask=None):
