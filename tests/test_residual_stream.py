@@ -43,6 +43,24 @@ def test_slicing_a_fifth_of_the_stream_keeps_next_byte_predictions_on_held_out_t
     met = testing.decoder_metrics(testing.decoder_logits(testing.decoder_path(), feeds),
                                   testing.decoder_logits(res.model, feeds), held)
     assert met["top1_agreement"] >= 0.97 and met["bpb_ratio"] < 1.01, met
+    # the sliced norms divide by the root mean square: the form ORT fuses into SimplifiedLayerNormalization
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("Div") == 7 and "Reciprocal" not in ops
+    assert _ort_ops(res.model).count("SimplifiedLayerNormalization") == 7
+
+
+def _ort_ops(model: onnx.ModelProto) -> list[str]:
+    """The op types of `model` as ORT's CPU session optimizes it (extended level)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = f"{d}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(f"{d}/opt.onnx").graph.node]
 
 
 def test_post_norm_models_are_refused_with_the_reason_and_data_is_required():
