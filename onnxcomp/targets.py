@@ -41,6 +41,8 @@ class OpPlacement:
     #: modes that work but have no fused kernel (weights dequantized every run: smaller, not faster);
     #: used only when the recipe names the op in `ops`
     size_only_modes: tuple[str, ...] = ()
+    #: modes with no kernel at all for the op's weights: mode -> why, listed where such a node stays float
+    no_kernel: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ _LSTM = OpPlacement("LSTM", _axis1, ("dynamic", "static"))
 # ORT's transformers optimizer's fused ops (com.microsoft, CPU kernels): the packed QKV weight of Attention as
 # QAttention (activations quantized at run time in dynamic mode, calibrated in static); EmbedLayerNormalization
 # unfused so that its tables are quantized like the embedding Gathers (every mode)
-_ATTENTION = OpPlacement("Attention", _last_axis, ("dynamic", "static"))
+_ATTENTION = OpPlacement("Attention", _last_axis, ("dynamic", "static"), no_kernel={
+    "weight_only": "weight_only: ORT has no weight-only kernel for the fused Attention's packed QKV weight (it would "
+                   "be dequantized every run); mode dynamic or static gives it QAttention"})
 _EMBED_LN = OpPlacement("EmbedLayerNormalization", _axis0, ("static", "dynamic", "weight_only"))
 _CPU_OPS = (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM, _ATTENTION, _EMBED_LN)
 

@@ -254,6 +254,11 @@ def test_fused_attention_dead_heads_are_removed_exactly():
     for f in _feeds(rng, 2):
         np.testing.assert_allclose(testing.session(res.model).run(None, f)[0], testing.session(m).run(None, f)[0],
                                    atol=2e-5)
+    # without data (magnitude: each head's q/k/v column energy x its Wo rows) the same heads go
+    plain = onnxcomp.compress(m, [{"type": "sparsify", "pattern": "channel", "sparsity": 0.0, "heads": 0.5,
+                                   "method": "magnitude"}], progress=False)
+    np.testing.assert_array_equal(numpy_helper.to_array(next(
+        t for t in plain.model.graph.initializer if t.name == _heads_of(plain.model)[1].input[1])), w[:, cols])
 
 
 @pytest.mark.parametrize("attrs, why", [({"qkv_hidden_sizes": [64, 32, 96]}, "unequal qkv_hidden_sizes"),

@@ -873,15 +873,15 @@ def _choose_kv_groups(method: str, g: _Group, w: np.ndarray, h: Optional[np.ndar
 def _magnitude_score(g: _Group, w: np.ndarray) -> np.ndarray:
     """||producer columns|| * ||consumer rows|| per channel: what the channel can contribute, without data."""
     energy = np.zeros(g.channels)
-    for p in g.producers:
-        if g.is_fused:
-            from . import fused_attention
+    if g.is_fused:  # the packed QKV weight: each head's q, k and v columns
+        from . import fused_attention
 
-            energy += fused_attention.head_energy(p.node)
-            continue
-        v = p.weight
-        cols = v.reshape(v.shape[0], -1) if p.op == "Conv" else (v if _out_axis(p) == 0 else v.T)
-        energy += (cols ** 2).sum(axis=1).reshape(g.channels, -1).sum(axis=1)
+        energy += fused_attention.head_energy(g.producer.node)
+    else:
+        for p in g.producers:
+            v = p.weight
+            cols = v.reshape(v.shape[0], -1) if p.op == "Conv" else (v if _out_axis(p) == 0 else v.T)
+            energy += (cols ** 2).sum(axis=1).reshape(g.channels, -1).sum(axis=1)
     rows = (w[: g.channels * g.block] ** 2).reshape(g.channels, -1).sum(axis=1)
     return np.sqrt(energy * rows)
 

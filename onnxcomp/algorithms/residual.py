@@ -301,7 +301,7 @@ def divided_norms(model: ir.Model) -> int:
 
     def replacement(op, x, two, eps, g, mean, axes=None, **_):
         sq = op.Pow(x, two)
-        m = op.ReduceMean(sq, axes, **dict(mean.attrs)) if axes is not None else op.ReduceMean(sq, **dict(mean.attrs))
+        m = op.ReduceMean(sq, *([] if axes is None else [axes]), **dict(mean.attrs))
         return op.Mul(op.Div(x, op.Sqrt(op.Add(m, eps))), g)
 
     rules = [RewriteRule(f"rmsnorm-div-{p.__name__}", p, replacement, _check) for p in _PATTERNS[:2]]

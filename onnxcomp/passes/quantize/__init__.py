@@ -35,7 +35,7 @@ from .rules import (_Plan, _Run, _activation_tensors, _const_weight, _conv_key, 
                     _gemm_weight, _input_width, _lstm_rules, _main_graph_tensors, _matmul_bias_pattern, _matmul_pattern,
                     _passthrough_q, _pattern_for, _same_qparams, _static_conv_rules, _static_input_rules,
                     _weight_only_rules)
-from .fused import ATTENTION_PATTERNS, WEIGHT_ONLY_LEFT, attention_rules, unfuse_embed_layernorm
+from .fused import ATTENTION_PATTERNS, attention_rules, unfuse_embed_layernorm
 from .smooth import _apply_smoothing, _observable, _smoothed_stats, _smoothing_scales, _unsmoothed
 from ...algorithms.nbits import blocked_gptq, blocked_rtn, nbits_block
 
@@ -307,10 +307,11 @@ class Quantize(WeightPass):
                 op_of[n.name] = n.op
                 if n.op in target.keep_float and n.op not in ops:
                     left.append({"node": n.name, "op": n.op, "reason": target.keep_float[n.op]})
-                elif self.mode == "weight_only" and n.op in WEIGHT_ONLY_LEFT and n.domain == "com.microsoft":
-                    left.append({"node": n.name, "op": n.op, "reason": WEIGHT_ONLY_LEFT[n.op]})
-                elif n.op not in ops and self.mode in getattr(target.ops.get(n.op), "size_only_modes", ()) \
-                        and len(n.inputs) > 1 and ir.const_value(n.inputs[1]) is not None:
+                elif n.op in ops or len(n.inputs) < 2 or ir.const_value(n.inputs[1]) is None:
+                    continue  # taken by a rule (or rejected: below), or no constant weight to leave float
+                elif self.mode in getattr(target.ops.get(n.op), "no_kernel", {}):
+                    left.append({"node": n.name, "op": n.op, "reason": target.ops[n.op].no_kernel[self.mode]})
+                elif self.mode in getattr(target.ops.get(n.op), "size_only_modes", ()):
                     left.append({"node": n.name, "op": n.op, "reason": (
                         f"{self.mode} {n.op} has no fused kernel on {target.name} (its weights would be dequantized "
                         f"every run: smaller, not faster); name it in quantize.ops to store it quantized anyway")})

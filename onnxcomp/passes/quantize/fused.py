@@ -24,11 +24,6 @@ from .rules import _Run
 
 MS = "com.microsoft"
 
-#: fused ops with weights that mode weight_only leaves float, and why (listed in the report's left_float)
-WEIGHT_ONLY_LEFT = {"Attention": "weight_only: ORT has no weight-only kernel for the fused Attention's packed QKV "
-                                 "weight (it would be dequantized every run); mode dynamic or static gives it "
-                                 "QAttention"}
-
 #: Attention attributes QAttention has too; any other (qkv_hidden_sizes, rotary_embedding_dim) is refused
 _QATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "do_rotary", "past_present_share_buffer",
                                "mask_filter_value", "scale"})
