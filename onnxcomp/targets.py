@@ -53,9 +53,12 @@ class Target:
     providers: tuple[str, ...]
     activation_dtype: str = "uint8"
     activation_symmetric: bool = False
-    #: integer kernels (static/dynamic) get 7-bit weights: ORT CPU's uint8 x int8 kernels saturate on x86
-    #: without VNNI (AVX2), measured on MiniLM-L3 dynamic: embedding cosine 0.986 with 8-bit, 0.997 with 7-bit
-    reduce_range: bool = False
+    #: the int8 weights of the integer kernels (static/dynamic): "full"; "pairs": 8-bit with the codes of each
+    #: even-aligned same-sign K pair adding up to at most 128 (`qmath.PAIR_LIMIT`), what ORT CPU's uint8 x int8
+    #: kernels on x86 without VNNI (AVX2) sum in int16 without saturating (Convs, whose kernels pair other
+    #: elements, get 7 bits); "reduced": 7 bits everywhere (ORT's reduce_range). 8-bit weights saturate there:
+    #: MiniLM-L3 dynamic embedding cosine 0.986 with 8-bit, 0.997 with 7-bit
+    weight_range: str = "full"
     #: static MatMul + bias Add emitted as one com.microsoft.MatMulIntegerToFloat with its bias (ORT CPU's QDQ
     #: fusion leaves the Add a separate kernel: MiniLM-L3, 18 Adds, 1.0 of 6.8 ms at 128 tokens)
     fuse_static_bias: bool = False
@@ -112,13 +115,14 @@ _CPU_OPS = (_MATMUL, _GEMM_CPU, _CONV, _CONVT, _GATHER, _LSTM, _ATTENTION, _EMBE
 TARGETS: dict[str, Target] = {
     "ort-cpu": Target(
         "ort-cpu", ("CPUExecutionProvider",),  # ONNX Runtime, CPU execution provider, any x86-64 or ARM CPU
-        activation_dtype="uint8", activation_symmetric=False, reduce_range=True, fuse_static_bias=True,
+        activation_dtype="uint8", activation_symmetric=False, weight_range="pairs", fuse_static_bias=True,
         ops={p.op: p for p in _CPU_OPS}, keep_float=_KEEP_FLOAT),
     # the same for CPUs whose u8 x s8 kernels do not saturate (x86 with AVX512-VNNI or AVX-VNNI, ARM64): full
-    # 8-bit weights; MiniLM-L3 static int8 cosine 0.99915 -> 0.99954 (GPTQ rounding, 64 calibration sentences)
+    # 8-bit weights; MiniLM-L3 static int8 cosine 0.99947 (ort-cpu's bounded pairs) -> 0.99952 (GPTQ rounding,
+    # 64 calibration sentences)
     "ort-cpu-vnni": Target(
         "ort-cpu-vnni", ("CPUExecutionProvider",),
-        activation_dtype="uint8", activation_symmetric=False, reduce_range=False, fuse_static_bias=True,
+        activation_dtype="uint8", activation_symmetric=False, fuse_static_bias=True,
         ops={p.op: p for p in _CPU_OPS}, keep_float=_KEEP_FLOAT),
     "ort-cuda": Target(
         "ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),  # falls back to CPU where no GPU

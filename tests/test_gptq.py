@@ -11,14 +11,20 @@ from onnxcomp.algorithms.sparsegpt import damped_hessian
 from onnxcomp.errors import CalibrationDataError
 
 
-def _direct_gptq(w, h, scale, qmin, qmax, damping, order):
-    """The textbook sequential form: full H^-1, one column at a time, H^-1 updated by eliminating the column."""
+def _direct_gptq(w, h, scale, qmin, qmax, damping, order, pair_limit=0):
+    """The textbook sequential form: full H^-1, one column at a time, H^-1 updated by eliminating the column;
+    `pair_limit`: a column whose even-aligned partner is rounded already gets the room the partner left."""
     w = np.array(w, np.float64)
     hinv = np.linalg.inv(damped_hessian(h, damping))
     q = np.zeros(w.shape, np.int64)
     left = list(order)
     for j in order:
         qj = np.clip(np.rint(w[:, j] / scale), qmin, qmax)
+        p = j ^ 1
+        if pair_limit and p < w.shape[1] and p not in left:
+            for r in range(w.shape[0]):
+                if np.sign(qj[r]) == np.sign(q[r, p]) and abs(qj[r]) + abs(q[r, p]) > pair_limit:
+                    qj[r] = np.sign(qj[r]) * (pair_limit - abs(q[r, p]))
         q[:, j] = qj
         err = (w[:, j] - qj * scale) / hinv[j, j]
         left.remove(j)
@@ -44,6 +50,49 @@ def test_gptq_matches_direct_numpy(act_order):
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     ref = _direct_gptq(w, h, scale, -8, 7, 0.01, list(order))
     np.testing.assert_array_equal(codes, ref)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_pair_bounded_gptq_matches_direct_numpy_and_fits(act_order):
+    """int8 codes for ORT's saturating AVX2 kernels: same-sign even-aligned K pairs within 128 (qmath.PAIR_LIMIT)."""
+    from onnxcomp import qmath
+
+    rng = np.random.default_rng(2)
+    rows, cols = 16, 41  # an odd last column has no partner
+    w = rng.standard_normal((rows, cols))
+    x = _correlated(rng, 500, cols)
+    h = x.T @ x / len(x)
+    scale = np.abs(w).max(axis=1) / 127  # the full range: many pairs would not fit
+    assert not qmath.pairs_fit(np.rint(w / scale[:, None]))
+    codes = gptq.quantize_grid(w, h, scale, np.zeros(rows), -127, 127, damping=0.01, act_order=act_order,
+                               pair_limit=128)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    np.testing.assert_array_equal(codes, _direct_gptq(w, h, scale, -127, 127, 0.01, list(order), pair_limit=128))
+    assert qmath.pairs_fit(codes)
+
+
+def test_pair_bounded_gptq_sits_between_7_and_8_bits_on_held_out_inputs():
+    from onnxcomp import qmath
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 96))
+    x = _correlated(rng, 4000, 96)
+    fit, held = x[:2000], x[2000:]
+    h, h_held = fit.T @ fit / len(fit), held.T @ held / len(held)
+    amax = np.abs(w).max(axis=1)
+
+    def err(scale, **kw):
+        q = gptq.quantize_grid(w, h, scale, np.zeros(64), -127, 127, damping=0.01, **kw)
+        return gptq.output_error(w, q * scale[:, None], h_held), q
+
+    full, _ = err(amax / 127)
+    seven, _ = err(amax / 63.5)
+    safe = qmath.pair_safe_scales(w, 127).astype(np.float64)
+    paired, q = err(safe, pair_limit=128)
+    assert qmath.pairs_fit(q)
+    assert full < paired < 0.6 * seven, (full, paired, seven)
+    nearest = qmath.pair_bounded(np.clip(np.rint(w / safe[:, None]), -127, 127), w / safe[:, None], 127)
+    assert paired < 0.7 * gptq.output_error(w, nearest * safe[:, None], h_held)
 
 
 def test_gptq_lowers_output_error_on_held_out_inputs():

@@ -447,7 +447,7 @@ def test_4bit_embedding_table_matches_numpy_dequantization(symmetric):
     assert [n.op_type for n in int8.model.graph.node].count("Gather") == 2  # int8 rows + row scales
 
 
-# ------------------------------------------------------------------------------------ reduce_range (7-bit weights)
+# ------------------------------------------------------------------------------------ int8 weight range
 def _int_weight(model) -> np.ndarray:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     if any(k.endswith("_q8") for k in inits):  # 8-bit MatMulNBits: stored as q + 128
@@ -456,28 +456,75 @@ def _int_weight(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode,target,option,limit", [
-    ("dynamic", "ort-cpu", None, 63),      # the CPU EP's u8 x s8 kernels saturate without VNNI: 7-bit weights
-    ("static", "ort-cpu", None, 63),
-    ("dynamic", "ort-cpu", False, 127),    # asked for the full range
+    # the CPU EP's u8 x s8 kernels saturate pair sums without VNNI: 8-bit weights whose same-sign K pairs fit
+    ("dynamic", "ort-cpu", None, "pairs"),
+    ("static", "ort-cpu", None, "pairs"),
+    ("dynamic", "ort-cpu", {"reduce_range": True}, 63),   # ORT's 7-bit weights, asked for
+    ("static", "ort-cpu", {"weight_range": "reduced"}, 63),
+    ("dynamic", "ort-cpu", {"reduce_range": False}, 127),    # asked for the full range
+    ("dynamic", "ort-cpu", {"weight_range": "full", "reduce_range": True}, 127),  # weight_range wins
     ("static", "ort-cuda", None, 127),     # s8 x s8 on CUDA: full range
     ("static", "ort-cpu-vnni", None, 127),  # CPUs whose u8 x s8 kernels do not saturate (VNNI, ARM64)
     ("dynamic", "ort-cpu-vnni", None, 127),
     ("weight_only", "ort-cpu", None, 127),  # dequantized to float: no integer kernel to saturate
 ])
-def test_reduce_range_follows_the_target(mode, target, option, limit):
+def test_weight_range_follows_the_target(mode, target, option, limit):
+    from onnxcomp import qmath
+
     w = np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32)
     m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [2, 256])],
                    [vi("y", [2, 128])], [const("W", w)])
     feeds = [random_feeds(m, seed=i) for i in range(4)]
-    opts = {"mode": mode, "min_weight_elements": 0, "sensitivity": False}
-    if option is not None:
-        opts["reduce_range"] = option
+    opts = {"mode": mode, "min_weight_elements": 0, "sensitivity": False, **(option or {})}
     res = onnxcomp.compress(m, {"passes": [{"type": "quantize", **opts}], "target": target},
                             calibration_data=feeds if mode == "static" else None, progress=False, validate=False)
     q = _int_weight(res.model).astype(np.int32)
-    assert np.abs(q).max() == limit  # the per-channel absmax lands exactly on the bound of the range used
-    if limit == 63:  # 7-bit weights are accurate on every x86 CPU (8-bit ones measured 5% rel. error on AVX2)
-        _close_to_float(m, res.model, feeds[0], rtol=0.03)
+    if limit == "pairs":
+        assert res.report.passes[0].details["weight_range"] == "pairs"
+        assert qmath.pairs_fit(q.T)  # [K, N]: the pairs run along K
+        assert not qmath.pairs_fit(np.abs(q.T))  # (sign-blind, they would not: the bound is on same-sign pairs)
+        assert 100 < np.abs(q).max() <= 127  # much of the 8-bit range in use
+    else:
+        assert np.abs(q).max() == limit  # the per-channel absmax lands exactly on the bound of the range used
+    if limit in (63, "pairs"):  # accurate on every x86 CPU (8-bit ones measured 5% rel. error on AVX2)
+        _close_to_float(m, res.model, feeds[0], rtol=0.03 if limit == 63 else 0.015)
+
+
+def test_pair_bounded_codes_are_the_nearest_ones_that_fit():
+    """qmath.pair_bounded changes only the even-aligned same-sign pairs past the limit, to the pair on the bound
+    nearest to the unrounded codes (weighted per column); opposite signs and (odd, even) neighbours are free."""
+    from onnxcomp import qmath
+
+    t = np.array([[120.3, 100.2, 5.0, 6.0, -90.4, -80.6, 127.0, -127.0, 3.0, 100.0, 100.0, 7.0]])
+    q = qmath.pair_bounded(np.rint(t), t, 127)
+    assert q.tolist() == [[74, 54, 5, 6, -69, -59, 127, -127, 3, 100, 100, 7]]
+    assert qmath.pairs_fit(q) and not qmath.pairs_fit(np.rint(t))
+    # int8 codes (127 + 127 overflows int8): the same answer, in int8
+    i8 = qmath.pair_bounded(np.array([[127, 127, -100, -60]], np.int8), np.array([[127.0, 127.0, -100.0, -60.0]]), 127)
+    assert i8.dtype == np.int8 and i8.tolist() == [[64, 64, -84, -44]]
+    # a heavy column keeps its code; its partner takes the cut
+    heavy = qmath.pair_bounded(np.rint(t), t, 127, np.array([1, 100, 1, 1, 100, 1, 1, 1, 1, 1, 1, 1.0]))
+    assert heavy[0, :2].tolist() == [29, 99] and heavy[0, 4:6].tolist() == [-90, -38]
+    # brute force over every pair on the bound: nothing nearer
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-127, 127, (50, 2))
+    got = qmath.pair_bounded(np.clip(np.rint(u), -127, 127), u, 127)
+    for (a, b), (ga, gb) in zip(u, got):
+        if np.sign(a) == np.sign(b) and abs(np.rint(a)) + abs(np.rint(b)) > 128:
+            best = min(((a - np.sign(a) * m) ** 2 + (b - np.sign(b) * (128 - m)) ** 2, m) for m in range(1, 128))
+            assert abs(ga) == best[1] and abs(ga) + abs(gb) == 128
+
+
+def test_safe_pair_scales_leave_no_float_pair_past_the_limit():
+    from onnxcomp import qmath
+
+    w = np.random.default_rng(1).standard_normal((64, 96))
+    s = qmath.pair_safe_scales(w, 127).astype(np.float64)
+    u = w / s[:, None]
+    a, b = u[:, 0::2], u[:, 1::2]
+    assert (np.where(np.sign(a) == np.sign(b), np.abs(a) + np.abs(b), 0) <= 128 * (1 + 1e-6)).all()  # float32
+    assert (np.abs(u).max(axis=1) <= 127 * (1 + 1e-6)).all()
+    assert np.isclose(np.where(np.sign(a) == np.sign(b), np.abs(a) + np.abs(b), 0).max(axis=1), 128).any()
 
 
 # ------------------------------------------------------------------------------------ smoothquant: statistics once
@@ -503,7 +550,9 @@ def test_smoothquant_search_calibrates_once_and_derived_ranges_are_exact():
     ctx = PassContext(calibration_data=feeds)
     out, recs = Pipeline(ctx).run(m, [Quantize(mode="static", min_weight_elements=0, sensitivity=False)])
     assert len(recs[0].details["smoothquant_search"]) == 4 and recs[0].details["ranges"]
-    assert ctx.statistics.misses == 2  # channel ranges for the scales + the activations, for 4 trials and the result
+    # channel ranges for the scales and the activations' ranges, once for the 4 trials (on the calibration samples
+    # they are not scored on) and once for the result (on all of them)
+    assert ctx.statistics.misses == 4
     # the derived min/max of a smoothed tensor are those ORT computes on the smoothed model itself
     model = ir.Model.from_proto(m)
     from onnxcomp.passes.quantize import _apply_smoothing
@@ -514,6 +563,30 @@ def test_smoothquant_search_calibrates_once_and_derived_ranges_are_exact():
     real = collect_statistics(model.to_proto(), [smoothed], feeds, histogram=False)[smoothed]
     assert (derived[smoothed].min, derived[smoothed].max) == (real.min, real.max)
     assert derived[smoothed].count == real.count and derived[smoothed].zeros == real.zeros
+
+
+def test_smoothquant_alpha_is_scored_on_calibration_samples_the_trials_did_not_fit(monkeypatch):
+    """Scored in sample, a larger alpha always looks better (its scales fit those samples' outliers); the trials
+    fit scales and ranges on the first three quarters of the calibration samples and are scored on the rest."""
+    from onnxcomp.passes import PassContext, Quantize
+    from onnxcomp.pipeline import Pipeline
+
+    m, feeds = _smoothable()
+    feeds = feeds + [{"x": f["x"][::-1].copy()} for f in feeds]  # 16 distinct samples: 12 fit, 4 scored
+    key = lambda f: f["x"].tobytes()  # noqa: E731
+    seen = []
+    real = Quantize._trial_error
+
+    def spy(self, trial, trial_source, ctx, target, tables, ref, scored, rounding=False):
+        seen.append(([key(f) for f in ctx.calibration_data], [key(f) for f in scored]))
+        return real(self, trial, trial_source, ctx, target, tables, ref, scored, rounding)
+
+    monkeypatch.setattr(Quantize, "_trial_error", spy)
+    _, recs = Pipeline(PassContext(calibration_data=feeds)).run(
+        m, [Quantize(mode="static", min_weight_elements=0, sensitivity=False)])
+    assert len(recs[0].details["smoothquant_search"]) == 4 and len(seen) == 4
+    for fit, scored in seen:
+        assert fit == [key(f) for f in feeds[:12]] and scored == [key(f) for f in feeds[12:]]
 
 
 def test_placement_table_decides_whether_conv_output_is_quantized(monkeypatch):
@@ -547,7 +620,7 @@ def test_report_suggests_full_8bit_weights_only_where_the_kernels_do_not_saturat
     calib = [{"input": d["x_calib_flat"][i:i + 20]} for i in range(0, 200, 20)]
     res = onnxcomp.compress(str(testing.digits_mlp_path()), {"passes": [{"type": "quantize", "mode": "static"}]},
                             calibration_data=calib, validate=False)
-    assert res.report.passes[0].details["reduce_range"] is True
+    assert res.report.passes[0].details["weight_range"] == "pairs"
     hint = [s for s in res.report.suggestions if "ort-cpu-vnni" in s]
     assert bool(hint) == (saturates is False)
 

@@ -49,21 +49,38 @@ def gptq_columns(w: np.ndarray, h: np.ndarray, rounder: Rounder, damping: float 
 
 
 def quantize_grid(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
-                  block_size: int = 0, damping: float = 0.01, act_order: bool = True) -> np.ndarray:
+                  block_size: int = 0, damping: float = 0.01, act_order: bool = True,
+                  pair_limit: int = 0) -> np.ndarray:
     """GPTQ onto an integer grid: q [rows, cols] with Ŵ[r, c] = (q - zp) * scale, the scale and zero point
     per row (`block_size` 0: per output channel; `scale` [rows]) or per row and block of `block_size` inputs
-    (`scale` [rows, ceil(cols / block_size)]). Scales are the caller's (e.g. an MSE search on W itself)."""
+    (`scale` [rows, ceil(cols / block_size)]). Scales are the caller's (e.g. an MSE search on W itself).
+
+    `pair_limit` (zero points 0): the codes of each even-aligned column pair (2i, 2i + 1) of one sign add up to
+    at most that in magnitude (`qmath.pair_bounded`): the column rounded second is clipped to the room its
+    partner left, and that error spreads like any rounding error. With scales that leave no float pair past
+    the limit (`qmath.pair_safe_scales`) such clips are rare; choosing the first code of a pair together with
+    its partner measured no better then (digits MLP fc1: 6.56e-6 vs 6.54e-6 output error)."""
     sc = np.asarray(scale, np.float64)
     zp = np.asarray(zero_point, np.float64)
     if sc.ndim == 1:
         sc, zp = sc[:, None], np.broadcast_to(zp, sc.shape)[:, None]
     else:
         zp = np.broadcast_to(zp, sc.shape)
+    got = np.zeros(w.shape, np.float64) if pair_limit else None
+    done = np.zeros(w.shape[1], bool)
 
     def rounder(j: int, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = j // block_size if block_size else 0
         s, z = sc[:, g], zp[:, g]
         q = np.clip(np.rint(col / s) + z, qmin, qmax)
+        if got is not None:
+            p = j ^ 1
+            if p < len(done) and done[p]:
+                qp = got[:, p]
+                over = (np.sign(q) == np.sign(qp)) & (np.abs(q) + np.abs(qp) > pair_limit)
+                q = np.where(over, np.sign(q) * (pair_limit - np.abs(qp)), q)
+            got[:, j] = q
+            done[j] = True
         return q.astype(np.int64), (q - z) * s
 
     return gptq_columns(w, h, rounder, damping=damping, act_order=act_order)

@@ -51,7 +51,9 @@ class _Run:
         self.nbits8 = False  # the target runs 8-bit MatMulNBits (Quantize._new_run)
         self.act_dtype = "uint8"  # static activations (Quantize._new_run: the option or the target)
         self.act_sym = False
-        self.reduce_range = False  # set by Quantize._new_run from the option or the target
+        #: int8 weights of the integer kernels: full | pairs (same-sign K pairs bounded) | reduced (7 bits); set
+        #: by Quantize._new_run from the options or the target
+        self.weight_range = "full"
         self.fuse_bias = False  # static: MatMul + bias -> MatMulIntegerToFloat (ort-cpu, uint8 activations)
         self.wcache: dict[tuple[int, int], tuple[tuple[gs.Constant, ...], np.ndarray]] = {}  # (q, scale, zp)
         self.dqcache: dict[tuple[int, int], gs.Tensor] = {}  # their DequantizeLinear's output
@@ -107,35 +109,54 @@ class _Run:
             1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0]) else None
 
     def _round(self, name: str, wm: np.ndarray, h: Optional[np.ndarray], scale: np.ndarray, zp: np.ndarray,
-               qmin: int, qmax: int, block_size: int = 0) -> np.ndarray:
+               qmin: int, qmax: int, block_size: int = 0, pair_limit: int = 0) -> np.ndarray:
         """Integer codes [rows, cols] of the output-major weight `wm` on the grid (scale, zp per row, or per
         row and block of `block_size` inputs): nearest rounding, GPTQ's or AdaRound's against `h` (auto: the
         one with the smallest output error on calibration data, AdaRound tried where its cost is small;
-        recorded per weight)."""
+        recorded per weight). `pair_limit`: same-sign column pairs bounded for saturating kernels
+        (`qmath.pair_bounded`; zero points 0)."""
         sc = np.asarray(scale, np.float32).reshape(wm.shape[0], -1)
         z = np.broadcast_to(np.asarray(zp, np.float32).reshape(wm.shape[0], -1), sc.shape)
         idx = np.arange(wm.shape[1]) // block_size if block_size else np.zeros(wm.shape[1], np.int64)
-        rtn = np.clip(np.rint(wm / sc[:, idx]) + z[:, idx], qmin, qmax)
+        unrounded = wm / sc[:, idx] + z[:, idx]
+        rtn = np.clip(np.rint(wm / sc[:, idx]) + z[:, idx], qmin, qmax)  # QuantizeLinear: rounded, then + zp
+
+        def bounded(c: np.ndarray) -> np.ndarray:
+            return qmath.pair_bounded(c, unrounded, qmax, None if h is None else np.diag(h),
+                                      pair_limit) if pair_limit else c
+
         if h is None:
-            return rtn
-        codes = {"rtn": rtn}
+            return bounded(rtn)
+        codes = {"rtn": bounded(rtn)}
         if self.algorithm in ("gptq", "auto"):
-            codes["gptq"] = gptq.quantize_grid(wm, h, sc, z, qmin, qmax, block_size,
-                                               damping=self.q.gptq_damping).astype(np.float32)
+            codes["gptq"] = gptq.quantize_grid(wm, h, sc, z, qmin, qmax, block_size, damping=self.q.gptq_damping,
+                                               pair_limit=pair_limit).astype(np.float32)
         if self.algorithm == "adaround" or (self.algorithm == "auto" and
                                             wm.shape[0] * wm.shape[1] ** 2 <= ADAROUND_AUTO_MAX_COST):
-            codes["adaround"] = adaround.adaround_grid(wm, h, sc, z, qmin, qmax, block_size).astype(np.float32)
+            codes["adaround"] = bounded(adaround.adaround_grid(wm, h, sc, z, qmin, qmax, block_size)
+                                        .astype(np.float32))
         errors = {k: gptq.output_error(wm, (c - z[:, idx]) * sc[:, idx], h) for k, c in codes.items()}
         use = self.algorithm if self.algorithm in codes and self.algorithm != "rtn" else min(errors, key=errors.get)
         self.rounding[name] = {"algorithm": use, **{f"{k}_error": e for k, e in errors.items()}}
         return codes[use]
 
-    def _round_channels(self, name: str, wm: np.ndarray, h: np.ndarray, scale: np.ndarray, zp: np.ndarray,
-                        qt: qmath.QType) -> np.ndarray:
+    def _round_channels(self, name: str, wm: np.ndarray, h: Optional[np.ndarray], scale: np.ndarray,
+                        zp: np.ndarray, qt: qmath.QType, pair_limit: int = 0) -> np.ndarray:
         """`_round` for a per-channel (or per-tensor) grid of `qt` on the output-major `wm`, as `qt`'s dtype."""
         rows = wm.shape[0]
         return self._round(name, wm, h, np.broadcast_to(scale, (rows,)), np.broadcast_to(zp, (rows,)),
-                           qt.qmin, qt.qmax).astype(qt.np_dtype)
+                           qt.qmin, qt.qmax, pair_limit=pair_limit).astype(qt.np_dtype)
+
+    def _int8_grid(self, ndim: int, symmetric: bool, qdtype: str = "int8") -> tuple[bool, int]:
+        """(7-bit weights?, pair limit) for a weight of `ndim` dims given to an integer kernel (static/dynamic),
+        from `weight_range`: 'pairs' bounds the same-sign K pairs of 2-D (MatMul/Gemm/Attention) symmetric int8
+        weights per channel (`qmath.PAIR_LIMIT`, scales from `qmath.pair_scales`) and gives the rest (Conv, whose
+        kernels pair other elements; one scale per tensor) 7 bits."""
+        if self.mode == "weight_only" or self.weight_range == "full":  # weight_only: no integer kernel
+            return False, 0
+        if self.weight_range == "pairs" and ndim == 2 and symmetric and qdtype == "int8" and self.q.per_channel:
+            return False, qmath.PAIR_LIMIT
+        return True, 0
 
     def rounding_summary(self) -> dict[str, Any]:
         """Per weight rounded against calibration data: the algorithm used and both output errors."""
@@ -153,16 +174,19 @@ class _Run:
         v = np.asarray(ir.const_value(w), dtype=np.float32)
         qd = self.q.weight_dtype
         ax = axis if self.q.per_channel else None
-        reduce = self.reduce_range and self.mode != "weight_only"  # weight_only has no integer kernel
+        reduce, pairs = self._int8_grid(v.ndim, self.q.symmetric_weights, qd)
         scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights, reduce_range=reduce)
-        if h is not None and (v.ndim == 2 or axis == 0):
+        if pairs:
+            wm = v.T if axis % 2 == 1 else v
+            scale = qmath.pair_scales(wm, 127) if h is None else qmath.pair_safe_scales(wm, 127)
+        if (h is not None or pairs) and (v.ndim == 2 or axis == 0):
             qt = qmath.reduced(qmath.QTYPES[qd]) if reduce else qmath.QTYPES[qd]
             if v.ndim > 2:  # Conv [O, I, k...]: output-major rows of its im2col columns
                 q = self._round_channels(w.name, v.reshape(v.shape[0], -1), h, scale, zp, qt).reshape(v.shape)
             elif axis % 2 == 1:  # [in, out]: round the output-major transpose
-                q = self._round_channels(w.name, v.T, h, scale, zp, qt).T
+                q = self._round_channels(w.name, v.T, h, scale, zp, qt, pairs).T
             else:
-                q = self._round_channels(w.name, v, h, scale, zp, qt)
+                q = self._round_channels(w.name, v, h, scale, zp, qt, pairs)
         else:
             q = qmath.quantize(v, scale, zp, ax, qd)
         consts = (op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
@@ -414,14 +438,16 @@ class _Run:
         consts = self.ccache.get(key)  # initializers shared by every node reading the same weight
         if consts is None:
             v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
-            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True,
-                                            reduce_range=self.reduce_range)
+            reduce, pairs = self._int8_grid(2, True)
+            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True, reduce_range=reduce)
             h = self._gram(op, x, w, node)
-            if h is None:
+            if pairs:
+                scale = qmath.pair_scales(v.T, 127) if h is None else qmath.pair_safe_scales(v.T, 127)
+            if h is None and not pairs:
                 q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
             else:
-                qt = qmath.reduced(qmath.QTYPES["int8"]) if self.reduce_range else qmath.QTYPES["int8"]
-                q = self._round_channels(w.name, v.T, h, scale, zp, qt).T
+                qt = qmath.reduced(qmath.QTYPES["int8"]) if reduce else qmath.QTYPES["int8"]
+                q = self._round_channels(w.name, v.T, h, scale, zp, qt, pairs).T
             consts = self.ccache[key] = [op.const(q, name=f"{w.name}_quantized"),
                                          op.const(scale, name=f"{w.name}_scale"),
                                          op.const(zp, name=f"{w.name}_zero_point")]
@@ -601,14 +627,25 @@ def _lstm_rules(q: _Run) -> list[RewriteRule]:
 
     def quantized(op, t: gs.Tensor) -> list[gs.Tensor]:
         v = np.asarray(ir.const_value(t), np.float32)  # [dirs, 4H, n]
+        flat = v.reshape(-1, v.shape[2])  # rows: gate channels; columns: the kernel's inner dimension
+        pairs = q.weight_range != "full"  # the kernel's u8 x s8 GEMM saturates K pairs like the others
         if q.q.per_channel:  # one scale per (direction, gate channel)
-            flat = v.reshape(-1, v.shape[2])
             scale, zp = qmath.weight_params(flat, 0, "int8", True)
-            qv = qmath.quantize(flat, scale, zp, 0, "int8").reshape(v.shape)
-            scale, zp = scale.reshape(v.shape[:2]), zp.reshape(v.shape[:2])
+            if pairs:
+                scale = qmath.pair_scales(flat, 127)
+            row_scale = scale
         else:  # one per direction (the kernel's per-tensor form), the same for both
             scale, zp = qmath.weight_params(v, None, "int8", True)
-            qv = qmath.quantize(v, scale, zp, None, "int8")
+            if pairs:  # one scale for every row: the one with which no pair of any row is clipped
+                scale = np.float32(max(float(scale), float(qmath.pair_safe_scales(flat, 127).max())))
+            row_scale = np.full(flat.shape[0], scale, np.float32)
+        qv = qmath.quantize(flat, row_scale, np.zeros(flat.shape[0], np.int8), 0, "int8")
+        if pairs:
+            qv = qmath.pair_bounded(qv, flat / row_scale[:, None], 127)
+        qv = qv.reshape(v.shape).astype(np.int8)
+        if q.q.per_channel:
+            scale, zp = scale.reshape(v.shape[:2]), zp.reshape(v.shape[:2])
+        else:
             scale, zp = np.full(v.shape[:1], scale, np.float32), np.zeros(v.shape[:1], np.int8)
         return [op.const(np.ascontiguousarray(qv.transpose(0, 2, 1)), name=f"{t.name}_quantized"),
                 op.const(scale.astype(np.float32), name=f"{t.name}_scale"),
