@@ -131,6 +131,19 @@ def pair_safe_scales(wm: np.ndarray, qmax: int, limit: int = PAIR_LIMIT) -> np.n
     return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
 
+def kernel_rows(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(output-major rows [outputs, K] of weight `v` in the order ORT CPU's integer kernels run along K, that
+    order as indices into `v.reshape(outputs, -1)`, None where it is that order already). MatMul/Gemm: the input
+    axis. Conv [O, C/group, k...]: the NHWC im2col order, spatial offsets outer and channels inner, so that the
+    even-aligned pairs the saturating kernels add are channel pairs at one offset where C/group is even and
+    straddle two offsets where it is odd (measured under QEMU's Haswell CPU: C 1, 2, 3, 5, 6, 8, 16, group 2)."""
+    if v.ndim == 2:
+        return (v.T if axis % 2 == 1 else v), None
+    idx = np.arange(int(np.prod(v.shape[1:]))).reshape(v.shape[1:])
+    order = idx.transpose(*range(1, v.ndim - 1), 0).ravel()
+    return v.reshape(v.shape[0], -1)[:, order], order
+
+
 def pairs_fit(q: np.ndarray, limit: int = PAIR_LIMIT) -> bool:
     """Whether every even-aligned same-sign pair of codes [rows, K] along K stays within `limit` (`pair_bounded`)."""
     q = np.asarray(q, np.int64)

@@ -54,10 +54,11 @@ class Target:
     activation_dtype: str = "uint8"
     activation_symmetric: bool = False
     #: the int8 weights of the integer kernels (static/dynamic): "full"; "pairs": 8-bit with the codes of each
-    #: even-aligned same-sign K pair adding up to at most 128 (`qmath.PAIR_LIMIT`), what ORT CPU's uint8 x int8
-    #: kernels on x86 without VNNI (AVX2) sum in int16 without saturating (Convs, whose kernels pair other
-    #: elements, get 7 bits); "reduced": 7 bits everywhere (ORT's reduce_range). 8-bit weights saturate there:
-    #: MiniLM-L3 dynamic embedding cosine 0.986 with 8-bit, 0.997 with 7-bit
+    #: even-aligned same-sign pair along the kernels' inner dimension (a Conv's in NHWC im2col order) adding up to
+    #: at most 128 (`qmath.PAIR_LIMIT`), what ORT CPU's uint8 x int8 kernels on x86 without VNNI (AVX2) sum in
+    #: int16 without saturating (depthwise Convs, whose kernel does not saturate, keep the full range);
+    #: "reduced": 7 bits (ORT's reduce_range). 8-bit weights saturate there: MiniLM-L3 dynamic embedding cosine
+    #: 0.986 with 8-bit, 0.997 with 7-bit
     weight_range: str = "full"
     #: static MatMul + bias Add emitted as one com.microsoft.MatMulIntegerToFloat with its bias (ORT CPU's QDQ
     #: fusion leaves the Add a separate kernel: MiniLM-L3, 18 Adds, 1.0 of 6.8 ms at 128 tokens)

@@ -51,7 +51,7 @@ def test_int8_nodes_is_for_4bit_weights():
                                                        "int8_nodes": ["fc1"]}], progress=False)
 
 
-@pytest.mark.parametrize("mode, integer_op", [("static", "DequantizeLinear"), ("dynamic", "DynamicQuantizeMatMul")])
+@pytest.mark.parametrize("mode, integer_op", [("static", "MatMulIntegerToFloat"), ("dynamic", "DynamicQuantizeMatMul")])
 def test_budget_gives_static_and_dynamic_layers_int8_weights_with_float_activations_first(mode, integer_op):
     """Before a static/dynamic layer is left float, it gets 8-bit MatMulNBits weights with float activations
     (quantize.weight_only_nodes); its input is no longer calibrated or quantized for it."""

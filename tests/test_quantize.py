@@ -490,6 +490,37 @@ def test_weight_range_follows_the_target(mode, target, option, limit):
         _close_to_float(m, res.model, feeds[0], rtol=0.03 if limit == 63 else 0.015)
 
 
+@pytest.mark.parametrize("trans_b,bias", [(1, True), (0, True), (1, False)])
+def test_static_gemm_is_one_integer_kernel_with_its_bias(trans_b, bias):
+    """Static Gemm on ort-cpu -> com.microsoft MatMulIntegerToFloat with W as [K, N] and the float bias inside
+    (ORT fuses a Q/DQ Gemm only where a Q follows it: otherwise a float Gemm of the dequantized weight ran);
+    golden numerics: the float Gemm of the dequantized weight on the quantized input."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 32)).astype(np.float32)  # [K, N]
+    b = rng.standard_normal(32).astype(np.float32)
+    wt = np.ascontiguousarray(w.T) if trans_b else w
+    ins = ["x", "W"] + (["b"] if bias else [])
+    m = make_model([helper.make_node("Gemm", ins, ["y"], name="gemm", transB=trans_b)], [vi("x", [4, 48])],
+                   [vi("y", [4, 32])], [const("W", wt)] + ([const("b", b)] if bias else []))
+    feeds = [{"x": rng.standard_normal((4, 48)).astype(np.float32)} for _ in range(6)]
+    res = onnxcomp.compress(m, {"passes": [{"type": "quantize", "mode": "static", "min_weight_elements": 0,
+                                            "sensitivity": False, "bias_correction": False}]},
+                            calibration_data=feeds, progress=False)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"], ops
+    node = res.model.graph.node[1]
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    q, sw = inits[node.input[1]], inits[node.input[3]]
+    assert q.dtype == np.int8 and q.shape == (48, 32) and sw.shape == (32,)
+    sx, zx = float(inits[node.input[2]]), int(inits[node.input[4]])
+    x = feeds[0]["x"]
+    xq = (np.clip(np.rint(x / sx) + zx, 0, 255) - zx) * sx
+    want = xq @ (q.astype(np.float32) * sw) + (b if bias else 0)
+    got = testing.session(res.model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    _close_to_float(m, res.model, feeds[0], rtol=0.02)
+
+
 def test_pair_bounded_codes_are_the_nearest_ones_that_fit():
     """qmath.pair_bounded changes only the even-aligned same-sign pairs past the limit, to the pair on the bound
     nearest to the unrounded codes (weighted per column); opposite signs and (odd, even) neighbours are free."""

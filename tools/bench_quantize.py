@@ -87,6 +87,9 @@ OC_RECIPES: dict[str, dict] = {
                                              "equalize": True}]},
     # 8-bit integer weights for CPUs whose u8 x s8 kernels do not saturate (VNNI, ARM64)
     "oc_static_vnni": {"target": "ort-cpu-vnni", "passes": [{"type": "quantize", "mode": "static"}]},
+    # ORT's 7-bit weights (reduce_range), what ort-cpu gave before its same-sign weight pairs were bounded instead
+    "oc_static_7bit": {"passes": [{"type": "quantize", "mode": "static", "weight_range": "reduced"}]},
+    "oc_dynamic_7bit": {"passes": [{"type": "quantize", "mode": "dynamic", "weight_range": "reduced"}]},
     "oc_dynamic_vnni": {"target": "ort-cpu-vnni", "passes": [{"type": "quantize", "mode": "dynamic"}]},
     "oc_static_percentile": {"passes": [{"type": "quantize", "mode": "static", "calibration": "percentile"}]},
     "oc_dynamic": {"passes": [{"type": "quantize", "mode": "dynamic"}]},

@@ -16,8 +16,8 @@ calibration data) weighs each weight's squared error by E[x_j^2] of the input ch
 calibration run: what the layer's output error depends on, rather than the weight error itself. Embedding
 tables (Gather on a constant, `embeddings: true`) are clustered by value alone. A weight that is at least 1/k
 zeros (after `sparsify`) keeps 0 as an exact codebook value. After `quantize`, the int8/uint8 weights of
-DequantizeLinear / DynamicQuantizeMatMul layers and int8 embedding tables get integer codebooks (error weighed by
-each channel's scale^2): ORT folds the decode at level 1, before its QDQ fusions, so the same integer kernels run
+DequantizeLinear / DynamicQuantizeMatMul / MatMulIntegerToFloat layers and int8 embedding tables get integer
+codebooks (error weighed by each channel's scale^2; pairs bounded for saturating kernels stay bounded): ORT folds the decode at level 1, before its QDQ fusions, so the same integer kernels run
 on the folded weights. Put `palettize` last in a recipe: the decoded weights are no longer constants that another
 weight pass could rewrite.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir
+from .. import ir, qmath
 from ..errors import CalibrationDataError, InternalError, RecipeError
 from ..rewrite import Plan, RewriteRule, apply_rules, fail, find_matches, query
 from ..rewrite.sweeps import take_back_names
@@ -426,7 +426,18 @@ def _dqmm5(op, x, q, s, z, b):
     return op.DynamicQuantizeMatMul(x, q, s, z, b, _domain="com.microsoft", _bind="node")
 
 
-_QUANTIZED_PATTERNS = (("dq2", _dq2), ("dq3", _dq3), ("dqmm3", _dqmm3), ("dqmm4", _dqmm4), ("dqmm5", _dqmm5))
+def _mitf6(op, x, q, sx, s, zx, z):
+    return op.MatMulIntegerToFloat(x, q, sx, s, zx, z, _domain="com.microsoft", _bind="node")
+
+
+def _mitf7(op, x, q, sx, s, zx, z, b):
+    return op.MatMulIntegerToFloat(x, q, sx, s, zx, z, b, _domain="com.microsoft", _bind="node")
+
+
+_QUANTIZED_PATTERNS = (("dq2", _dq2), ("dq3", _dq3), ("dqmm3", _dqmm3), ("dqmm4", _dqmm4), ("dqmm5", _dqmm5),
+                       ("mitf6", _mitf6), ("mitf7", _mitf7))
+#: the integer-kernel nodes that take their int8 weight [K, N] directly (groups along N)
+_KN_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 def _integer_problem(node: gs.Node, q: gs.Tensor, p: "Palettize") -> Optional[str]:
@@ -450,7 +461,8 @@ def _integer_problem(node: gs.Node, q: gs.Tensor, p: "Palettize") -> Optional[st
 
 def _quantized_readers(model: ir.Model, p: "Palettize", rejections: dict[str, str]) -> list[tuple]:
     """(node, input index, group axis, importance) of each int8/uint8 constant weight read by a
-    DequantizeLinear or DynamicQuantizeMatMul; importance = scale^2 per element (the dequantized error)."""
+    DequantizeLinear, DynamicQuantizeMatMul or MatMulIntegerToFloat; importance = scale^2 per element (the
+    dequantized error)."""
     def check(ctx, q, s, node, **_):
         why = _integer_problem(node, q, p)
         if why:
@@ -469,7 +481,7 @@ def _quantized_readers(model: ir.Model, p: "Palettize", rejections: dict[str, st
             continue
         seen.add(id(node))
         v, scale = ir.const_value(q), np.asarray(ir.const_value(sc), np.float64)
-        axis = 1 if node.op == "DynamicQuantizeMatMul" else int(node.attrs.get("axis", 1)) % v.ndim
+        axis = 1 if node.op in _KN_KERNELS else int(node.attrs.get("axis", 1)) % v.ndim
         imp = None
         if scale.size == v.shape[axis] and scale.size > 1:
             shape = [1] * v.ndim
@@ -591,6 +603,8 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
         lab = palette.gptq_assign(w if out_major else w.T, h, books, chan_group.reshape(-1), damping=_GPTQ_DAMPING,
                                   scale=sc)
         labels = lab if out_major else lab.T
+    if t.integer and t.quantized and t.value.ndim >= 2:
+        labels = _pairs_kept(labels, w, cb.values, np.broadcast_to(chan_group, w.shape), t.axis)
     offsets = (chan_group * k).astype(np.int32) if n_groups > 1 else None
     if scales is not None and scales.block:  # indices in the blocked layout the compact scales broadcast against
         padded = scales.padded(w.shape)
@@ -600,6 +614,35 @@ def _cluster(t: _Tensor, bits: int, group_size: Optional[int], h: Optional[np.nd
             offsets = offsets.reshape((1, 1, -1) if t.axis == 1 else (-1, 1, 1))
     return _Palette(bits, palette.pack(labels, palette.word_layout(bits)), cb.values.astype(w.dtype).reshape(-1),
                     offsets, n_groups, cb.iterations, bool(cb.pinned_zero.any()), tuple(w.shape), scales)
+
+
+def _pairs_kept(labels: np.ndarray, w: np.ndarray, values: np.ndarray, gid: np.ndarray, axis: int) -> np.ndarray:
+    """Labels whose integer codebook values keep what int weight `w` had for ORT CPU's saturating kernels: where
+    w's even-aligned same-sign pairs along the kernels' inner dimension fit `qmath.PAIR_LIMIT` (quantize's
+    `weight_range: pairs`), so do the decoded ones, each pair that would not taking the nearest pair of its
+    codebook's values that does. Unchanged where w did not fit (full-range weights of a non-saturating target)."""
+    wr, order = qmath.kernel_rows(w, axis)
+    if not qmath.pairs_fit(wr):
+        return labels
+    lr, _ = qmath.kernel_rows(labels, axis)
+    gr, _ = qmath.kernel_rows(gid, axis)
+    vals = values.reshape(-1, values.shape[-1]).astype(np.float64)  # [groups, k]
+    dec = vals[gr, lr]
+    kk = dec.shape[1] // 2 * 2
+    a, b = dec[:, 0:kk:2], dec[:, 1:kk:2]
+    r, c = np.nonzero((np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > qmath.PAIR_LIMIT))
+    if r.size == 0:
+        return labels
+    lr = np.array(lr, copy=True)
+    va, vb = vals[gr[r, 2 * c]], vals[gr[r, 2 * c + 1]]  # [pairs, k] each
+    fits = (np.sign(va[:, :, None]) != np.sign(vb[:, None, :])) | \
+           (np.abs(va[:, :, None]) + np.abs(vb[:, None, :]) <= qmath.PAIR_LIMIT)
+    cost = (va[:, :, None] - wr[r, 2 * c][:, None, None]) ** 2 + (vb[:, None, :] - wr[r, 2 * c + 1][:, None, None]) ** 2
+    best = np.argmin(np.where(fits, cost, np.inf).reshape(len(r), -1), axis=1)
+    lr[r, 2 * c], lr[r, 2 * c + 1] = best // vals.shape[1], best % vals.shape[1]
+    if order is not None:
+        lr = lr[:, np.argsort(order)]
+    return (lr.T if w.ndim == 2 and axis % 2 == 1 else lr.reshape(w.shape)).astype(labels.dtype)
 
 
 def _release(t: _Tensor) -> None:
@@ -744,8 +787,8 @@ def _rewrite(model: ir.Model, tensors: list[_Tensor]) -> None:
     def lookup(op, w, idx, node, decision: _Tensor):
         return op.Gather(decoded(op, decision), idx, _name=node.name, **node.attrs)
 
-    def quantized(op, q, s, node, decision: _Tensor, x=None, z=None, b=None):
-        ins = [t for t in (x, decoded(op, decision), s, z, b) if t is not None]
+    def quantized(op, q, s, node, decision: _Tensor, **_):
+        ins = [decoded(op, decision) if t is q else t for t in node.inputs]  # the node's own inputs, q decoded
         return getattr(op, node.op)(*ins, _domain=node.domain or None, _name=node.name, **node.attrs)
 
     rules = []
