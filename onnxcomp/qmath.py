@@ -72,7 +72,7 @@ def pair_bounded(q: np.ndarray, target: np.ndarray, qmax: int, weight: np.ndarra
     q = np.array(q, dtype=np.float64)  # int8 codes would overflow in |a| + |b|
     k = q.shape[1] // 2 * 2
     a, b = q[:, 0:k:2], q[:, 1:k:2]  # views into q
-    over = (np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > limit)
+    over = pairs_over(a, b, limit)
     if not over.any():
         return q.astype(dtype)
     r, c = np.nonzero(over)
@@ -144,12 +144,23 @@ def kernel_rows(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray | None
     return v.reshape(v.shape[0], -1)[:, order], order
 
 
+def from_kernel_rows(rows: np.ndarray, order: np.ndarray | None, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """The inverse of `kernel_rows`: `rows` [outputs, K] (in `order`) back to a weight of `shape`."""
+    if order is not None:
+        rows = rows[:, np.argsort(order)]
+    return rows.T if len(shape) == 2 and axis % 2 == 1 else rows.reshape(shape)
+
+
+def pairs_over(a: np.ndarray, b: np.ndarray, limit: int = PAIR_LIMIT) -> np.ndarray:
+    """Where codes a and b, partners of a pair, share a sign and add up past `limit` in magnitude (broadcast)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)  # int8 would overflow in |a| + |b|
+    return (np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > limit)
+
+
 def pairs_fit(q: np.ndarray, limit: int = PAIR_LIMIT) -> bool:
     """Whether every even-aligned same-sign pair of codes [rows, K] along K stays within `limit` (`pair_bounded`)."""
-    q = np.asarray(q, np.int64)
-    k = q.shape[-1] // 2 * 2
-    a, b = q[..., 0:k:2], q[..., 1:k:2]
-    return not bool(((np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > limit)).any())
+    k = np.shape(q)[-1] // 2 * 2
+    return not bool(pairs_over(q[..., 0:k:2], q[..., 1:k:2], limit).any())
 
 
 def activation_params(lo: float, hi: float, qdtype: str, symmetric: bool) -> tuple[np.float32, np.ndarray]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import qmath
 from .sparsegpt import damped_hessian, inverse_cholesky
 
 # rounder(column_index_in_original_order, column_values [rows]) -> (codes [rows] int64, rounded values [rows])
@@ -77,8 +78,7 @@ def quantize_grid(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero_point: n
             p = j ^ 1
             if p < len(done) and done[p]:
                 qp = got[:, p]
-                over = (np.sign(q) == np.sign(qp)) & (np.abs(q) + np.abs(qp) > pair_limit)
-                q = np.where(over, np.sign(q) * (pair_limit - np.abs(qp)), q)
+                q = np.where(qmath.pairs_over(q, qp, pair_limit), np.sign(q) * (pair_limit - np.abs(qp)), q)
             got[:, j] = q
             done[j] = True
         return q.astype(np.int64), (q - z) * s

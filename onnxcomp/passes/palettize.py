@@ -17,8 +17,8 @@ calibration run: what the layer's output error depends on, rather than the weigh
 tables (Gather on a constant, `embeddings: true`) are clustered by value alone. A weight that is at least 1/k
 zeros (after `sparsify`) keeps 0 as an exact codebook value. After `quantize`, the int8/uint8 weights of
 DequantizeLinear / DynamicQuantizeMatMul / MatMulIntegerToFloat layers and int8 embedding tables get integer
-codebooks (error weighed by each channel's scale^2; pairs bounded for saturating kernels stay bounded): ORT folds the decode at level 1, before its QDQ fusions, so the same integer kernels run
-on the folded weights. Put `palettize` last in a recipe: the decoded weights are no longer constants that another
+codebooks (error weighed by each channel's scale^2; pairs bounded for saturating kernels stay bounded): ORT folds
+the decode at level 1, before its QDQ fusions, so the same integer kernels run on the folded weights. Put `palettize` last in a recipe: the decoded weights are no longer constants that another
 weight pass could rewrite.
 """
 from __future__ import annotations
@@ -629,20 +629,16 @@ def _pairs_kept(labels: np.ndarray, w: np.ndarray, values: np.ndarray, gid: np.n
     vals = values.reshape(-1, values.shape[-1]).astype(np.float64)  # [groups, k]
     dec = vals[gr, lr]
     kk = dec.shape[1] // 2 * 2
-    a, b = dec[:, 0:kk:2], dec[:, 1:kk:2]
-    r, c = np.nonzero((np.sign(a) == np.sign(b)) & (np.abs(a) + np.abs(b) > qmath.PAIR_LIMIT))
+    r, c = np.nonzero(qmath.pairs_over(dec[:, 0:kk:2], dec[:, 1:kk:2]))
     if r.size == 0:
         return labels
     lr = np.array(lr, copy=True)
     va, vb = vals[gr[r, 2 * c]], vals[gr[r, 2 * c + 1]]  # [pairs, k] each
-    fits = (np.sign(va[:, :, None]) != np.sign(vb[:, None, :])) | \
-           (np.abs(va[:, :, None]) + np.abs(vb[:, None, :]) <= qmath.PAIR_LIMIT)
+    fits = ~qmath.pairs_over(va[:, :, None], vb[:, None, :])
     cost = (va[:, :, None] - wr[r, 2 * c][:, None, None]) ** 2 + (vb[:, None, :] - wr[r, 2 * c + 1][:, None, None]) ** 2
     best = np.argmin(np.where(fits, cost, np.inf).reshape(len(r), -1), axis=1)
     lr[r, 2 * c], lr[r, 2 * c + 1] = best // vals.shape[1], best % vals.shape[1]
-    if order is not None:
-        lr = lr[:, np.argsort(order)]
-    return (lr.T if w.ndim == 2 and axis % 2 == 1 else lr.reshape(w.shape)).astype(labels.dtype)
+    return qmath.from_kernel_rows(lr, order, w.shape, axis).astype(labels.dtype)
 
 
 def _release(t: _Tensor) -> None:

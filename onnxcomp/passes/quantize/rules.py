@@ -118,12 +118,13 @@ class _Run:
         sc = np.asarray(scale, np.float32).reshape(wm.shape[0], -1)
         z = np.broadcast_to(np.asarray(zp, np.float32).reshape(wm.shape[0], -1), sc.shape)
         idx = np.arange(wm.shape[1]) // block_size if block_size else np.zeros(wm.shape[1], np.int64)
-        unrounded = wm / sc[:, idx] + z[:, idx]
         rtn = np.clip(np.rint(wm / sc[:, idx]) + z[:, idx], qmin, qmax)  # QuantizeLinear: rounded, then + zp
 
         def bounded(c: np.ndarray) -> np.ndarray:
-            return qmath.pair_bounded(c, unrounded, qmax, None if h is None else np.diag(h),
-                                      pair_limit) if pair_limit else c
+            if not pair_limit:
+                return c
+            return qmath.pair_bounded(c, wm / sc[:, idx] + z[:, idx], qmax, None if h is None else np.diag(h),
+                                      pair_limit)
 
         if h is None:
             return bounded(rtn)
@@ -172,29 +173,34 @@ class _Run:
         if hit is not None:
             return hit
         v = np.asarray(ir.const_value(w), dtype=np.float32)
-        qd = self.q.weight_dtype
-        ax = axis if self.q.per_channel else None
-        reduce, pairs = self._int8_grid(self.q.symmetric_weights, qd) if saturates else (False, 0)
-        if v.ndim > 2 and axis != 0:
-            pairs, reduce = 0, reduce or bool(pairs)
-        scale, zp = qmath.weight_params(v, ax, qd, self.q.symmetric_weights, reduce_range=reduce)
-        if (h is not None or pairs) and (v.ndim == 2 or axis == 0):
-            qt = qmath.reduced(qmath.QTYPES[qd]) if reduce else qmath.QTYPES[qd]
-            wm, order = qmath.kernel_rows(v, axis) if pairs else (v.T if v.ndim == 2 and axis % 2 == 1 else
-                                                             v.reshape(v.shape[0], -1), None)
-            if pairs:
-                scale = qmath.pair_scales(wm, 127) if h is None else qmath.pair_safe_scales(wm, 127)
-            hk = h if h is None or order is None else h[np.ix_(order, order)]
-            qk = self._round_channels(w.name, wm, hk, scale, zp, qt, pairs)
-            if order is not None:  # back from the kernel's order
-                qk = qk[:, np.argsort(order)]
-            q = qk.T if v.ndim == 2 and axis % 2 == 1 else qk.reshape(v.shape)
-        else:
-            q = qmath.quantize(v, scale, zp, ax, qd)
+        q, scale, zp = self._codes(w.name, v, axis, self.q.weight_dtype, self.q.symmetric_weights, h, saturates)
         consts = (op.const(q, name=f"{w.name}_quantized"), op.const(scale, name=f"{w.name}_scale"),
                   op.const(zp, name=f"{w.name}_zero_point"))
         self.wcache[(id(w), axis)] = (consts, scale)
         return consts, scale
+
+    def _codes(self, name: str, v: np.ndarray, axis: int, qd: str, symmetric: bool, h: Optional[np.ndarray],
+               saturates: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(integer codes, scale, zero point) of float weight `v`, per channel along `axis` (per tensor without
+        per_channel), on the grid `_int8_grid` gives the integer kernels; rounded by `_round` where there is an
+        input second moment `h` or the grid bounds pairs, else to nearest."""
+        ax = axis if self.q.per_channel else None
+        reduce, pairs = self._int8_grid(symmetric, qd) if saturates else (False, 0)
+        if v.ndim > 2 and axis != 0:
+            pairs, reduce = 0, reduce or bool(pairs)
+        scale, zp = qmath.weight_params(v, ax, qd, symmetric, reduce_range=reduce)
+        if not ((h is not None or pairs) and (v.ndim == 2 or axis == 0)):
+            return qmath.quantize(v, scale, zp, ax, qd), scale, zp
+        qt = qmath.reduced(qmath.QTYPES[qd]) if reduce else qmath.QTYPES[qd]
+        if pairs or v.ndim == 2:
+            wm, order = qmath.kernel_rows(v, axis)
+        else:  # Conv [O, I, k...]: output-major rows of its im2col columns (the order of its Gram)
+            wm, order = v.reshape(v.shape[0], -1), None
+        if pairs:
+            scale = qmath.pair_scales(wm, 127) if h is None else qmath.pair_safe_scales(wm, 127)
+        hk = h if h is None or order is None else h[np.ix_(order, order)]
+        q = qmath.from_kernel_rows(self._round_channels(name, wm, hk, scale, zp, qt, pairs), order, v.shape, axis)
+        return q, scale, zp
 
     def _quant_weight(self, op, w: gs.Tensor, axis: int, h: Optional[np.ndarray] = None, saturates: bool = True):
         """(DequantizeLinear(int W), scale) for weight w (`_weight_consts`); one DequantizeLinear per weight."""
@@ -480,16 +486,7 @@ class _Run:
         consts = self.ccache.get(key)
         if consts is None:
             v = _gemm_weight(node, np.asarray(ir.const_value(w), dtype=np.float32))
-            reduce, pairs = self._int8_grid(True)
-            scale, zp = qmath.weight_params(v, 1 if self.q.per_channel else None, "int8", True, reduce_range=reduce)
-            h = self._gram(op, x, w, node)
-            if pairs:
-                scale = qmath.pair_scales(v.T, 127) if h is None else qmath.pair_safe_scales(v.T, 127)
-            if h is None and not pairs:
-                q = qmath.quantize(v, scale, zp, 1 if self.q.per_channel else None, "int8")
-            else:
-                qt = qmath.reduced(qmath.QTYPES["int8"]) if reduce else qmath.QTYPES["int8"]
-                q = self._round_channels(w.name, v.T, h, scale, zp, qt, pairs).T
+            q, scale, zp = self._codes(w.name, v, 1, "int8", True, self._gram(op, x, w, node))
             consts = self.ccache[key] = [op.const(q, name=f"{w.name}_quantized"),
                                          op.const(scale, name=f"{w.name}_scale"),
                                          op.const(zp, name=f"{w.name}_zero_point")]
